@@ -1,0 +1,96 @@
+"""Device and numeric precision: resolving ``"auto"`` and entering autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn the ``device`` parameter into a :class:`torch.device` that exists here.
+
+    ``"auto"`` picks the first CUDA device when there is one, else the CPU.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
+        raise ValueError(
+            "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device; "
+            f"got {device!r}"
+        )
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available on this "
+                "machine; use device='cpu' or device='auto'"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} was requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} was requested but MPS is not available")
+    return resolved
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Turn the ``precision`` parameter into the dtype the network computes in.
+
+    ``"auto"`` means reduced precision where the hardware computes it natively:
+    float16 on CUDA, bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_has_native_bfloat16():
+            return torch.bfloat16
+        return torch.float32
+    if precision == "float16" and device.type == "cpu":
+        raise ValueError(
+            "precision='float16' needs a CUDA device; on the CPU use 'bfloat16' or 'float32'"
+        )
+    return getattr(torch, precision)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``dtype``; a no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fork_rng(device: torch.device, seed: int | None) -> contextlib.AbstractContextManager:
+    """Seed torch's global generators inside the block and restore them after it.
+
+    Head initialisation and dropout draw from the global generators; forking keeps a
+    fitted estimator reproducible without changing the caller's random state.
+    """
+    if seed is None:
+        return contextlib.nullcontext()
+    # An empty list forks the CPU generator only.
+    devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+
+    @contextlib.contextmanager
+    def seeded():
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return seeded()

@@ -1,0 +1,379 @@
+"""Input validation and image sources.
+
+Every estimator turns its ``X`` into an :class:`ImageSource` once, through
+:func:`as_image_source`. A source validates up front what is cheap to check (shapes,
+dtypes, value ranges, that files exist), keeps a reference to the data instead of a
+copy, and yields raw batches ``(B, C, H, W)`` on demand: in-memory arrays are sliced
+directly, while files, PIL images and arrays of different sizes go through a
+``DataLoader`` whose workers decode them and bring each to the network's input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ._preprocess import Preprocessing, resize_and_crop
+
+UNIT_RANGE = (0.0, 1.0)
+UINT8_RANGE = (0.0, 255.0)
+# Float arrays are scanned for NaN and range in blocks of about this many bytes.
+_SCAN_BLOCK_BYTES = 64 * 2**20
+
+
+class ImageSource:
+    """A validated collection of images that yields raw batches.
+
+    Attributes
+    ----------
+    value_range : (low, high)
+        Pixel values of the yielded batches that map to black and white.
+    """
+
+    value_range: tuple[float, float] = UNIT_RANGE
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(
+        self,
+        batch_size: int,
+        prep: Preprocessing,
+        indices: Sequence[int] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """Yield batches ``(B, C, H, W)`` of the images at ``indices`` (default: all)."""
+        raise NotImplementedError
+
+    def fingerprints(self) -> list[bytes]:
+        """One digest per image, equal for equal images (keys of the feature cache)."""
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    """Images of one size held in a NumPy array ``(n, H, W, C)``, C in {1, 3}."""
+
+    def __init__(self, images: np.ndarray, value_range: tuple[float, float]):
+        self.images = images
+        self.value_range = value_range
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size, prep, indices=None, num_workers=0, pin_memory=False):
+        n = len(self.images) if indices is None else len(indices)
+        for start in range(0, n, batch_size):
+            if indices is None:
+                chunk = self.images[start : start + batch_size]
+            else:
+                chunk = self.images[np.asarray(indices[start : start + batch_size])]
+            if chunk.dtype.kind in "iu" and chunk.dtype != np.uint8:
+                chunk = chunk.astype(np.uint8)
+            elif chunk.dtype.kind == "f" and chunk.dtype != np.float32:
+                chunk = chunk.astype(np.float32)
+            # NHWC memory seen as NCHW: exactly the channels_last layout, no copy.
+            batch = _as_tensor(chunk).permute(0, 3, 1, 2)
+            yield batch.pin_memory() if pin_memory else batch
+
+    def fingerprints(self):
+        header = f"{self.images.shape[1:]}|{self.images.dtype}|{self.value_range}"
+        return [_digest(header, np.ascontiguousarray(image).data) for image in self.images]
+
+
+class _PerImageDataset(torch.utils.data.Dataset):
+    """Decodes one item (path, PIL image or array) and brings it to the input size."""
+
+    def __init__(self, items: list, value_ranges: list, prep: Preprocessing):
+        self.items = items
+        self.value_ranges = value_ranges
+        self.prep = prep
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            pixels = item if item.ndim == 3 else item[:, :, None]
+        else:
+            # Decoding at twice the target size keeps the antialiased resize sharp.
+            pixels = np.asarray(_decode(item, 2 * self.prep.resize_size))
+        image = _as_tensor(pixels).permute(2, 0, 1).float()
+        low, high = self.value_ranges[index]
+        image = (image - low) / (high - low)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return resize_and_crop(image[None], self.prep)[0]
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory; read-only arrays are fine, nothing writes to it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _decode(item, draft_size: int) -> Image.Image:
+    """Open a path or take a PIL image, as RGB."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    try:
+        with Image.open(item) as image:
+            # JPEG can decode straight to a reduced scale that still covers draft_size.
+            image.draft("RGB", (draft_size, draft_size))
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise ValueError(f"X: could not read the image file {str(item)!r}: {exc}") from exc
+
+
+class ListSource(ImageSource):
+    """A list of file paths, PIL images or arrays, of any sizes."""
+
+    value_range = UNIT_RANGE  # the loader scales every image to [0, 1]
+
+    def __init__(self, items: list, value_ranges: list):
+        self.items = items
+        self.value_ranges = value_ranges
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, batch_size, prep, indices=None, num_workers=0, pin_memory=False):
+        loader = torch.utils.data.DataLoader(
+            _PerImageDataset(self.items, self.value_ranges, prep),
+            batch_size=batch_size,
+            sampler=indices,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=torch.stack,
+        )
+        yield from loader
+
+    def fingerprints(self):
+        return [
+            _item_digest(item, value_range)
+            for item, value_range in zip(self.items, self.value_ranges, strict=True)
+        ]
+
+
+def _item_digest(item, value_range) -> bytes:
+    if isinstance(item, np.ndarray):
+        return _digest(f"{item.shape}|{item.dtype}|{value_range}", np.ascontiguousarray(item).data)
+    if isinstance(item, Image.Image):
+        return _digest(f"{item.mode}|{item.size}", item.tobytes())
+    # Files are known by location, modification time and size; reading every file
+    # to hash it would cost as much as decoding it.
+    stat = os.stat(item)
+    return _digest(f"{os.path.abspath(item)}|{stat.st_mtime_ns}|{stat.st_size}")
+
+
+def _digest(*parts) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.digest()
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------
+
+_EXPECTED = (
+    "X must be images: an array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
+    "flat rows (n, H*W) with image_shape, or a list of image file paths, PIL images "
+    "or arrays"
+)
+
+
+def as_image_source(
+    X,
+    image_shape: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> ImageSource:
+    """Validate ``X`` and wrap it as an image source, without copying the pixels.
+
+    Parameters
+    ----------
+    X : array-like or list
+        See :data:`_EXPECTED` for the accepted forms.
+    image_shape : tuple (H, W) or (H, W, C), optional
+        Shape of one image when ``X`` holds flat rows.
+    value_range : (low, high), optional
+        Pixel values that mean black and white. Default: (0, 255) for integer
+        arrays and files, (0, 1) for float arrays.
+
+    Raises
+    ------
+    TypeError
+        ``X`` is not one of the accepted kinds of objects.
+    ValueError
+        ``X`` is empty, has the wrong shape or channel count, holds NaN, infinity or
+        values outside ``value_range``, or names a missing file.
+    """
+    if isinstance(X, ImageSource):
+        return X
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(f"{_EXPECTED}; got a single path {str(X)!r}: wrap it in a list")
+    if isinstance(X, Image.Image):
+        raise TypeError(f"{_EXPECTED}; got a single PIL image: wrap it in a list")
+    if isinstance(X, torch.Tensor):
+        raise TypeError(
+            f"{_EXPECTED}; got a torch.Tensor. Convert it to a NumPy array in channels-last "
+            "layout, e.g. X.permute(0, 2, 3, 1).numpy() for an (n, C, H, W) tensor"
+        )
+    if isinstance(X, (list, tuple)) and len(X) and _is_image_item(X[0]):
+        return _list_source(list(X), value_range)
+    if isinstance(X, (set, dict)) or X is None or np.isscalar(X):
+        raise TypeError(f"{_EXPECTED}; got {type(X).__name__}")
+    try:
+        array = np.asarray(X)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{_EXPECTED}; got {type(X).__name__} ({exc})") from exc
+    return _array_source(array, image_shape, value_range)
+
+
+def _is_image_item(item) -> bool:
+    return isinstance(item, (str, os.PathLike, Image.Image, np.ndarray))
+
+
+def _array_source(array, image_shape, value_range) -> ArraySource:
+    if array.dtype.kind not in "uif":
+        raise TypeError(f"{_EXPECTED}; got an array of dtype {array.dtype}")
+    if array.size == 0:
+        raise ValueError(f"X is empty: got an array of shape {array.shape}")
+    if array.ndim == 2:
+        images = _unflatten(array, image_shape)
+    elif array.ndim == 3:
+        if array.shape[-1] == 3 and image_shape is None:
+            raise ValueError(
+                f"X of shape {array.shape} looks like one RGB image, not a batch; "
+                "pass X[np.newaxis] for one image"
+            )
+        images = array[..., None]
+    elif array.ndim == 4:
+        if array.shape[-1] not in (1, 3):
+            hint = (
+                "; it looks channels-first: use X.transpose(0, 2, 3, 1)"
+                if array.shape[1] in (1, 3)
+                else ""
+            )
+            raise ValueError(
+                f"X must have 1 or 3 channels in its last axis (n, H, W, C); "
+                f"got an array of shape {array.shape}{hint}"
+            )
+        images = array
+    else:
+        raise ValueError(f"{_EXPECTED}; got an array of shape {array.shape}")
+    if image_shape is not None and array.ndim > 2:
+        _check_image_shape_matches(images, image_shape)
+    return ArraySource(images, _check_values(images, value_range, "X"))
+
+
+def _unflatten(array: np.ndarray, image_shape) -> np.ndarray:
+    if image_shape is None:
+        raise ValueError(
+            f"X is 2-D with shape {array.shape}: flat rows need image_shape=(H, W) or "
+            "(H, W, C), e.g. image_shape=(8, 8) for load_digits().data"
+        )
+    shape = tuple(int(v) for v in image_shape)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise ValueError(f"image_shape must be (H, W) or (H, W, C) with C in (1, 3); got {image_shape!r}")
+    if int(np.prod(shape)) != array.shape[1]:
+        raise ValueError(
+            f"image_shape={image_shape!r} holds {int(np.prod(shape))} pixels but the rows of X "
+            f"have {array.shape[1]} values"
+        )
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    return array.reshape(len(array), *shape)
+
+
+def _check_image_shape_matches(images: np.ndarray, image_shape) -> None:
+    expected = tuple(image_shape)
+    actual = images.shape[1:] if len(expected) == 3 else images.shape[1:3]
+    if tuple(actual) != expected:
+        raise ValueError(f"image_shape={image_shape!r} does not match X's images of shape {actual}")
+
+
+def _check_values(pixels: np.ndarray, value_range, name: str) -> tuple[float, float]:
+    """Check for NaN, infinity and range; return the value range the pixels use."""
+    is_float = pixels.dtype.kind == "f"
+    default = UNIT_RANGE if is_float else UINT8_RANGE
+    if value_range is not None:
+        low, high = (float(v) for v in value_range)
+    else:
+        low, high = default
+    if pixels.dtype == np.uint8 and (low, high) == UINT8_RANGE:
+        return UINT8_RANGE
+    lowest, highest = _min_max(pixels)
+    if not (np.isfinite(lowest) and np.isfinite(highest)):
+        raise ValueError(f"{name} contains NaN or infinity")
+    if lowest < low or highest > high:
+        kind = "float" if is_float else "integer"
+        advice = (
+            f"pass value_range=({_fmt(lowest)}, {_fmt(highest)}) if that is the range of "
+            "your pixels, or rescale them"
+            if value_range is None
+            else "fix value_range or the pixels"
+        )
+        raise ValueError(
+            f"{name} holds values in [{_fmt(lowest)}, {_fmt(highest)}] but {kind} pixels "
+            f"must lie in value_range=({_fmt(low)}, {_fmt(high)}); {advice}"
+        )
+    return (low, high)
+
+
+def _min_max(pixels: np.ndarray) -> tuple[float, float]:
+    """Minimum and maximum (NaN if any NaN), scanning big arrays block by block."""
+    rows = max(1, _SCAN_BLOCK_BYTES // max(1, pixels[0].nbytes))
+    lows, highs = [], []
+    for start in range(0, len(pixels), rows):
+        block = pixels[start : start + rows]
+        lows.append(block.min())
+        highs.append(block.max())
+    return float(np.min(lows)), float(np.max(highs))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def _list_source(items: list, value_range) -> ListSource:
+    value_ranges = []
+    for index, item in enumerate(items):
+        where = f"X[{index}]"
+        if isinstance(item, (str, os.PathLike)):
+            if not os.path.isfile(item):
+                raise ValueError(f"{where}: image file {str(item)!r} does not exist")
+            value_ranges.append(UINT8_RANGE)
+        elif isinstance(item, Image.Image):
+            value_ranges.append(UINT8_RANGE)
+        elif isinstance(item, np.ndarray):
+            _check_single_image(item, where)
+            value_ranges.append(_check_values(item[None], value_range, where))
+        else:
+            raise TypeError(
+                f"{_EXPECTED}; {where} is a {type(item).__name__}, while X[0] is a "
+                f"{type(items[0]).__name__}"
+            )
+    return ListSource([str(i) if isinstance(i, Path) else i for i in items], value_ranges)
+
+
+def _check_single_image(item: np.ndarray, where: str) -> None:
+    if item.dtype.kind not in "uif":
+        raise TypeError(f"{where} must be a numeric image array; got dtype {item.dtype}")
+    if item.size == 0:
+        raise ValueError(f"{where} is empty: got an array of shape {item.shape}")
+    if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3)):
+        raise ValueError(
+            f"{where} must be one image of shape (H, W), (H, W, 1) or (H, W, 3); "
+            f"got an array of shape {item.shape}"
+        )

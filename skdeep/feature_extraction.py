@@ -1,0 +1,316 @@
+"""FeatureExtractor: a frozen pretrained CNN as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import HasMethods, StrOptions
+from sklearn.utils.validation import check_is_fitted, check_memory
+
+from . import __version__
+from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
+from ._device import autocast, fork_rng
+from ._feature_cache import FeatureCache
+from ._progress import Progress
+from ._taps import LayerTaps, pool, pooled_names, probe_layers
+from .backbones import PENULTIMATE, check_layer_names, fold_batch_norms, load_backbone
+
+
+class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
+    """Features of a frozen pretrained CNN, as rows for scikit-learn estimators.
+
+    ``fit`` loads the network (nothing is learned); ``transform`` runs batched
+    inference and returns one row of pooled features per image. Only the layers up
+    to the deepest requested one are computed.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="mobilenet_v2"
+        A torchvision classification model name (see
+        :func:`skdeep.backbones.classification_models`), or a module, which is
+        deep-copied and never changed.
+    weights : str, path or None, default="IMAGENET1K_V1"
+        Torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``, ...), the path
+        of a ``state_dict`` file, or None for random initialisation. Named weights
+        are looked for in the torch hub cache, then in offline weights packages,
+        then downloaded; if all fail an error says how to get them. For a module
+        backbone, a weights name keeps the module's own parameters.
+    layers : str, list of str or None, default=None
+        Module names to tap (keys of ``dict(model.named_modules())``), or
+        ``"penultimate"``: the input of the classifier head, i.e. the pooled features
+        the classifier sees. None means ``"penultimate"``. With several layers each
+        is pooled and the results are concatenated in the order given.
+    pooling : {"avg", "max", "avgmax"} or None, default="avg"
+        How feature maps ``(C, H, W)`` become rows: global average, global max,
+        both concatenated, or None to flatten them. Outputs that are already rows
+        (such as ``"penultimate"``) are used as they are.
+    image_size : int or None, default=None
+        Network input size. None follows the weights' own preprocessing (for
+        ImageNet weights: shorter side resized to 256, center crop 224). An int
+        resizes the shorter side to ``image_size`` and center-crops a square of that
+        size; small images such as 28x28 digits need no 224 px input.
+    image_shape : tuple or None, default=None
+        ``(H, W)`` or ``(H, W, C)`` of one image when ``X`` holds flat rows, e.g.
+        ``(8, 8)`` for ``load_digits().data``.
+    value_range : (float, float) or None, default=None
+        Pixel values that mean black and white. None: (0, 255) for integer images
+        and files, (0, 1) for float images. ``load_digits().data`` needs (0, 16).
+    batch_size : int, default=64
+        Images per forward pass.
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
+        Where the network runs; "auto" picks CUDA when available. Resolved into
+        ``device_``; outputs are always NumPy arrays.
+    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+        Compute precision (autocast). "auto" is float16 on CUDA, bfloat16 on a CPU
+        with AVX512-BF16 or AMX, float32 elsewhere.
+    num_workers : int, default=0
+        Worker processes that decode image files (0: in the main process).
+    memory : str, joblib.Memory or None, default=None
+        Folder (or ``joblib.Memory``) where each image's features are cached. With
+        it, a grid search over a downstream classifier runs the backbone once per
+        image and extractor setting, not once per fold and candidate.
+    random_state : int, RandomState or None, default=None
+        Seeds the random initialisation when ``weights=None``.
+    verbose : bool or int, default=False
+        Show a progress bar while transforming.
+
+    Attributes
+    ----------
+    model_ : torch.nn.Module
+        The frozen network on ``device_``, in eval mode, batch norms folded into
+        the convolutions.
+    device_ : torch.device
+        The device in use.
+    precision_ : torch.dtype
+        The compute dtype in use.
+    preprocessing_ : skdeep._preprocess.Preprocessing
+        Resize, crop and normalization applied to every image.
+    layers_ : list of str
+        The tapped layers, in output order.
+    feature_names_out_ : ndarray of str
+        Names of the output columns, e.g. ``layer4_avg_0``.
+    n_features_out_ : int
+        Number of output columns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdeep import FeatureExtractor
+    >>> images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    >>> extractor = FeatureExtractor("resnet18", weights=None, layers=["layer2", "layer4"],
+    ...                              image_size=32, random_state=0)
+    >>> extractor.fit_transform(images).shape
+    (4, 640)
+    >>> extractor.get_feature_names_out()[:2].tolist()
+    ['layer2_avg_0', 'layer2_avg_1']
+    """
+
+    _parameter_constraints = {
+        **BACKBONE_CONSTRAINTS,
+        "layers": [str, list, tuple, None],
+        "pooling": [StrOptions({"avg", "max", "avgmax"}), None],
+        "memory": [None, str, HasMethods(["cache"])],
+    }
+
+    def __init__(
+        self,
+        backbone="mobilenet_v2",
+        weights="IMAGENET1K_V1",
+        layers=None,
+        pooling="avg",
+        image_size=None,
+        image_shape=None,
+        value_range=None,
+        batch_size=64,
+        device="auto",
+        precision="auto",
+        num_workers=0,
+        memory=None,
+        random_state=None,
+        verbose=False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.pooling = pooling
+        self.image_size = image_size
+        self.image_shape = image_shape
+        self.value_range = value_range
+        self.batch_size = batch_size
+        self.device = device
+        self.precision = precision
+        self.num_workers = num_workers
+        self.memory = memory
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Load the backbone and work out the feature layout.
+
+        Nothing is learned from the data: ``X`` is only validated, when given.
+
+        Parameters
+        ----------
+        X : images, optional
+            See :meth:`transform`.
+        y : ignored
+
+        Returns
+        -------
+        self : FeatureExtractor
+        """
+        if X is not None:
+            self._image_source(X)
+        self._resolve_hardware()
+        self.layers_ = self._requested_layers()
+        model = self._build_model()
+        crop = self.preprocessing_.crop_size
+        probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
+        with torch.inference_mode():
+            outputs, self._stop_layer = probe_layers(model, self.layers_, probe_input)
+        names = []
+        for layer in self.layers_:
+            names += pooled_names(layer, tuple(outputs[layer].shape), self.pooling)
+        self.feature_names_out_ = np.asarray(names, dtype=object)
+        self.n_features_out_ = len(names)
+        self.model_ = model
+        self._cache_key = None
+        return self
+
+    def _requested_layers(self) -> list[str]:
+        layers = self.layers
+        if layers is None:
+            return [PENULTIMATE]
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not layers or not all(isinstance(layer, str) for layer in layers):
+            raise ValueError(f"layers must be a module name or a non-empty list of them; got {self.layers!r}")
+        if len(set(layers)) < len(layers):
+            raise ValueError(f"layers must not repeat a name; got {self.layers!r}")
+        return layers
+
+    def _build_model(self) -> torch.nn.Module:
+        """Load the backbone, freeze it and fold its batch norms (sets preprocessing_)."""
+        with fork_rng(torch.device("cpu"), self._torch_seed()):
+            backbone = load_backbone(self.backbone, self.weights)
+        self.preprocessing_ = backbone.preprocessing.with_image_size(self.image_size)
+        model = backbone.module.eval().requires_grad_(False)
+        check_layer_names(model, self.layers_)
+        model = fold_batch_norms(model, keep=set(self.layers_))
+        return model.to(self.device_, memory_format=torch.channels_last)
+
+    def _rebuild_model(self) -> torch.nn.Module:
+        return self._build_model()
+
+    def _model_to_pickle(self):
+        # Random weights cannot be rebuilt from the parameters; named, file and
+        # module weights can, which keeps dumps small.
+        if isinstance(self.backbone, str) and self.weights is None:
+            return super()._model_to_pickle()
+        return None
+
+    def transform(self, X):
+        """Features of each image.
+
+        Parameters
+        ----------
+        X : images
+            An array ``(n, H, W)``, ``(n, H, W, 1)`` or ``(n, H, W, 3)`` (uint8 or
+            float), flat rows ``(n, H*W)`` with ``image_shape``, or a list of image
+            file paths, PIL images or arrays of any sizes.
+
+        Returns
+        -------
+        features : ndarray of shape (n, n_features_out_), float32
+        """
+        check_is_fitted(self)
+        source = self._image_source(X)
+        cache = self._feature_cache()
+        if cache is None:
+            features = np.empty((len(source), self.n_features_out_), dtype=np.float32)
+            self._extract(source, None, features)
+            return features
+        fingerprints = source.fingerprints()
+        features, missing = cache.lookup(fingerprints, self.n_features_out_)
+        if len(missing):
+            computed = np.empty((len(missing), self.n_features_out_), dtype=np.float32)
+            self._extract(source, missing, computed)
+            features[missing] = computed
+            cache.store([fingerprints[i] for i in missing], computed)
+        return features
+
+    def fit_transform(self, X, y=None):
+        """Fit, then transform ``X`` (validated once)."""
+        return self.fit(X).transform(X)
+
+    def _extract(self, source, indices, out: np.ndarray) -> None:
+        """Write the features of the images at ``indices`` (all: None) into ``out``."""
+        start = 0
+        with (
+            Progress(len(out), type(self).__name__, enabled=bool(self.verbose)) as progress,
+            LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps,
+            torch.inference_mode(),
+        ):
+            for batch in self._input_batches(source, indices):
+                with autocast(self.device_, self.precision_):
+                    outputs = taps.run(batch)
+                rows = torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)
+                rows = rows.float()
+                if not torch.isfinite(rows).all():
+                    raise FloatingPointError(
+                        f"the backbone produced NaN or infinite features at precision "
+                        f"{self.precision_}; use precision='float32'"
+                    )
+                out[start : start + len(rows)] = rows.cpu().numpy()
+                start += len(rows)
+                progress.update(len(rows))
+
+    def _feature_cache(self) -> FeatureCache | None:
+        memory = check_memory(self.memory)
+        if memory.location is None:
+            return None
+        if self._cache_key is None:
+            self._cache_key = self._settings_digest()
+        return FeatureCache(memory.location, self._cache_key)
+
+    def _settings_digest(self) -> str:
+        """Identity of everything that shapes the features: weights, layers, pooling,
+        preprocessing, precision and device type."""
+        digest = hashlib.blake2b(digest_size=16)
+        settings = (
+            __version__,
+            self.layers_,
+            self.pooling,
+            self.preprocessing_,
+            str(self.precision_),
+            self.device_.type,
+        )
+        digest.update(repr(settings).encode())
+        for name, tensor in self.model_.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns, e.g. ``layer4_avg_0`` or ``penultimate_0``.
+
+        Parameters
+        ----------
+        input_features : ignored
+            Present for scikit-learn compatibility (images have no input names).
+
+        Returns
+        -------
+        ndarray of str
+        """
+        check_is_fitted(self)
+        return self.feature_names_out_.copy()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
