@@ -78,7 +78,9 @@ class BackboneMixin:
             pin_memory=self.device_.type == "cuda",
         )
         for raw in raw_batches:
-            yield prepare_batch(raw, self.preprocessing_, self.device_, source.value_range, dtype)
+            yield prepare_batch(
+                raw, self.preprocessing_, self.device_, source.value_range, dtype, source.resized
+            )
 
     # --- pickling: CPU state only, loadable without a GPU --------------------------------
 

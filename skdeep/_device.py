@@ -20,8 +20,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = str(device)
     if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
         raise ValueError(
-            "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device; "
-            f"got {device!r}"
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device; got {device!r}"
         )
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,9 +35,13 @@ class ImageSource:
     ----------
     value_range : (low, high)
         Pixel values of the yielded batches that map to black and white.
+    resized : bool
+        Whether batches already have the network's input size (per-image loaders
+        resize each image so that images of different sizes can be stacked).
     """
 
     value_range: tuple[float, float] = UNIT_RANGE
+    resized: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -138,6 +142,7 @@ class ListSource(ImageSource):
     """A list of file paths, PIL images or arrays, of any sizes."""
 
     value_range = UNIT_RANGE  # the loader scales every image to [0, 1]
+    resized = True
 
     def __init__(self, items: list, value_ranges: list):
         self.items = items
@@ -285,7 +290,9 @@ def _unflatten(array: np.ndarray, image_shape) -> np.ndarray:
         )
     shape = tuple(int(v) for v in image_shape)
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
-        raise ValueError(f"image_shape must be (H, W) or (H, W, C) with C in (1, 3); got {image_shape!r}")
+        raise ValueError(
+            f"image_shape must be (H, W) or (H, W, C) with C in (1, 3); got {image_shape!r}"
+        )
     if int(np.prod(shape)) != array.shape[1]:
         raise ValueError(
             f"image_shape={image_shape!r} holds {int(np.prod(shape))} pixels but the rows of X "

@@ -56,14 +56,9 @@ class Preprocessing:
 
 
 def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """Resize a float batch ``(B, C, H, W)`` (shorter side) and center-crop it.
-
-    A batch that already has the output size is returned unchanged.
-    """
+    """Resize a float batch ``(B, C, H, W)`` (shorter side) and center-crop it."""
     height, width = images.shape[-2:]
     crop = prep.crop_size
-    if (height, width) == (crop, crop):
-        return images
     if min(height, width) != prep.resize_size:
         scale = prep.resize_size / min(height, width)
         # torchvision rounds the longer side down; do the same so crops line up.
@@ -96,6 +91,7 @@ def prepare_batch(
     device: torch.device,
     value_range: tuple[float, float],
     dtype: torch.dtype = torch.float32,
+    resized: bool = False,
 ) -> torch.Tensor:
     """Turn a raw batch ``(B, C, H, W)`` (C is 1 or 3) into normalized network input.
 
@@ -111,13 +107,16 @@ def prepare_batch(
         The pixel values that map to 0 and 1.
     dtype : torch.dtype
         Dtype of the returned tensor.
+    resized : bool
+        The batch already has the input size (per-image loaders resize): skip that step.
 
     Returns
     -------
     tensor of shape (B, 3, crop_size, crop_size), channels_last, on ``device``
     """
     batch = batch.to(device, non_blocking=True).float()
-    batch = resize_and_crop(batch, prep)
+    if not resized:
+        batch = resize_and_crop(batch, prep)
     low, high = value_range
     # One fused multiply-add: (x - low) / (high - low), then (x - mean) / std.
     mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1)

@@ -145,7 +145,9 @@ def _load_state_dict_file(path, argument: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
-        raise ValueError(f"{argument}: could not load {str(path)!r} as a state_dict: {exc}") from exc
+        raise ValueError(
+            f"{argument}: could not load {str(path)!r} as a state_dict: {exc}"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

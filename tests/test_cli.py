@@ -1,0 +1,105 @@
+import joblib
+import numpy as np
+import pytest
+
+from skdeep.__main__ import main
+
+
+def test_extract_a_folder_with_labels_from_sub_folders(image_files, tmp_path, capsys):
+    out = tmp_path / "features.joblib"
+    folder = tmp_path / "photos"
+    code = main(
+        [
+            "extract",
+            str(folder),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--layers",
+            "layer1",
+            "layer2",
+            "--image-size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    dump = joblib.load(out)
+    assert dump["features"].shape == (12, 64 + 128)
+    assert dump["paths"] == sorted(image_files)
+    expected = ["cat" if "/cat/" in path else "dog" for path in dump["paths"]]
+    assert dump["labels"].tolist() == expected
+    assert dump["feature_names"][0] == "layer1_avg_0"
+    assert dump["params"]["layers"] == ["layer1", "layer2"]
+    err = capsys.readouterr().err
+    assert "100% 12/12" in err and "wrote 12 x 192 features" in err
+
+
+def test_extract_a_glob_and_a_npy_file(image_files, images, tmp_path):
+    out = tmp_path / "glob.joblib"
+    assert (
+        main(
+            [
+                "extract",
+                str(tmp_path / "photos" / "cat" / "*.png"),
+                "--weights",
+                "none",
+                "--backbone",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    dump = joblib.load(out)
+    assert len(dump["paths"]) == 6 and dump["labels"] is None
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "npy.joblib"
+    assert (
+        main(
+            [
+                "extract",
+                str(tmp_path / "images.npy"),
+                "--weights",
+                "none",
+                "--backbone",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert joblib.load(out)["features"].shape == (12, 512)
+
+
+def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["extract", str(empty), "--out", str(tmp_path / "x.joblib")]) == 2
+    assert "no image files found" in capsys.readouterr().err
+    assert main(["extract", str(empty), "--backbone", "resnet81", "--out", "x"]) == 2
+
+
+def test_help_documents_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in [
+        "--backbone",
+        "--layers",
+        "--out",
+        "--pooling",
+        "--image-size",
+        "first-level sub-folder",
+    ]:
+        assert option in text

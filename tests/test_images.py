@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skdeep._images import ArraySource, ListSource, as_image_source
+from skdeep._preprocess import Preprocessing
+
+PREP = Preprocessing(resize_size=16, crop_size=16)
+
+
+def all_batches(source, batch_size=5, **kwargs):
+    return torch.cat(list(source.batches(batch_size, PREP, **kwargs)))
+
+
+@pytest.mark.parametrize(
+    "shape, channels",
+    [((6, 16, 16), 1), ((6, 16, 16, 1), 1), ((6, 16, 16, 3), 3)],
+)
+def test_arrays_become_nchw_batches_without_copying(shape, channels):
+    X = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    source = as_image_source(X)
+    assert isinstance(source, ArraySource)
+    assert np.shares_memory(source.images, X)
+    batch = all_batches(source)
+    assert batch.shape == (6, channels, 16, 16)
+    np.testing.assert_array_equal(batch.permute(0, 2, 3, 1).numpy().reshape(shape), X)
+
+
+def test_batches_follow_the_given_indices():
+    X = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    batch = all_batches(as_image_source(X), batch_size=2, indices=[4, 0, 2])
+    np.testing.assert_array_equal(batch[:, 0].numpy(), X[[4, 0, 2]])
+
+
+def test_flat_rows_need_image_shape():
+    X = np.zeros((3, 64))
+    with pytest.raises(ValueError, match=r"image_shape=\(H, W\)"):
+        as_image_source(X)
+    source = as_image_source(X, image_shape=(8, 8))
+    assert source.images.shape == (3, 8, 8, 1)
+    with pytest.raises(ValueError, match="holds 49 pixels but the rows of X have 64"):
+        as_image_source(X, image_shape=(7, 7))
+
+
+def test_load_digits_rows_work_with_their_value_range():
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:10]
+    with pytest.raises(ValueError, match=r"value_range=\(0, 16\)"):
+        as_image_source(X, image_shape=(8, 8))
+    source = as_image_source(X, image_shape=(8, 8), value_range=(0, 16))
+    assert source.value_range == (0.0, 16.0)
+
+
+@pytest.mark.parametrize(
+    "X, error, message",
+    [
+        (np.zeros((0, 8, 8)), ValueError, "X is empty"),
+        ([], ValueError, "X is empty"),
+        (np.zeros((5, 3)), ValueError, r"image_shape"),
+        (np.zeros((4, 8, 8, 2)), ValueError, r"1 or 3 channels .* shape \(4, 8, 8, 2\)"),
+        (np.zeros((4, 3, 8, 8)), ValueError, "channels-first"),
+        (np.zeros((32, 32, 3)), ValueError, "looks like one RGB image"),
+        (np.zeros(5), ValueError, r"got an array of shape \(5,\)"),
+        (np.zeros((2, 2, 8, 8, 3)), ValueError, r"shape \(2, 2, 8, 8, 3\)"),
+        (np.array([[[np.nan]]]), ValueError, "NaN or infinity"),
+        (np.full((1, 4, 4), np.inf), ValueError, "NaN or infinity"),
+        (np.full((1, 4, 4), 2.0), ValueError, r"values in \[2, 2\] but float pixels"),
+        (np.full((1, 4, 4), 300), ValueError, r"integer pixels must lie in value_range=\(0, 255\)"),
+        (np.full((1, 4, 4), -1, dtype=np.int8), ValueError, "integer pixels"),
+        (np.zeros((2, 4, 4), dtype=bool), TypeError, "dtype bool"),
+        ("image.png", TypeError, "wrap it in a list"),
+        ({"a": 1}, TypeError, "got dict"),
+        (None, TypeError, "got NoneType"),
+        (torch.zeros(2, 3, 8, 8), TypeError, r"permute\(0, 2, 3, 1\)"),
+        ([{"a": 1}], TypeError, "X must be images"),
+    ],
+)
+def test_bad_inputs_get_clear_errors(X, error, message):
+    with pytest.raises(error, match=message):
+        as_image_source(X)
+
+
+def test_image_shape_must_match_images():
+    with pytest.raises(ValueError, match="does not match"):
+        as_image_source(np.zeros((2, 8, 8)), image_shape=(4, 16))
+
+
+def test_float_images_in_unit_range_are_accepted():
+    X = np.random.default_rng(0).random((3, 8, 8, 3))
+    assert as_image_source(X).value_range == (0.0, 1.0)
+
+
+def test_list_of_files_decodes_lazily_and_matches_arrays(image_files, images):
+    source = as_image_source(image_files)
+    assert isinstance(source, ListSource)
+    prep = Preprocessing(resize_size=32, crop_size=32)
+    batch = torch.cat(list(source.batches(5, prep)))
+    assert batch.shape == (12, 3, 32, 32)
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(batch, expected)
+
+
+def test_files_are_decoded_by_workers(image_files):
+    source = as_image_source(image_files)
+    prep = Preprocessing(resize_size=32, crop_size=32)
+    batches = list(source.batches(4, prep, num_workers=2))
+    assert [len(b) for b in batches] == [4, 4, 4]
+
+
+def test_ragged_arrays_and_pil_images_are_brought_to_one_size():
+    rng = np.random.default_rng(0)
+    items = [
+        rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+        rng.random((12, 12)),
+        Image.fromarray(rng.integers(0, 256, (40, 16), dtype=np.uint8)),
+    ]
+    batch = torch.cat(list(as_image_source(items).batches(8, PREP)))
+    assert batch.shape == (3, 3, 16, 16)
+    assert 0.0 <= batch.min() and batch.max() <= 1.0
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path, image_files):
+    missing = str(tmp_path / "nope.jpg")
+    with pytest.raises(ValueError, match=r"X\[1\]: image file .*nope.jpg.* does not exist"):
+        as_image_source([image_files[0], missing])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    source = as_image_source([image_files[0], str(corrupt)])
+    with pytest.raises(ValueError, match=r"could not read the image file .*corrupt.jpg"):
+        list(source.batches(2, PREP))
+
+
+def test_bad_items_in_lists_are_named():
+    with pytest.raises(ValueError, match=r"X\[1\] must be one image"):
+        as_image_source([np.zeros((8, 8)), np.zeros((2, 8, 8, 3))])
+    with pytest.raises(ValueError, match=r"X\[0\] contains NaN"):
+        as_image_source([np.full((8, 8), np.nan)])
+    with pytest.raises(TypeError, match=r"X\[1\] is a int"):
+        as_image_source([np.zeros((8, 8)), 3])
+
+
+def test_fingerprints_identify_image_content(images, image_files):
+    prints = as_image_source(images).fingerprints()
+    assert len(set(prints)) == len(images)
+    assert as_image_source(images.copy()).fingerprints() == prints
+    assert as_image_source(images[::-1]).fingerprints() == prints[::-1]
+    altered = images.copy()
+    altered[3, 0, 0, 0] ^= 1
+    changed = as_image_source(altered).fingerprints()
+    assert [a == b for a, b in zip(changed, prints)].count(False) == 1
+    assert len(set(as_image_source(image_files).fingerprints())) == len(image_files)

@@ -1,0 +1,52 @@
+import pytest
+import torch
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+
+from skdeep._preprocess import Preprocessing, prepare_batch, resize_and_crop
+
+
+@pytest.mark.parametrize("height, width", [(300, 400), (500, 260), (256, 256), (224, 224)])
+def test_resize_and_crop_matches_torchvision(height, width):
+    images = torch.rand(2, 3, height, width)
+    prep = Preprocessing(resize_size=256, crop_size=224)
+    expected = TF.center_crop(TF.resize(images, [256], antialias=True), [224])
+    actual = resize_and_crop(images, prep)
+    assert actual.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_prepare_batch_normalizes_like_torchvision():
+    raw = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    prep = Preprocessing(resize_size=40, crop_size=32)
+    out = prepare_batch(raw, prep, torch.device("cpu"), (0.0, 255.0))
+    already = prepare_batch(raw[..., 4:36, 4:36], prep, torch.device("cpu"), (0, 255), resized=True)
+    torch.testing.assert_close(already, out)
+    expected = TF.normalize(TF.center_crop(raw.float() / 255, [32]), prep.mean, prep.std)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gray_becomes_rgb_and_value_range_is_honoured():
+    raw = torch.rand(2, 1, 16, 16) * 16
+    prep = Preprocessing(resize_size=16, crop_size=16)
+    out = prepare_batch(raw, prep, torch.device("cpu"), (0.0, 16.0), torch.bfloat16)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.bfloat16
+    rgb = (raw / 16).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(
+        out.float(), TF.normalize(rgb, prep.mean, prep.std), atol=0.05, rtol=0.01
+    )
+
+
+def test_preprocessing_comes_from_the_weights_metadata():
+    weights = torchvision.models.get_model_weights("efficientnet_b1").IMAGENET1K_V1
+    prep = Preprocessing.from_weights(weights)
+    assert (prep.resize_size, prep.crop_size, prep.interpolation) == (256, 240, "bicubic")
+    assert Preprocessing.from_weights(None) == Preprocessing()
+    small = prep.with_image_size(32)
+    assert (small.resize_size, small.crop_size, small.mean) == (32, 32, prep.mean)
+
+
+def test_crop_larger_than_resize_is_an_error():
+    with pytest.raises(ValueError, match="cannot crop"):
+        resize_and_crop(torch.rand(1, 3, 50, 60), Preprocessing(resize_size=32, crop_size=40))

@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from skdeep._taps import LayerTaps, pool, pooled_names, probe_layers
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def test_taps_stop_after_the_deepest_layer(resnet):
+    later = []
+    resnet.layer3.register_forward_hook(lambda *args: later.append("layer3"))
+    with torch.no_grad(), LayerTaps(resnet, ["layer2", "layer1"], stop_after="layer2") as taps:
+        outputs = taps.run(torch.zeros(1, 3, 64, 64))
+    assert set(outputs) == {"layer1", "layer2"}
+    assert later == []
+
+
+def test_hooks_are_removed_afterwards(resnet):
+    with LayerTaps(resnet, ["layer1", "penultimate"]) as taps:
+        taps.run(torch.zeros(1, 3, 32, 32))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails(resnet):
+    with pytest.raises(RuntimeError), LayerTaps(resnet, ["layer1"]) as taps:
+        taps.run(torch.zeros(1, 5, 32, 32))
+    assert not resnet.layer1._forward_hooks
+
+
+def test_penultimate_is_the_input_of_the_head(resnet):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outputs, deepest = probe_layers(resnet, ["penultimate", "layer4"], x)
+        expected = resnet.avgpool(
+            resnet.layer4(
+                resnet.layer3(
+                    resnet.layer2(
+                        resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))
+                    )
+                )
+            )
+        ).flatten(1)
+    torch.testing.assert_close(outputs["penultimate"], expected)
+    assert deepest == "penultimate"
+
+
+def test_reused_modules_are_refused(resnet):
+    with pytest.raises(ValueError, match="run several times"):
+        probe_layers(resnet, ["layer1.0.relu"], torch.zeros(1, 3, 32, 32))
+
+
+def test_layers_that_never_run_are_refused():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"\['unused'\] never ran"):
+        probe_layers(Skips(), ["unused"], torch.zeros(1, 3, 4, 4))
+
+
+def test_pooling():
+    maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    torch.testing.assert_close(pool(maps, "avg"), maps.mean((2, 3)))
+    torch.testing.assert_close(pool(maps, "max"), maps.amax((2, 3)))
+    torch.testing.assert_close(
+        pool(maps, "avgmax"), torch.cat([maps.mean((2, 3)), maps.amax((2, 3))], 1)
+    )
+    assert pool(maps, None).shape == (2, 48)
+    tokens = torch.randn(2, 5, 7)
+    torch.testing.assert_close(pool(tokens, "avg"), tokens.mean(1))
+    rows = torch.randn(2, 9)
+    assert pool(rows, "max") is rows
+    assert pooled_names("layer4", (2, 3, 4, 4), "avgmax")[3] == "layer4_max_0"
+    assert pooled_names("fc", (2, 9), "avg")[0] == "fc_0"
+    assert len(pooled_names("layer4", (2, 3, 4, 4), None)) == 48
