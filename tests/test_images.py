@@ -149,5 +149,5 @@ def test_fingerprints_identify_image_content(images, image_files):
     altered = images.copy()
     altered[3, 0, 0, 0] ^= 1
     changed = as_image_source(altered).fingerprints()
-    assert [a == b for a, b in zip(changed, prints)].count(False) == 1
+    assert [a == b for a, b in zip(changed, prints, strict=True)].count(False) == 1
     assert len(set(as_image_source(image_files).fingerprints())) == len(image_files)

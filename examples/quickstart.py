@@ -1,0 +1,61 @@
+"""Quickstart: pretrained CNN features + logistic regression on MNIST, fully offline.
+
+Run with ``make demo`` (or ``python examples/quickstart.py`` inside the venv).
+
+A frozen ImageNet MobileNet-V2 turns each digit into 1,280 features; a logistic
+regression on top is tuned by a grid search. The extractor caches each image's
+features on disk (``memory=``), so the grid search runs the network over every image
+once instead of once per fold and candidate. The baseline is the same logistic
+regression on raw pixels.
+"""
+
+import tempfile
+import time
+
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from skdeep import FeatureExtractor
+from skdeep.datasets import load_mnist_5k
+
+
+def main() -> None:
+    images, labels = load_mnist_5k()  # 5,000 digits, 28x28 uint8
+    X_train, X_test, y_train, y_test = train_test_split(
+        images, labels, test_size=1000, stratify=labels, random_state=0
+    )
+    rows = []
+
+    start = time.perf_counter()
+    pixels = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    pixels.fit(X_train.reshape(len(X_train), -1), y_train)
+    accuracy = pixels.score(X_test.reshape(len(X_test), -1), y_test)
+    rows.append(("logistic regression on raw pixels", accuracy, time.perf_counter() - start))
+
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        pipeline = make_pipeline(
+            # ImageNet MobileNet-V2 (offline weights); 96 px input is plenty for digits.
+            FeatureExtractor("mobilenet_v2", image_size=96, memory=cache),
+            StandardScaler(),
+            LogisticRegression(max_iter=300),
+        )
+        search = GridSearchCV(pipeline, {"logisticregression__C": [0.01, 0.1, 1.0]}, cv=3)
+        search.fit(X_train, y_train)
+        accuracy = search.score(X_test, y_test)
+        best_c = search.best_params_["logisticregression__C"]
+        label = f"FeatureExtractor + logistic regression (C={best_c})"
+        rows.append((label, accuracy, time.perf_counter() - start))
+
+    print(f"\nMNIST 5k: {len(X_train)} training and {len(X_test)} test images\n")
+    print(f"| {'method':<50} | test accuracy | seconds |")
+    print(f"|{'-' * 52}|---------------|---------|")
+    for name, accuracy, seconds in rows:
+        print(f"| {name:<50} | {accuracy:13.3f} | {seconds:7.1f} |")
+    print("\n(the grid search of 3 folds x 3 values of C ran the CNN once per image)")
+
+
+if __name__ == "__main__":
+    main()
