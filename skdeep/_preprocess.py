@@ -114,15 +114,23 @@ def prepare_batch(
     -------
     tensor of shape (B, 3, crop_size, crop_size), channels_last, on ``device``
     """
-    batch = batch.to(device, non_blocking=True).float()
+    batch = batch.to(device, non_blocking=True)
     if not resized:
+        # On the CPU, uint8 images resize in uint8 (a fast kernel, and what PIL does
+        # in torchvision's reference transforms); elsewhere in float.
+        if batch.dtype != torch.uint8 or device.type != "cpu":
+            batch = batch.float()
         batch = resize_and_crop(batch, prep)
+    if batch.shape[1] == 1:
+        batch = batch.expand(-1, 3, -1, -1)
+    batch = batch.to(dtype, memory_format=torch.channels_last)
     low, high = value_range
-    # One fused multiply-add: (x - low) / (high - low), then (x - mean) / std.
-    mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std, device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(prep.mean, device=device)
+    std = torch.tensor(prep.std, device=device)
+    # (x - low) / (high - low), then (x - mean) / std, as one per-channel affine map.
     scale = 1.0 / ((high - low) * std)
     shift = -(low / (high - low) + mean) / std
-    # Gray images (C == 1) broadcast against the three channels of mean and std.
-    normalized = torch.addcmul(shift, batch, scale)
-    return normalized.to(dtype=dtype, memory_format=torch.channels_last)
+    # batch_norm in eval mode computes exactly x * weight + bias per channel here
+    # (zero mean, unit variance, eps 0), with kernels tuned for channels_last.
+    ones = torch.ones(3, device=device)
+    return F.batch_norm(batch, torch.zeros_like(ones), ones, scale, shift, False, 0.0, 0.0)

@@ -18,7 +18,6 @@ import copy
 import difflib
 import importlib.util
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,41 +236,3 @@ def check_layer_names(module: nn.Module, layers: list[str], argument: str = "lay
                 f"{', '.join(map(repr, names[:3]))} ... {', '.join(map(repr, names[-3:]))} "
                 "(see dict(model.named_modules()))"
             )
-
-
-def fold_batch_norms(module: nn.Module, keep: set[str] = frozenset()) -> nn.Module:
-    """Fold each BatchNorm that directly follows a convolution into that convolution.
-
-    For inference only (``module`` must be in eval mode). The BatchNorm is replaced by
-    ``nn.Identity`` in place, so module names, and hooks on them, keep working: a tap on
-    the BatchNorm sees the same values as before. Convolutions named in ``keep`` (tapped
-    layers, whose own output must stay as it was) are left alone, as is any module
-    called more than once per forward pass. The pairs come from an FX trace; a model
-    FX cannot trace is returned unchanged.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(module).graph
-    except Exception:  # dynamic control flow: keep the model as it is
-        return module
-    modules = dict(module.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        producer = node.args[0]
-        if not (
-            isinstance(producer, torch.fx.Node)
-            and producer.op == "call_module"
-            and isinstance(modules.get(producer.target), nn.Conv2d)
-            and len(producer.users) == 1
-            and calls[producer.target] == calls[node.target] == 1
-            and producer.target not in keep
-        ):
-            continue
-        conv, norm = modules[producer.target], modules[node.target]
-        if not norm.track_running_stats or norm.running_mean is None:
-            continue
-        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
-        set_submodule(module, producer.target, fused)
-        set_submodule(module, node.target, nn.Identity())
-    return module

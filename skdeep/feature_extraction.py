@@ -16,7 +16,8 @@ from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._progress import Progress
 from ._taps import LayerTaps, pool, pooled_names, probe_layers
-from .backbones import PENULTIMATE, check_layer_names, fold_batch_norms, load_backbone
+from ._inference import optimize_for_inference
+from .backbones import PENULTIMATE, check_layer_names, load_backbone
 
 
 class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
@@ -80,8 +81,9 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     Attributes
     ----------
     model_ : torch.nn.Module
-        The frozen network on ``device_``, in eval mode, batch norms folded into
-        the convolutions.
+        The frozen network on ``device_``, in eval mode. Batch norms are folded into
+        the convolutions and, on the CPU, convolutions run fused with the activation
+        after them; module names are those of the original network.
     device_ : torch.device
         The device in use.
     precision_ : torch.dtype
@@ -167,10 +169,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             self._image_source(X)
         self._resolve_hardware()
         self.layers_ = self._requested_layers()
+        self._random_weights = None
         model = self._build_model()
         crop = self.preprocessing_.crop_size
         probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device_, self.precision_):
             outputs, self._stop_layer = probe_layers(model, self.layers_, probe_input)
         names = []
         for layer in self.layers_:
@@ -195,23 +198,31 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return layers
 
     def _build_model(self) -> torch.nn.Module:
-        """Load the backbone, freeze it and fold its batch norms (sets preprocessing_)."""
+        """Load the backbone, freeze it and optimize it for inference.
+
+        Sets ``preprocessing_`` and, for random weights, ``_random_weights``: the only
+        weights that cannot be loaded again from the parameters.
+        """
+        random_weights = getattr(self, "_random_weights", None)
         with fork_rng(torch.device("cpu"), self._torch_seed()):
-            backbone = load_backbone(self.backbone, self.weights)
+            backbone = load_backbone(self.backbone, None if random_weights else self.weights)
+        if random_weights is not None:
+            backbone.module.load_state_dict(random_weights)
+        elif self.weights is None and isinstance(self.backbone, str):
+            self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         self.preprocessing_ = backbone.preprocessing.with_image_size(self.image_size)
         model = backbone.module.eval().requires_grad_(False)
         check_layer_names(model, self.layers_)
-        model = fold_batch_norms(model, keep=set(self.layers_))
+        model = optimize_for_inference(
+            model, self.device_, self.precision_, keep=frozenset(self.layers_)
+        )
         return model.to(self.device_, memory_format=torch.channels_last)
 
     def _rebuild_model(self) -> torch.nn.Module:
         return self._build_model()
 
     def _model_to_pickle(self):
-        # Random weights cannot be rebuilt from the parameters; named, file and
-        # module weights can, which keeps dumps small.
-        if isinstance(self.backbone, str) and self.weights is None:
-            return super()._model_to_pickle()
+        # Rebuilt on load from the parameters (and _random_weights): small dumps.
         return None
 
     def transform(self, X):
@@ -256,7 +267,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps,
             torch.inference_mode(),
         ):
-            for batch in self._input_batches(source, indices):
+            for batch in self._input_batches(source, indices, dtype=self.precision_):
                 with autocast(self.device_, self.precision_):
                     outputs = taps.run(batch)
                 rows = torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)

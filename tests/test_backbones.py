@@ -10,7 +10,6 @@ from skdeep.backbones import (
     WeightsUnavailableError,
     check_layer_names,
     find_head,
-    fold_batch_norms,
     load_backbone,
     replace_head,
     weights_file_candidates,
@@ -119,37 +118,3 @@ def test_layer_names_are_checked_with_suggestions():
     check_layer_names(model, ["layer4", "penultimate", "layer1.0.conv1"])
     with pytest.raises(ValueError, match=r"'layer5' .* did you mean 'layer4'"):
         check_layer_names(model, ["layer5"])
-
-
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
-def test_folding_batch_norms_keeps_outputs_and_names(name):
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name).eval()
-    # Non-trivial running statistics, as in a trained network.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        names = {n for n, _ in model.named_modules()}
-        folded = fold_batch_norms(model)
-        assert {n for n, _ in folded.named_modules()} == names
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-        torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
-
-
-def test_folding_leaves_kept_convolutions_alone():
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
-    ).eval()
-    fold_batch_norms(model, keep={"0"})
-    assert isinstance(model[1], nn.BatchNorm2d)
-    assert isinstance(model[3], nn.Identity)
-
-
-def test_models_fx_cannot_trace_are_left_unchanged(tiny_net):
-    # TinyNet.forward calls len() on its input, which symbolic tracing cannot follow.
-    fold_batch_norms(tiny_net.eval())
-    assert isinstance(tiny_net.features[1], nn.BatchNorm2d)

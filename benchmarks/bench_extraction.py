@@ -1,0 +1,218 @@
+"""Feature extraction: throughput, reduced precision and memory.
+
+Run:  .venv/bin/python benchmarks/bench_extraction.py [--quick] [--device cuda]
+(``make bench`` runs all benchmarks after installing the comparison packages.)
+
+1. Images per second from uint8 arrays (n, 224, 224, 3) to feature rows, for
+   mobilenet_v2 and resnet18, against baselines measured in the same process:
+   - ceiling: skdeep's own network (batch norms folded) on ready, preprocessed
+     tensors at the same precision, i.e. the model alone with no input pipeline;
+   - torchvision model: the unmodified torchvision network on ready tensors;
+   - naive loop: what most tutorials do (per-image PIL transforms, float32, batch 32);
+   - img2vec_pytorch (resnet18 only, when installed; random weights are put in a
+     temporary torch hub cache so that it runs offline).
+2. bfloat16 against float32 with the real ImageNet mobilenet_v2 weights: speed,
+   cosine similarity of the features and MNIST linear-probe accuracy.
+3. Peak memory while transforming 5,000 and 20,000 images (Fashion-MNIST when
+   installed): it must not grow with the number of images beyond the output array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torchvision
+from _common import PeakMemory, cosine_similarity, machine, median_seconds, print_table, synchronize
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from skdeep import FeatureExtractor
+from skdeep._device import cpu_has_native_bfloat16
+from skdeep._images import as_image_source
+from skdeep.datasets import DatasetUnavailableError, load_fashion_mnist, load_mnist_5k
+
+
+def naive_loop(model_name: str, device: torch.device):
+    """The tutorial way: PIL transforms image by image, float32, batches of 32."""
+    weights = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
+    model = torchvision.models.get_model(model_name).eval().to(device)
+    if hasattr(model, "fc"):
+        model.fc = torch.nn.Identity()
+    else:
+        model.classifier = torch.nn.Identity()
+    transform = weights.transforms()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        features = []
+        with torch.no_grad():
+            for start in range(0, len(images), 32):
+                batch = torch.stack(
+                    [transform(Image.fromarray(image)) for image in images[start : start + 32]]
+                )
+                features.append(model(batch.to(device)).cpu().numpy())
+        return np.concatenate(features)
+
+    return run
+
+
+def img2vec_resnet18(device: torch.device, hub_dir: str):
+    """img2vec_pytorch's resnet18 extractor, or None when it is not installed."""
+    try:
+        from img2vec_pytorch import Img2Vec
+    except ImportError:
+        return None
+    os.makedirs(os.path.join(hub_dir, "checkpoints"), exist_ok=True)
+    torch.save(
+        torchvision.models.resnet18().state_dict(),
+        os.path.join(hub_dir, "checkpoints", "resnet18-f37072fd.pth"),
+    )
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(hub_dir)
+    try:
+        extractor = Img2Vec(cuda=device.type == "cuda", model="resnet18")
+    finally:
+        torch.hub.set_dir(previous)
+    return lambda images: extractor.get_vec([Image.fromarray(image) for image in images])
+
+
+def model_alone(module: torch.nn.Module, ready: torch.Tensor, device, dtype, batch_size=64):
+    """Forward passes on already preprocessed input: the ceiling of any pipeline."""
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            for start in range(0, len(ready), batch_size):
+                module(ready[start : start + batch_size])
+        synchronize(device)
+
+    return run
+
+
+def throughput(device: torch.device, n_images: int, repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
+    reduced = torch.float16 if device.type == "cuda" else torch.bfloat16
+    has_reduced = device.type == "cuda" or cpu_has_native_bfloat16()
+    precisions = [torch.float32, reduced] if has_reduced else [torch.float32]
+    rows = []
+    for model_name in ["mobilenet_v2", "resnet18"]:
+        torch.manual_seed(0)
+        runs, ceilings = {}, {}
+        for dtype in precisions:
+            name = str(dtype).removeprefix("torch.")
+            extractor = FeatureExtractor(
+                model_name, weights=None, precision=name, device=str(device), random_state=0
+            ).fit()
+            source = as_image_source(images)
+            ready = torch.cat(list(extractor._input_batches(source, dtype=dtype)))
+            runs[f"skdeep {name}"] = lambda e=extractor: e.transform(images)
+            runs[f"ceiling {name}"] = model_alone(extractor.model_, ready, device, dtype)
+            plain = torchvision.models.get_model(model_name).eval().to(device, memory_format=torch.channels_last)
+            runs[f"torchvision model {name}"] = model_alone(plain, ready, device, dtype)
+            ceilings[name] = f"ceiling {name}"
+        runs["naive loop float32"] = lambda f=naive_loop(model_name, device): f(images)
+        if model_name == "resnet18":
+            with tempfile.TemporaryDirectory() as hub_dir:
+                img2vec = img2vec_resnet18(device, hub_dir)
+            if img2vec is not None:
+                runs["img2vec_pytorch float32"] = lambda: img2vec(images)
+        seconds = median_seconds(runs, repeats)
+        naive_rate = n_images / seconds["naive loop float32"]
+        for label, value in seconds.items():
+            rate = n_images / value
+            precision = label.rsplit(" ", 1)[1]
+            ceiling = n_images / seconds[ceilings[precision]] if precision in ceilings else None
+            rows.append(
+                [
+                    model_name,
+                    label,
+                    rate,
+                    f"{rate / ceiling:.2f}" if ceiling else "",
+                    f"{rate / naive_rate:.2f}",
+                ]
+            )
+    print_table(
+        f"Throughput, uint8 arrays 224x224 -> feature rows, {n_images} images, median of "
+        f"{repeats} ({machine()})",
+        ["backbone", "method", "images/s", "x ceiling (same precision)", "x naive loop"],
+        rows,
+    )
+
+
+def precision_quality(device: torch.device) -> None:
+    if device.type == "cpu" and not cpu_has_native_bfloat16():
+        print("\n(no native bfloat16 on this CPU: precision comparison skipped)")
+        return
+    reduced = "float16" if device.type == "cuda" else "bfloat16"
+    images, labels = load_mnist_5k()
+    X_train, X_test, y_train, y_test = train_test_split(
+        images, labels, test_size=1000, stratify=labels, random_state=0
+    )
+    rows, features = [], {}
+    for precision in ["float32", reduced]:
+        extractor = FeatureExtractor(precision=precision, device=str(device)).fit()
+        seconds = median_seconds({"t": lambda e=extractor: e.transform(X_test[:256])}, 3)["t"]
+        train, test = extractor.transform(X_train), extractor.transform(X_test)
+        features[precision] = test
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+        accuracy = probe.fit(train, y_train).score(test, y_test)
+        rows.append([precision, 256 / seconds, 100 * accuracy])
+    cosine = cosine_similarity(features["float32"], features[reduced])
+    rows[1].append(f"{cosine.min():.4f} / {cosine.mean():.4f}")
+    rows[0].append("")
+    speedup = rows[1][1] / rows[0][1]
+    rows[1][1] = f"{rows[1][1]:.0f} ({speedup:.2f}x)"
+    print_table(
+        "Reduced precision, ImageNet mobilenet_v2 at 224 px, MNIST 5k linear probe "
+        "(4,000 train / 1,000 test)",
+        ["precision", "images/s", "probe accuracy %", "cosine to float32 (min / mean)"],
+        rows,
+    )
+
+
+def memory(device: torch.device, sizes: list[int]) -> None:
+    try:
+        pool, _ = load_fashion_mnist("train")
+        data = "Fashion-MNIST"
+    except DatasetUnavailableError:
+        pool = np.tile(load_mnist_5k()[0], (12, 1, 1))
+        data = "MNIST 5k, tiled"
+    extractor = FeatureExtractor(device=str(device)).fit()
+    extractor.transform(pool[:64])  # warm-up: allocator pools, kernels
+    rows = []
+    for n in sizes:
+        images = np.ascontiguousarray(pool[:n])
+        with PeakMemory() as peak:
+            features = extractor.transform(images)
+        output_mb = features.nbytes / 2**20
+        peak_mb = peak.peak_bytes / 2**20
+        rows.append([n, images.nbytes / 2**20, output_mb, peak_mb, peak_mb - output_mb])
+        del features
+    print_table(
+        f"Peak resident memory while transforming ({data} 28x28, mobilenet_v2 at 224 px, MiB)",
+        ["images", "input", "output array", "peak above start", "peak minus output"],
+        rows,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images, for a smoke run")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    from skdeep._device import resolve_device
+
+    device = resolve_device(args.device)
+    throughput(device, n_images=64 if args.quick else 256, repeats=1 if args.quick else 3)
+    precision_quality(device)
+    memory(device, [500, 2000] if args.quick else [5000, 20000])
+
+
+if __name__ == "__main__":
+    main()
