@@ -86,5 +86,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     with open("/proc/cpuinfo") as file:
-        model = next((line.split(":", 1)[1].strip() for line in file if "model name" in line), "CPU")
+        names = [line.split(":", 1)[1].strip() for line in file if "model name" in line]
+    model = names[0] if names else "CPU"
     return f"{model}, {torch.get_num_threads()} threads"

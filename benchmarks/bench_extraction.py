@@ -86,7 +86,8 @@ def model_alone(module: torch.nn.Module, ready: torch.Tensor, device, dtype, bat
     """Forward passes on already preprocessed input: the ceiling of any pipeline."""
 
     def run():
-        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+        reduced = dtype != torch.float32
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=reduced):
             for start in range(0, len(ready), batch_size):
                 module(ready[start : start + batch_size])
         synchronize(device)
@@ -113,15 +114,17 @@ def throughput(device: torch.device, n_images: int, repeats: int) -> None:
             ready = torch.cat(list(extractor._input_batches(source, dtype=dtype)))
             runs[f"skdeep {name}"] = lambda e=extractor: e.transform(images)
             runs[f"ceiling {name}"] = model_alone(extractor.model_, ready, device, dtype)
-            plain = torchvision.models.get_model(model_name).eval().to(device, memory_format=torch.channels_last)
+            plain = torchvision.models.get_model(model_name).eval()
+            plain = plain.to(device, memory_format=torch.channels_last)
             runs[f"torchvision model {name}"] = model_alone(plain, ready, device, dtype)
             ceilings[name] = f"ceiling {name}"
-        runs["naive loop float32"] = lambda f=naive_loop(model_name, device): f(images)
+        naive = naive_loop(model_name, device)
+        runs["naive loop float32"] = lambda naive=naive: naive(images)
         if model_name == "resnet18":
             with tempfile.TemporaryDirectory() as hub_dir:
                 img2vec = img2vec_resnet18(device, hub_dir)
             if img2vec is not None:
-                runs["img2vec_pytorch float32"] = lambda: img2vec(images)
+                runs["img2vec_pytorch float32"] = lambda img2vec=img2vec: img2vec(images)
         seconds = median_seconds(runs, repeats)
         naive_rate = n_images / seconds["naive loop float32"]
         for label, value in seconds.items():

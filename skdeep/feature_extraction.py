@@ -14,9 +14,9 @@ from . import __version__
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
+from ._inference import optimize_for_inference
 from ._progress import Progress
 from ._taps import LayerTaps, pool, pooled_names, probe_layers
-from ._inference import optimize_for_inference
 from .backbones import PENULTIMATE, check_layer_names, load_backbone
 
 

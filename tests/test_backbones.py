@@ -3,7 +3,6 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from skdeep import backbones
 from skdeep.backbones import (
