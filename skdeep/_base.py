@@ -14,9 +14,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ._device import PRECISIONS, resolve_device, resolve_precision
+from ._device import PRECISIONS, autocast, resolve_device, resolve_precision
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_batch
+from ._progress import Progress
 
 BACKBONE_CONSTRAINTS = {
     "backbone": [str, nn.Module],
@@ -81,6 +82,36 @@ class BackboneMixin:
             yield prepare_batch(
                 raw, self.preprocessing_, self.device_, source.value_range, dtype, source.resized
             )
+
+    def _collect(
+        self,
+        source: ImageSource,
+        forward,
+        width: int,
+        indices=None,
+        out: np.ndarray | None = None,
+        show_progress: bool = True,
+    ) -> np.ndarray:
+        """Run ``forward`` (network-ready batch -> rows) over the images at ``indices``
+        (all: None) in inference mode and gather the rows in a float32 array."""
+        n = len(source) if indices is None else len(indices)
+        out = np.empty((n, width), dtype=np.float32) if out is None else out
+        start = 0
+        enabled = bool(self.verbose) and show_progress
+        progress = Progress(n, type(self).__name__, enabled=enabled)
+        with progress, torch.inference_mode():
+            for batch in self._input_batches(source, indices, dtype=self.precision_):
+                with autocast(self.device_, self.precision_):
+                    rows = forward(batch).float()
+                if not torch.isfinite(rows).all():
+                    raise FloatingPointError(
+                        f"the network produced NaN or infinite values at precision "
+                        f"{self.precision_}; use precision='float32'"
+                    )
+                out[start : start + len(rows)] = rows.cpu().numpy()
+                start += len(rows)
+                progress.update(len(rows))
+        return out
 
     # --- pickling: CPU state only, loadable without a GPU --------------------------------
 

@@ -21,6 +21,7 @@ class Progress:
         self.postfix = ""
         self._start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn = -1  # the count shown by the last draw
 
     def update(self, n: int, postfix: str | None = None) -> None:
         self.done += n
@@ -32,6 +33,7 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._drawn = self.done
         elapsed = now - self._start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         percent = 100 * self.done / self.total if self.total else 100
@@ -44,7 +46,8 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.perf_counter())
+            if self._drawn != self.done:
+                self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()
 

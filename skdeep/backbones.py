@@ -216,6 +216,29 @@ def replace_head(module: nn.Module, n_outputs: int) -> str:
     return name
 
 
+def backbone_stages(module: nn.Module) -> list[str]:
+    """The backbone's blocks in forward order: what ``freeze=N`` counts.
+
+    These are the top-level children that hold parameters, with each top-level
+    ``nn.Sequential`` (such as torchvision's ``features``) counted by its children.
+    The classifier head is never a stage; the other layers of its container (VGG's
+    fully connected layers, say) are.
+    """
+    head_name, _ = find_head(module)
+    stages = []
+    for name, child in module.named_children():
+        inside_head = head_name == name or head_name.startswith(name + ".")
+        if inside_head or (isinstance(child, nn.Sequential) and len(child) > 1):
+            parts = [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            parts = [(name, child)]
+        for part_name, part in parts:
+            holds_head = head_name == part_name or head_name.startswith(part_name + ".")
+            if not holds_head and any(True for _ in part.parameters()):
+                stages.append(part_name)
+    return stages
+
+
 def set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module

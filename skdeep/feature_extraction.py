@@ -15,7 +15,6 @@ from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
-from ._progress import Progress
 from ._taps import LayerTaps, pool, pooled_names, probe_layers
 from .backbones import PENULTIMATE, check_layer_names, load_backbone
 
@@ -261,25 +260,13 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
     def _extract(self, source, indices, out: np.ndarray) -> None:
         """Write the features of the images at ``indices`` (all: None) into ``out``."""
-        start = 0
-        with (
-            Progress(len(out), type(self).__name__, enabled=bool(self.verbose)) as progress,
-            LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps,
-            torch.inference_mode(),
-        ):
-            for batch in self._input_batches(source, indices, dtype=self.precision_):
-                with autocast(self.device_, self.precision_):
-                    outputs = taps.run(batch)
-                rows = torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)
-                rows = rows.float()
-                if not torch.isfinite(rows).all():
-                    raise FloatingPointError(
-                        f"the backbone produced NaN or infinite features at precision "
-                        f"{self.precision_}; use precision='float32'"
-                    )
-                out[start : start + len(rows)] = rows.cpu().numpy()
-                start += len(rows)
-                progress.update(len(rows))
+        with LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps:
+
+            def features(batch):
+                outputs = taps.run(batch)
+                return torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)
+
+            self._collect(source, features, self.n_features_out_, indices, out)
 
     def _feature_cache(self) -> FeatureCache | None:
         memory = check_memory(self.memory)

@@ -76,12 +76,12 @@ def image_files(tmp_path, images):
 
 
 def separable_images(n_per_class: int = 24, size: int = 24, seed: int = 0):
-    """Two easy classes: bright squares top-left against bottom-right, plus noise."""
+    """Two easy classes: horizontal against vertical stripes (random phase), plus noise."""
     rng = np.random.default_rng(seed)
-    X = rng.integers(0, 60, (2 * n_per_class, size, size, 3)).astype(np.uint8)
-    half = size // 2
-    X[:n_per_class, :half, :half] += 180
-    X[n_per_class:, half:, half:] += 180
-    y = np.array(["left"] * n_per_class + ["right"] * n_per_class)
+    X = rng.integers(0, 80, (2 * n_per_class, size, size, 3)).astype(np.uint8)
+    lines = (np.arange(size)[None, :] + rng.integers(0, 4, (2 * n_per_class, 1))) // 2 % 2 == 0
+    X[:n_per_class] += (150 * lines[:n_per_class, :, None, None]).astype(np.uint8)
+    X[n_per_class:] += (150 * lines[n_per_class:, None, :, None]).astype(np.uint8)
+    y = np.array(["horizontal"] * n_per_class + ["vertical"] * n_per_class)
     order = rng.permutation(len(y))
     return X[order], y[order]

@@ -260,7 +260,7 @@ def test_non_finite_features_are_an_error(images):
             return self.fc(x.mean((2, 3)) * float("inf"))
 
     extractor = FeatureExtractor(Exploding(), image_size=16, precision="float32").fit()
-    with pytest.raises(FloatingPointError, match="NaN or infinite features"):
+    with pytest.raises(FloatingPointError, match="NaN or infinite values"):
         extractor.transform(images)
 
 

@@ -1,0 +1,277 @@
+"""The training loop shared by the fine-tuning estimators (no scikit-learn here).
+
+The loop knows about epochs, optimizer steps, mixed precision, the learning-rate
+schedule, validation, early stopping, history and interruption. What a step computes
+(cross-entropy, plus an MMD penalty for domain adaptation) comes from the caller as
+a function, so both estimators share one loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._device import autocast
+from ._progress import Progress
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", None)
+WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
+
+
+@dataclass
+class StepResult:
+    """What one training step reports: the loss to minimise and accuracy counts."""
+
+    loss: torch.Tensor
+    n_correct: torch.Tensor
+    n_labeled: int
+
+
+@dataclass
+class TrainingResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    interrupted: bool = False
+
+
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    head: nn.Module,
+    lr: float,
+    backbone_lr: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """An optimizer with discriminative learning rates: ``lr`` for the new head,
+    ``backbone_lr`` for the pretrained layers. Frozen parameters are left out; biases
+    and normalization weights (1-D parameters) get no weight decay."""
+    head_ids = {id(p) for p in head.parameters()}
+    head_params = [p for p in head.parameters() if p.requires_grad]
+    body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = []
+    for params, group_lr in [(head_params, lr), (body_params, backbone_lr)]:
+        groups += [
+            {
+                "params": [p for p in params if p.ndim > 1],
+                "lr": group_lr,
+                "weight_decay": weight_decay,
+            },
+            {"params": [p for p in params if p.ndim <= 1], "lr": group_lr, "weight_decay": 0.0},
+        ]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError("freeze leaves no parameter to train")
+    if name == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+
+
+def make_scheduler(optimizer, name: str | None, total_steps: int):
+    """Per-step learning-rate schedule: linear warm-up, then cosine decay to zero."""
+    if name is None:
+        return None
+    if name != "cosine":
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}; got {name!r}")
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Trainer:
+    """Runs epochs of optimizer steps with validation and early stopping.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place; holds the best weights at the end.
+    optimizer, scheduler
+        From :func:`make_optimizer` and :func:`make_scheduler` (stepped per batch).
+    device, dtype
+        Where and in which autocast precision the steps run. float16 uses a
+        gradient scaler.
+    max_epochs : int
+    steps_per_epoch : int
+        Batches per epoch, for the training progress handed to ``step``.
+    early_stopping : bool
+        Stop when the validation loss has not improved by ``tol`` for
+        ``n_iter_no_change`` epochs, and keep the weights of the best epoch.
+    frozen : list of nn.Module
+        Modules kept in eval mode while training (their batch-norm statistics and
+        dropout stay as they are).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    max_epochs: int
+    steps_per_epoch: int
+    early_stopping: bool = False
+    n_iter_no_change: int = 3
+    tol: float = 1e-4
+    frozen: list = field(default_factory=list)
+    verbose: bool = False
+    name: str = "fit"
+
+    def fit(
+        self,
+        epoch_batches: Callable[[int], Iterable],
+        n_samples: int,
+        step: Callable[[object, float], StepResult],
+        validate: Callable[[], tuple[float, float]] | None = None,
+    ) -> TrainingResult:
+        """Train.
+
+        Parameters
+        ----------
+        epoch_batches : callable
+            ``epoch_batches(epoch)`` yields the training batches of one epoch.
+        n_samples : int
+            Labeled images per epoch (for the progress bar).
+        step : callable
+            ``step(batch, progress)`` computes a :class:`StepResult` in the training
+            graph; ``progress`` goes from 0 to 1 over all epochs.
+        validate : callable, optional
+            Returns ``(loss, accuracy)`` on held-out data.
+        """
+        result = TrainingResult()
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        best_loss, best_state, stale = math.inf, None, 0
+        steps_done = 0
+        total_steps = self.max_epochs * max(1, self.steps_per_epoch)
+        try:
+            for epoch in range(1, self.max_epochs + 1):
+                start = time.perf_counter()
+                self.model.train()
+                for module in self.frozen:
+                    module.eval()
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), device=self.device)
+                seen = 0
+                description = f"{self.name} epoch {epoch}/{self.max_epochs}"
+                with Progress(n_samples, description, enabled=bool(self.verbose)) as progress:
+                    for batch in epoch_batches(epoch):
+                        with autocast(self.device, self.dtype):
+                            out = step(batch, steps_done / total_steps)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(out.loss).backward()
+                        scaler.step(self.optimizer)
+                        scaler.update()
+                        if self.scheduler is not None:
+                            self.scheduler.step()
+                        steps_done += 1
+                        loss_sum += out.loss.detach().float() * out.n_labeled
+                        correct += out.n_correct
+                        seen += out.n_labeled
+                        postfix = f"loss {loss_sum.item() / seen:.4f}" if self.verbose else None
+                        progress.update(out.n_labeled, postfix)
+                if not math.isfinite(loss_sum.item()):
+                    raise FloatingPointError(
+                        f"the training loss became {loss_sum.item()} in epoch {epoch}; "
+                        "lower lr, or use precision='float32'"
+                    )
+                record = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum.item() / max(seen, 1),
+                    "train_accuracy": correct.item() / max(seen, 1),
+                }
+                if validate is not None:
+                    record["valid_loss"], record["valid_accuracy"] = validate()
+                record["lr"] = self.optimizer.param_groups[0]["lr"]
+                record["seconds"] = time.perf_counter() - start
+                result.history.append(record)
+                if self.verbose:
+                    print(_describe(record), flush=True)
+                if self.early_stopping and validate is not None:
+                    if record["valid_loss"] < best_loss - self.tol:
+                        best_loss, stale = record["valid_loss"], 0
+                        best_state = _snapshot(self.model)
+                        result.best_epoch = epoch
+                    else:
+                        stale += 1
+                    if stale >= self.n_iter_no_change:
+                        break
+                else:
+                    result.best_epoch = epoch
+        except KeyboardInterrupt:
+            result.interrupted = True
+            warnings.warn(
+                f"training interrupted after {len(result.history)} complete epoch(s); "
+                "the estimator keeps the best weights so far",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        return result
+
+
+def recalibrate_batch_norm(
+    model: nn.Module,
+    frozen: list[nn.Module],
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Recompute the running statistics of the trained batch norms over ``batches``.
+
+    During training, batch norms normalize with the statistics of each batch while
+    their running averages (used for prediction) trail behind the changing weights;
+    after few optimizer steps the two disagree and predictions suffer. One forward
+    pass with exact (cumulative) averages makes them agree. Batch norms inside
+    ``frozen`` modules keep their statistics.
+    """
+    frozen_ids = {id(inner) for module in frozen for inner in module.modules()}
+    norms = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.track_running_stats
+        and id(module) not in frozen_ids
+    ]
+    if not norms:
+        return
+    model.eval()
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+        norm.train()
+    with torch.no_grad(), autocast(device, dtype):
+        for images in batches:
+            if len(images) > 1:  # batch norm cannot take statistics of one image
+                model(images)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return copy.deepcopy(model.state_dict())
+
+
+def _describe(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    for key, value in record.items():
+        if key != "epoch":
+            parts.append(f"{key} {value:.4g}")
+    return "  ".join(parts)

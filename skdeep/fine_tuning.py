@@ -1,0 +1,541 @@
+"""FineTuneClassifier: fine-tune a pretrained CNN on the user's images inside ``fit``."""
+
+from __future__ import annotations
+
+import contextlib
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.model_selection import train_test_split
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
+from torch import nn
+
+from ._augment import AUGMENTATIONS, augment
+from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
+from ._device import fork_rng
+from ._taps import LayerTaps, pool
+from ._training import (
+    StepResult,
+    Trainer,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_batch_norm,
+)
+from .backbones import (
+    PENULTIMATE,
+    backbone_stages,
+    check_layer_names,
+    load_backbone,
+    replace_head,
+)
+
+FINE_TUNE_CONSTRAINTS = {
+    **BACKBONE_CONSTRAINTS,
+    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "backbone_lr": [Interval(Real, 0, None, closed="left"), None],
+    "optimizer": [StrOptions({"adamw", "sgd"})],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "scheduler": [StrOptions({"cosine"}), None],
+    "freeze": [
+        None,
+        StrOptions({"backbone"}),
+        Interval(Integral, 0, None, closed="left"),
+        list,
+        tuple,
+    ],
+    "augment": ["boolean", StrOptions({"crop", "flip", "crop+flip"}), None],
+    "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+    "class_weight": [None, StrOptions({"balanced"}), dict],
+    "early_stopping": ["boolean"],
+    "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+    "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0, None, closed="left")],
+    "recalibrate_bn": ["boolean"],
+    "warm_start": ["boolean"],
+}
+
+
+class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
+    """A pretrained CNN with a new head, fine-tuned on ``(X, y)`` in ``fit``.
+
+    The classifier head of the backbone is replaced by a fresh one with one output per
+    class; then the network (or part of it, see ``freeze``) is trained with
+    cross-entropy, discriminative learning rates, a warm-up + cosine schedule, batched
+    augmentation and optional early stopping.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="mobilenet_v2"
+        A torchvision classification model name, or a module (deep-copied, never
+        changed).
+    weights : str, path or None, default="IMAGENET1K_V1"
+        Pretrained weights to start from: a torchvision weights name, a
+        ``state_dict`` file, or None for random initialisation (see
+        :class:`~skdeep.FeatureExtractor`).
+    image_size : int or None, default=None
+        Network input size; None follows the weights' preprocessing (224 for
+        ImageNet weights). Smaller sizes train much faster on small images.
+    image_shape : tuple or None, default=None
+        ``(H, W)`` or ``(H, W, C)`` when ``X`` holds flat rows.
+    value_range : (float, float) or None, default=None
+        Pixel values meaning black and white; None: (0, 255) for integers, (0, 1)
+        for floats.
+    max_epochs : int, default=10
+        Passes over the training images.
+    batch_size : int, default=32
+        Images per optimizer step (and per inference batch). A final batch of a
+        single image is skipped in that epoch, since batch norm needs two.
+    lr : float, default=1e-3
+        Learning rate of the new head.
+    backbone_lr : float or None, default=None
+        Learning rate of the pretrained layers; None means ``lr / 10``.
+    optimizer : {"adamw", "sgd"}, default="adamw"
+        AdamW, or SGD with Nesterov momentum 0.9.
+    weight_decay : float, default=1e-4
+        Decoupled (AdamW) or L2 (SGD) weight decay; biases and normalization
+        weights are not decayed.
+    scheduler : {"cosine"} or None, default="cosine"
+        Per-step learning rate: linear warm-up over the first 5% of steps, then
+        cosine decay to zero. None keeps the rates constant.
+    freeze : None, "backbone", int or list of str, default=None
+        What is not trained: None trains everything; "backbone" trains only the
+        head; an int N freezes the first N blocks listed by
+        :func:`skdeep.backbones.backbone_stages`; a list names modules to freeze.
+        Frozen modules also keep their batch-norm statistics.
+    augment : bool or {"crop", "flip", "crop+flip"}, default=True
+        Random crops (80-100% of each side, resized back) and horizontal flips,
+        applied on the device to whole batches. True means "crop+flip"; False or
+        None turns augmentation off. Flips are wrong for digits and text.
+    label_smoothing : float, default=0.0
+        Label smoothing of the cross-entropy loss.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes in the loss, as in scikit-learn.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training images (stratified), stop
+        when the validation loss has not improved by ``tol`` for
+        ``n_iter_no_change`` epochs, and keep the weights of the best epoch.
+    validation_fraction : float, default=0.1
+        Share of the training images held out when ``early_stopping`` is on.
+    n_iter_no_change : int, default=3
+        Epochs without improvement before stopping.
+    tol : float, default=1e-4
+        Smallest decrease of the validation loss that counts as improvement.
+    recalibrate_bn : bool, default=True
+        After training, recompute the statistics of the trained batch norms with one
+        forward pass over the training images. After few optimizer steps the running
+        averages lag behind the weights and predictions suffer; the pass costs about
+        a third of an epoch. Skipped when training is interrupted.
+    batch_size, device, precision, num_workers
+        As in :class:`~skdeep.FeatureExtractor`. ``precision="auto"`` trains with
+        float16 autocast and a gradient scaler on CUDA, bfloat16 autocast on CPUs
+        that compute it natively, float32 elsewhere.
+    random_state : int, RandomState or None, default=None
+        Seeds the head initialisation, shuffling, validation split, dropout and
+        augmentation: the same seed on the CPU gives the same model.
+    verbose : bool or int, default=False
+        A progress bar per epoch with the running loss, and a line per epoch.
+    warm_start : bool, default=False
+        Continue training the fitted network on the next ``fit`` instead of
+        starting again from the pretrained weights.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The class labels.
+    model_ : torch.nn.Module
+        The fine-tuned network (in eval mode, on ``device_``).
+    head_name_ : str
+        Name of the new classifier head inside ``model_``.
+    frozen_modules_ : list of str
+        Names of the modules that were not trained.
+    history_ : list of dict
+        One record per epoch: ``train_loss``, ``train_accuracy``, ``valid_loss`` and
+        ``valid_accuracy`` (with early stopping), ``lr`` and ``seconds``.
+    n_epochs_ : int
+        Epochs run.
+    best_epoch_ : int
+        Epoch whose weights ``model_`` holds.
+    device_, precision_, preprocessing_
+        As in :class:`~skdeep.FeatureExtractor`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdeep import FineTuneClassifier
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    >>> y = np.array(["cat", "dog"] * 8)
+    >>> clf = FineTuneClassifier("resnet18", weights=None, image_size=32, max_epochs=1,
+    ...                          batch_size=8, random_state=0).fit(X, y)
+    >>> clf.predict(X[:3]).shape, clf.predict_proba(X[:3]).shape
+    ((3,), (3, 2))
+    """
+
+    _parameter_constraints = FINE_TUNE_CONSTRAINTS
+
+    def __init__(
+        self,
+        backbone="mobilenet_v2",
+        weights="IMAGENET1K_V1",
+        image_size=None,
+        image_shape=None,
+        value_range=None,
+        max_epochs=10,
+        batch_size=32,
+        lr=1e-3,
+        backbone_lr=None,
+        optimizer="adamw",
+        weight_decay=1e-4,
+        scheduler="cosine",
+        freeze=None,
+        augment=True,
+        label_smoothing=0.0,
+        class_weight=None,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=3,
+        tol=1e-4,
+        recalibrate_bn=True,
+        random_state=None,
+        device="auto",
+        precision="auto",
+        num_workers=0,
+        verbose=False,
+        warm_start=False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.image_shape = image_shape
+        self.value_range = value_range
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.backbone_lr = backbone_lr
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.scheduler = scheduler
+        self.freeze = freeze
+        self.augment = augment
+        self.label_smoothing = label_smoothing
+        self.class_weight = class_weight
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.recalibrate_bn = recalibrate_bn
+        self.random_state = random_state
+        self.device = device
+        self.precision = precision
+        self.num_workers = num_workers
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # --- fitting --------------------------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Fine-tune the backbone on images ``X`` with labels ``y``.
+
+        Parameters
+        ----------
+        X : images
+            See :meth:`FeatureExtractor.transform <skdeep.FeatureExtractor.transform>`.
+        y : array-like of shape (n_images,)
+            Class labels (strings, integers, ...).
+
+        Returns
+        -------
+        self : FineTuneClassifier
+        """
+        source = self._image_source(X)
+        codes = self._encode_labels(y, len(source))
+        self._train(source, codes)
+        return self
+
+    def _encode_labels(self, y, n_images: int, unlabeled=None) -> np.ndarray:
+        """Set ``classes_`` and return integer codes (-1 for rows where ``unlabeled``)."""
+        y = column_or_1d(y, warn=True)
+        if len(y) != n_images:
+            raise ValueError(f"y has {len(y)} labels but X has {n_images} images")
+        labeled = np.ones(len(y), dtype=bool) if unlabeled is None else ~unlabeled
+        check_classification_targets(y[labeled])
+        classes, codes = np.unique(y[labeled], return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"y holds a single class ({classes[0]!r} in every labeled row); a "
+                "classifier needs at least two"
+            )
+        if self.warm_start and hasattr(self, "classes_"):
+            if not np.array_equal(classes, self.classes_):
+                raise ValueError(
+                    f"warm_start=True needs the classes of the previous fit, {self.classes_}; "
+                    f"got {classes}"
+                )
+        self.classes_ = classes
+        all_codes = np.full(len(y), -1, dtype=np.int64)
+        all_codes[labeled] = codes
+        return all_codes
+
+    def _train(self, source, codes: np.ndarray) -> None:
+        """Build (or reuse) the network and run the training loop on labeled ``codes``."""
+        self._resolve_hardware()
+        self._augmentations = self._check_augment()
+        seed = self._torch_seed()
+        rng = np.random.default_rng(seed)
+        labeled = np.flatnonzero(codes >= 0)
+        train_rows, valid_rows = self._split_validation(labeled, codes, rng)
+        with fork_rng(self.device_, seed):
+            if not (self.warm_start and hasattr(self, "model_")):
+                self.model_, self.head_name_ = self._build_network()
+            model = self.model_
+            frozen = self._freeze(model)
+            head = model.get_submodule(self.head_name_)
+            backbone_lr = self.lr / 10 if self.backbone_lr is None else self.backbone_lr
+            optimizer = make_optimizer(
+                self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay
+            )
+            steps_per_epoch = self._steps_per_epoch(len(train_rows))
+            trainer = Trainer(
+                model=model,
+                optimizer=optimizer,
+                scheduler=make_scheduler(
+                    optimizer, self.scheduler, self.max_epochs * steps_per_epoch
+                ),
+                device=self.device_,
+                dtype=self.precision_,
+                max_epochs=self.max_epochs,
+                steps_per_epoch=steps_per_epoch,
+                early_stopping=self.early_stopping,
+                n_iter_no_change=self.n_iter_no_change,
+                tol=self.tol,
+                frozen=[model.get_submodule(name) for name in frozen],
+                verbose=bool(self.verbose),
+                name=type(self).__name__,
+            )
+            loss = self._loss_function(codes[train_rows])
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            with self._training_context(model):
+                result = trainer.fit(
+                    epoch_batches=lambda epoch: self._epoch_batches(
+                        source, codes, train_rows, rng, generator
+                    ),
+                    n_samples=len(train_rows),
+                    step=lambda batch, progress: self._step(model, batch, loss, progress),
+                    validate=(
+                        (lambda: self._evaluate(source, codes, valid_rows))
+                        if len(valid_rows)
+                        else None
+                    ),
+                )
+                if self.recalibrate_bn and not result.interrupted:
+                    recalibrate_batch_norm(
+                        model,
+                        trainer.frozen,
+                        self._calibration_batches(source, codes, train_rows),
+                        self.device_,
+                        self.precision_,
+                    )
+        self.frozen_modules_ = frozen
+        self.history_ = (getattr(self, "history_", []) if self.warm_start else []) + result.history
+        self.n_epochs_ = len(result.history)
+        self.best_epoch_ = result.best_epoch
+
+    def _build_network(self) -> tuple[nn.Module, str]:
+        backbone = load_backbone(self.backbone, self.weights)
+        self.preprocessing_ = backbone.preprocessing.with_image_size(self.image_size)
+        model = backbone.module
+        head_name = replace_head(model, len(self.classes_))
+        model = model.to(self.device_, memory_format=torch.channels_last)
+        return model, head_name
+
+    def _check_augment(self) -> tuple[str, ...]:
+        try:
+            return AUGMENTATIONS[self.augment]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"augment must be True, False, None, 'crop', 'flip' or 'crop+flip'; "
+                f"got {self.augment!r}"
+            ) from None
+
+    def _freeze(self, model: nn.Module) -> list[str]:
+        """Turn off gradients of the frozen modules; return their names."""
+        model.requires_grad_(True)
+        freeze, head_name = self.freeze, self.head_name_
+        stages = backbone_stages(model)
+        if freeze is None:
+            return []
+        if freeze == "backbone":
+            head_ids = {id(p) for p in model.get_submodule(head_name).parameters()}
+            for parameter in model.parameters():
+                parameter.requires_grad_(id(parameter) in head_ids)
+            return stages
+        if isinstance(freeze, Integral):
+            if freeze > len(stages):
+                raise ValueError(
+                    f"freeze={freeze} but the backbone has {len(stages)} stages: {stages}"
+                )
+            names = stages[:freeze]
+        else:
+            names = list(freeze)
+            if not all(isinstance(name, str) for name in names):
+                raise ValueError(f"freeze must list module names; got {freeze!r}")
+            check_layer_names(model, names, argument="freeze")
+            for name in names:
+                if name == PENULTIMATE or head_name == name or head_name.startswith(name + "."):
+                    raise ValueError(f"freeze: {name!r} holds the new classifier head")
+        for name in names:
+            model.get_submodule(name).requires_grad_(False)
+        return names
+
+    def _split_validation(self, labeled: np.ndarray, codes: np.ndarray, rng):
+        if not self.early_stopping:
+            return labeled, labeled[:0]
+        labels = codes[labeled]
+        counts = np.bincount(labels)
+        n_valid = int(np.ceil(self.validation_fraction * len(labeled)))
+        stratify = labels if counts[counts > 0].min() >= 2 and n_valid >= len(counts) else None
+        train_rows, valid_rows = train_test_split(
+            labeled,
+            test_size=n_valid,
+            stratify=stratify,
+            random_state=int(rng.integers(2**31)),
+        )
+        if len(train_rows) < 2:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves {len(train_rows)} "
+                "training image(s)"
+            )
+        return np.sort(train_rows), np.sort(valid_rows)
+
+    def _loss_function(self, train_codes: np.ndarray):
+        weight = None
+        if self.class_weight is not None:
+            classes = np.arange(len(self.classes_))
+            if isinstance(self.class_weight, dict):
+                unknown = set(self.class_weight) - set(self.classes_.tolist())
+                if unknown:
+                    raise ValueError(
+                        f"class_weight names labels that are not classes: {sorted(unknown, key=str)}"
+                    )
+                by_code = {
+                    int(np.flatnonzero(self.classes_ == label)[0]): value
+                    for label, value in self.class_weight.items()
+                }
+                values = np.array([by_code.get(code, 1.0) for code in classes], dtype=float)
+            else:
+                present = np.unique(train_codes)
+                values = np.ones(len(classes))
+                values[present] = compute_class_weight("balanced", classes=present, y=train_codes)
+            weight = torch.tensor(values, dtype=torch.float32, device=self.device_)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing)
+
+    def _steps_per_epoch(self, n_train: int) -> int:
+        full, rest = divmod(n_train, self.batch_size)
+        return full + (rest > 1)
+
+    def _epoch_batches(self, source, codes, rows, rng, generator):
+        """Shuffled, augmented training batches: (images, label codes) on the device."""
+        order = rng.permutation(rows)
+        if len(order) % self.batch_size == 1:
+            order = order[:-1]  # batch norm cannot train on a batch of one
+        labels = torch.as_tensor(codes[order], device=self.device_)
+        batches = self._input_batches(source, order)
+        for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
+            images = augment(images, self._augmentations, generator)
+            yield images, labels[start : start + self.batch_size]
+
+    def _calibration_batches(self, source, codes, rows):
+        """Network input for batch-norm recalibration: the training images, unaugmented."""
+        return self._input_batches(source, rows)
+
+    def _training_context(self, model):
+        """Context held during training (domain adaptation taps features here)."""
+        return contextlib.nullcontext()
+
+    def _step(self, model, batch, loss_function, progress: float) -> StepResult:
+        images, labels = batch
+        logits = model(images)
+        loss = loss_function(logits.float(), labels)
+        return StepResult(loss, (logits.argmax(1) == labels).sum(), len(labels))
+
+    def _evaluate(self, source, codes, rows) -> tuple[float, float]:
+        """Validation loss (plain cross-entropy) and accuracy."""
+        self.model_.eval()
+        logits = self._collect(
+            source, self._logits_of, len(self.classes_), rows, show_progress=False
+        )
+        targets = torch.as_tensor(codes[rows])
+        loss = F.cross_entropy(torch.from_numpy(logits), targets).item()
+        accuracy = float((logits.argmax(1) == codes[rows]).mean())
+        return loss, accuracy
+
+    # --- prediction -----------------------------------------------------------------------
+
+    def _logits_of(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model_(batch).flatten(1)
+
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        source = self._image_source(X)
+        self.model_.eval()
+        return self._collect(source, self._logits_of, len(self.classes_))
+
+    def decision_function(self, X):
+        """Class scores (logits); for two classes, the score of the second class
+        minus that of the first, as scikit-learn's binary classifiers return.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_classes) or (n_images,)
+        """
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict_proba(self, X):
+        """Class probabilities (softmax of the logits, rows sum to 1).
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_classes), float64
+        """
+        logits = self._logits(X).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        """Predicted class labels (elements of ``classes_``)."""
+        logits = self._logits(X)
+        return self.classes_[logits.argmax(axis=1)]
+
+    def transform(self, X):
+        """The fine-tuned penultimate features (the head's input), to feed another
+        estimator.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_features), float32
+        """
+        check_is_fitted(self)
+        source = self._image_source(X)
+        self.model_.eval()
+        head = self.model_.get_submodule(self.head_name_)
+        width = head.in_features if isinstance(head, nn.Linear) else head.in_channels
+        with LayerTaps(self.model_, [PENULTIMATE], stop_after=PENULTIMATE) as taps:
+            return self._collect(
+                source, lambda batch: pool(taps.run(batch)[PENULTIMATE], "avg"), width
+            )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = False
+        return tags

@@ -1,0 +1,311 @@
+import io
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+
+from skdeep import FineTuneClassifier
+from skdeep._augment import augment
+
+from .conftest import TinyNet, needs_offline_weights, separable_images
+from .estimator_checks import check_image_estimator, run_sklearn_checks
+
+
+def tiny_classifier(net=None, **params):
+    """A fast classifier: TinyNet, 24 px, float32, three epochs."""
+    if net is None:
+        torch.manual_seed(0)
+        net = TinyNet()
+    defaults = dict(
+        backbone=net,
+        image_size=24,
+        max_epochs=3,
+        batch_size=8,
+        lr=0.01,
+        augment=False,
+        precision="float32",
+        random_state=0,
+    )
+    return FineTuneClassifier(**{**defaults, **params})
+
+
+@pytest.fixture
+def data():
+    return separable_images(n_per_class=24, size=24)
+
+
+def test_sklearn_common_checks():
+    run_sklearn_checks(FineTuneClassifier())
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "transform"])
+def test_image_estimator_checks(data, method):
+    X, y = data
+    check_image_estimator(tiny_classifier(max_epochs=1), X, y, method=method)
+
+
+def test_training_learns_an_easy_task(data):
+    X, y = data
+    test_X, test_y = separable_images(n_per_class=20, size=24, seed=1)
+    clf = tiny_classifier().fit(X, y)
+    assert clf.score(test_X, test_y) >= 0.9
+    assert clf.history_[-1]["train_loss"] < clf.history_[0]["train_loss"]
+    untrained = tiny_classifier(lr=1e-12, backbone_lr=1e-12).fit(X, y)
+    assert untrained.score(test_X, test_y) < clf.score(test_X, test_y)
+
+
+def test_resnet18_learns_with_augmentation(data):
+    X, y = data
+    clf = FineTuneClassifier(
+        "resnet18",
+        weights=None,
+        image_size=24,
+        max_epochs=3,
+        batch_size=8,
+        augment="crop",
+        random_state=0,
+    ).fit(X, y)
+    assert clf.score(*separable_images(n_per_class=20, size=24, seed=1)) >= 0.8
+
+
+def test_freeze_backbone_keeps_every_backbone_tensor_bit_identical(data):
+    X, y = data
+    net = TinyNet()
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    clf = tiny_classifier(net, freeze="backbone").fit(X, y)
+    trained = clf.model_.state_dict()
+    for name, tensor in reference.items():
+        if not name.startswith("fc."):
+            assert torch.equal(trained[name].cpu(), tensor), name
+    assert clf.frozen_modules_ == ["features.0", "features.1", "features.3", "features.4"]
+
+
+def test_freeze_first_stages_and_named_modules(data):
+    X, y = data
+    net = TinyNet()
+    clf = tiny_classifier(net, freeze=2).fit(X, y)
+    after = clf.model_.state_dict()
+    before = net.state_dict()
+    assert torch.equal(after["features.0.weight"], before["features.0.weight"])
+    assert torch.equal(after["features.1.running_mean"], before["features.1.running_mean"])
+    assert not torch.equal(after["features.3.weight"], before["features.3.weight"])
+    clf = tiny_classifier(net, freeze=["features.3"]).fit(X, y)
+    assert torch.equal(clf.model_.state_dict()["features.3.weight"], before["features.3.weight"])
+    assert not torch.equal(
+        clf.model_.state_dict()["features.0.weight"], before["features.0.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(freeze=["features.9"]), r"freeze: 'features.9' is not a module .* did you mean"),
+        (dict(freeze=["fc"]), "holds the new classifier head"),
+        (dict(freeze=9), r"freeze=9 but the backbone has 4 stages"),
+        (dict(lr=-1.0), r"'lr' parameter .* range \(0.0, inf\)"),
+        (dict(validation_fraction=1.5), r"'validation_fraction' parameter .* range \(0.0, 1.0\)"),
+        (dict(optimizer="adam"), r"'optimizer' parameter .* Got 'adam'"),
+        (dict(augment="rotate"), r"'augment' parameter"),
+        (
+            dict(class_weight={"up": 2.0}),
+            r"class_weight names labels that are not classes: \['up'\]",
+        ),
+        (dict(max_epochs=0), r"'max_epochs' parameter"),
+    ],
+)
+def test_bad_parameters_are_named(data, params, message):
+    X, y = data
+    with pytest.raises(ValueError, match=message):
+        tiny_classifier(**params).fit(X, y)
+
+
+def test_bad_labels(data):
+    X, y = data
+    with pytest.raises(ValueError, match="y has 47 labels but X has 48 images"):
+        tiny_classifier().fit(X, y[:-1])
+    with pytest.raises(ValueError, match="single class"):
+        tiny_classifier().fit(X, np.full(len(X), "a"))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        tiny_classifier().fit(X, np.linspace(0, 1, len(X)))
+    with pytest.raises(ValueError, match="X is empty"):
+        tiny_classifier().fit(np.zeros((0, 8, 8)), [])
+
+
+def test_labels_of_any_kind_come_back(data):
+    X, y = data
+    numeric = np.where(y == "horizontal", 7, 42)
+    clf = tiny_classifier().fit(X, numeric)
+    assert clf.classes_.tolist() == [7, 42]
+    assert set(clf.predict(X)) <= {7, 42}
+    assert clf.score(X, numeric) > 0.9
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    assert clf.decision_function(X).shape == (48,)
+    np.testing.assert_array_equal(
+        clf.classes_[(clf.decision_function(X) > 0).astype(int)], clf.predict(X)
+    )
+
+
+def test_multiclass_scores(data):
+    X, _ = data
+    y = np.array(["a", "b", "c"] * 16)
+    clf = tiny_classifier(max_epochs=1).fit(X, y)
+    assert clf.decision_function(X).shape == (48, 3)
+    assert clf.predict_proba(X).shape == (48, 3)
+    np.testing.assert_array_equal(clf.predict(X), clf.classes_[clf.predict_proba(X).argmax(1)])
+
+
+def test_same_seed_same_model_and_refit_starts_from_the_pretrained_weights(data):
+    X, y = data
+    clf = tiny_classifier(augment="crop+flip")
+    first = clf.fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(clf.fit(X, y).predict_proba(X), first)
+    np.testing.assert_array_equal(clone(clf).fit(X, y).predict_proba(X), first)
+    other_seed = tiny_classifier(augment="crop+flip", random_state=1).fit(X, y)
+    assert not np.array_equal(other_seed.predict_proba(X), first)
+
+
+def test_warm_start_continues_training(data):
+    X, y = data
+    clf = tiny_classifier(warm_start=True, max_epochs=1).fit(X, y)
+    weights = clf.model_.fc.weight.detach().clone()
+    clf.fit(X, y)
+    assert len(clf.history_) == 2
+    assert not torch.equal(clf.model_.fc.weight, weights)
+    with pytest.raises(ValueError, match="warm_start=True needs the classes"):
+        clf.fit(X, np.where(y == "horizontal", "up", "down"))
+
+
+def test_users_module_is_never_changed(data):
+    X, y = data
+    net = TinyNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tiny_classifier(net).fit(X, y)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert net.fc.out_features == 10
+
+
+def test_early_stopping_keeps_the_best_epoch(data):
+    X, y = data
+    clf = tiny_classifier(early_stopping=True, max_epochs=8, n_iter_no_change=2).fit(X, y)
+    losses = [record["valid_loss"] for record in clf.history_]
+    assert all("valid_accuracy" in record for record in clf.history_)
+    assert clf.best_epoch_ == int(np.argmin(losses)) + 1
+    stalled = tiny_classifier(
+        early_stopping=True, max_epochs=20, n_iter_no_change=2, lr=1e-12, freeze="backbone"
+    ).fit(X, y)
+    assert stalled.n_epochs_ == 3 and stalled.best_epoch_ == 1
+
+
+def test_class_weights(data):
+    X, y = data
+    X, y = X[:30], y[:30]
+    for class_weight in ["balanced", {"horizontal": 1.0, "vertical": 3.0}]:
+        clf = tiny_classifier(class_weight=class_weight, max_epochs=1).fit(X, y)
+        assert clf.predict(X).shape == (30,)
+
+
+def test_keyboard_interrupt_leaves_a_usable_estimator(data):
+    X, y = data
+
+    class Interrupting(TinyNet):
+        calls = 0
+
+        def forward(self, x):
+            if self.training:
+                Interrupting.calls += 1
+                if Interrupting.calls == 8:  # second epoch, second batch
+                    raise KeyboardInterrupt
+            return super().forward(x)
+
+    with pytest.warns(RuntimeWarning, match="training interrupted after 1 complete epoch"):
+        clf = tiny_classifier(Interrupting(), max_epochs=5).fit(X, y)
+    assert clf.n_epochs_ == 1
+    assert clf.predict(X).shape == (48,)
+
+
+def test_transform_gives_fine_tuned_features_for_another_estimator(data):
+    X, y = data
+    clf = tiny_classifier().fit(X, y)
+    features = clf.transform(X)
+    assert features.shape == (48, 16) and features.dtype == np.float32
+    assert LogisticRegression().fit(features, y).score(features, y) > 0.9
+
+
+def test_pipeline_cross_validation_and_grid_search(data):
+    X, y = data
+    scores = cross_val_score(tiny_classifier(max_epochs=2), X, y, cv=2)
+    assert scores.shape == (2,) and scores.mean() > 0.7
+    search = GridSearchCV(
+        make_pipeline(tiny_classifier(max_epochs=1)),
+        {"finetuneclassifier__lr": [0.01, 1e-6], "finetuneclassifier__freeze": [None, "backbone"]},
+        cv=2,
+    ).fit(X, y)
+    assert search.best_params_["finetuneclassifier__lr"] == 0.01
+    assert search.predict(X).shape == (48,)
+
+
+def test_dump_made_for_a_missing_gpu_loads_on_the_cpu(data):
+    X, y = data
+    clf = tiny_classifier(max_epochs=1, device="cpu").fit(X, y)
+    expected = clf.predict_proba(X)
+    state = clf.__getstate__()
+    state["device"] = "cuda:7"  # as if fitted on a GPU machine
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the GPU")
+    restored = FineTuneClassifier.__new__(FineTuneClassifier)
+    with pytest.warns(RuntimeWarning, match="Loaded on the CPU instead"):
+        restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert restored.device_ == torch.device("cpu")
+    np.testing.assert_array_equal(restored.predict_proba(X), expected)
+
+
+def test_joblib_round_trip(data, tmp_path):
+    X, y = data
+    clf = tiny_classifier(max_epochs=1).fit(X, y)
+    joblib.dump(clf, tmp_path / "clf.joblib")
+    restored = joblib.load(tmp_path / "clf.joblib")
+    np.testing.assert_array_equal(restored.predict(X), clf.predict(X))
+    buffer = io.BytesIO()
+    joblib.dump(clf, buffer)
+    assert buffer.tell() < 100_000  # TinyNet: the fitted state stays small
+
+
+def test_verbose_shows_progress_and_history(data, capsys):
+    X, y = data
+    tiny_classifier(max_epochs=1, verbose=True).fit(X, y)
+    captured = capsys.readouterr()
+    assert "FineTuneClassifier epoch 1/1: 100% 48/48" in captured.err
+    assert "train_loss" in captured.out
+
+
+def test_reduced_precision_trains(data):
+    X, y = data
+    clf = tiny_classifier(precision="bfloat16").fit(X, y)
+    assert clf.score(X, y) > 0.9
+
+
+def test_augmentation_is_batched_and_seeded():
+    images = torch.rand(6, 3, 8, 8)
+    flipped = augment(images, ("flip",), torch.Generator().manual_seed(0))
+    for original, out in zip(images, flipped, strict=True):
+        assert torch.equal(out, original) or torch.equal(out, original.flip(-1))
+    cropped = augment(images, ("crop", "flip"), torch.Generator().manual_seed(0))
+    again = augment(images, ("crop", "flip"), torch.Generator().manual_seed(0))
+    assert cropped.shape == images.shape and torch.equal(cropped, again)
+    assert not torch.allclose(cropped, images)
+    assert augment(images, (), torch.Generator()) is images
+
+
+@needs_offline_weights
+def test_pretrained_mobilenet_fine_tunes(data):
+    X, y = data
+    clf = FineTuneClassifier(image_size=32, max_epochs=3, batch_size=16, random_state=0)
+    assert clf.fit(X, y).score(*separable_images(n_per_class=20, size=24, seed=1)) >= 0.8

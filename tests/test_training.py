@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from skdeep._training import (
+    StepResult,
+    Trainer,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_batch_norm,
+)
+
+CPU = torch.device("cpu")
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_discriminative_learning_rates_and_no_decay_on_1d_parameters():
+    model = small_model()
+    optimizer = make_optimizer("sgd", model, model[3], lr=0.1, backbone_lr=0.01, weight_decay=0.5)
+    by_id = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    assert by_id[id(model[3].weight)]["lr"] == 0.1
+    assert by_id[id(model[0].weight)]["lr"] == 0.01
+    assert by_id[id(model[0].weight)]["weight_decay"] == 0.5
+    assert by_id[id(model[0].bias)]["weight_decay"] == 0.0
+    assert by_id[id(model[1].weight)]["weight_decay"] == 0.0
+    model[0].requires_grad_(False)
+    optimizer = make_optimizer("adamw", model, model[3], 0.1, 0.01, 0.0)
+    assert id(model[0].weight) not in {id(p) for g in optimizer.param_groups for p in g["params"]}
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter to train"):
+        make_optimizer("adamw", model, model[3], 0.1, 0.01, 0.0)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = make_scheduler(optimizer, "cosine", total_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.2)  # 5 warm-up steps
+    assert rates[4] == pytest.approx(1.0)
+    assert rates[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 95)))
+    assert rates[-1] < 0.01 and all(a >= b for a, b in zip(rates[4:], rates[5:], strict=False))
+    assert make_scheduler(optimizer, None, 100) is None
+
+
+def regression_batches(epoch):
+    generator = torch.Generator().manual_seed(epoch)
+    for _ in range(4):
+        x = torch.randn(16, 4, generator=generator)
+        yield x, (x[:, 0] > 0).long()
+
+
+def make_trainer(model, **kwargs):
+    optimizer = make_optimizer("adamw", model, model[3], 0.05, 0.05, 0.0)
+    defaults = dict(device=CPU, dtype=torch.float32, max_epochs=5, steps_per_epoch=4)
+    return Trainer(model, optimizer, None, **{**defaults, **kwargs})
+
+
+def step(model):
+    def run(batch, progress):
+        x, y = batch
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        return StepResult(loss, (logits.argmax(1) == y).sum(), len(y))
+
+    return run
+
+
+def test_trainer_records_history_and_learns():
+    model = small_model()
+    result = make_trainer(model).fit(regression_batches, 64, step(model))
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert {"train_loss", "train_accuracy", "lr", "seconds"} <= set(result.history[0])
+    assert not model.training
+
+
+def test_early_stopping_restores_the_best_weights():
+    model = small_model()
+    losses = iter([0.5, 0.4, 0.45, 0.46, 0.47, 0.3])
+    snapshots = {}
+
+    def validate():
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return next(losses), 0.0
+
+    trainer = make_trainer(model, max_epochs=6, early_stopping=True, n_iter_no_change=3)
+    result = trainer.fit(regression_batches, 64, step(model), validate)
+    assert len(result.history) == 5 and result.best_epoch == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[2][key])
+
+
+def test_interrupt_keeps_the_best_weights_so_far():
+    model = small_model()
+
+    def batches(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        yield from regression_batches(epoch)
+
+    with pytest.warns(RuntimeWarning, match="interrupted after 2 complete epoch"):
+        result = make_trainer(model).fit(batches, 64, step(model))
+    assert result.interrupted and result.best_epoch == 2
+
+
+def test_non_finite_loss_is_an_error():
+    model = small_model()
+
+    def bad_step(batch, progress):
+        out = step(model)(batch, progress)
+        return StepResult(out.loss * float("nan"), out.n_correct, out.n_labeled)
+
+    with pytest.raises(FloatingPointError, match="training loss became nan"):
+        make_trainer(model).fit(regression_batches, 64, bad_step)
+
+
+def test_batch_norm_recalibration_uses_exact_statistics():
+    model = small_model()
+    data = torch.randn(64, 4) * 3 + 1
+    recalibrate_batch_norm(model, [], [data[:32], data[32:], data[:1]], CPU, torch.float32)
+    hidden = model[0](data)
+    torch.testing.assert_close(model[1].running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training
+    frozen_model = small_model()
+    before = frozen_model[1].running_mean.clone()
+    recalibrate_batch_norm(frozen_model, [frozen_model[1]], [data], CPU, torch.float32)
+    assert torch.equal(frozen_model[1].running_mean, before)
