@@ -28,11 +28,13 @@ WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
 
 @dataclass
 class StepResult:
-    """What one training step reports: the loss to minimise and accuracy counts."""
+    """What one training step reports: the loss to minimise, accuracy counts, and
+    extra scalars (averaged over the epoch's steps into the history)."""
 
     loss: torch.Tensor
     n_correct: torch.Tensor
     n_labeled: int
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,7 +167,7 @@ class Trainer:
                     module.eval()
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), device=self.device)
-                seen = 0
+                seen, steps, metric_sums = 0, 0, {}
                 description = f"{self.name} epoch {epoch}/{self.max_epochs}"
                 with Progress(n_samples, description, enabled=bool(self.verbose)) as progress:
                     for batch in epoch_batches(epoch):
@@ -181,6 +183,9 @@ class Trainer:
                         loss_sum += out.loss.detach().float() * out.n_labeled
                         correct += out.n_correct
                         seen += out.n_labeled
+                        steps += 1
+                        for key, value in out.metrics.items():
+                            metric_sums[key] = metric_sums.get(key, 0.0) + value.detach().float()
                         postfix = f"loss {loss_sum.item() / seen:.4f}" if self.verbose else None
                         progress.update(out.n_labeled, postfix)
                 if not math.isfinite(loss_sum.item()):
@@ -193,6 +198,8 @@ class Trainer:
                     "train_loss": loss_sum.item() / max(seen, 1),
                     "train_accuracy": correct.item() / max(seen, 1),
                 }
+                for key, total in metric_sums.items():
+                    record[key] = float(total) / steps
                 if validate is not None:
                     record["valid_loss"], record["valid_accuracy"] = validate()
                 record["lr"] = self.optimizer.param_groups[0]["lr"]

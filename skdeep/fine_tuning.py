@@ -322,7 +322,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             )
             loss = self._loss_function(codes[train_rows])
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            with self._training_context(model):
+            with self._training_context(model, rng):
                 result = trainer.fit(
                     epoch_batches=lambda epoch: self._epoch_batches(
                         source, codes, train_rows, rng, generator
@@ -423,7 +423,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                 unknown = set(self.class_weight) - set(self.classes_.tolist())
                 if unknown:
                     raise ValueError(
-                        f"class_weight names labels that are not classes: {sorted(unknown, key=str)}"
+                        "class_weight names labels that are not classes: "
+                        f"{sorted(unknown, key=str)}"
                     )
                 by_code = {
                     int(np.flatnonzero(self.classes_ == label)[0]): value
@@ -456,7 +457,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """Network input for batch-norm recalibration: the training images, unaugmented."""
         return self._input_batches(source, rows)
 
-    def _training_context(self, model):
+    def _training_context(self, model, rng: np.random.Generator):
         """Context held during training (domain adaptation taps features here)."""
         return contextlib.nullcontext()
 

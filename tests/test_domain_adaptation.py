@@ -1,0 +1,213 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+
+from skdeep import DomainAdaptedClassifier, FineTuneClassifier
+from skdeep.losses import mmd
+
+from .conftest import TinyNet, separable_images
+from .estimator_checks import check_image_estimator, run_sklearn_checks
+
+
+def tiny_settings(**params):
+    torch.manual_seed(0)
+    defaults = dict(
+        backbone=TinyNet(),
+        image_size=24,
+        max_epochs=3,
+        batch_size=8,
+        lr=0.01,
+        augment=False,
+        precision="float32",
+        random_state=0,
+    )
+    return {**defaults, **params}
+
+
+def tiny_adapter(**params):
+    return DomainAdaptedClassifier(**tiny_settings(**params))
+
+
+@pytest.fixture
+def domains():
+    """Labeled source images, and target images of the same classes in negative."""
+    X_source, y_source = separable_images(n_per_class=16, size=24)
+    X_target, y_target = separable_images(n_per_class=16, size=24, seed=3)
+    return X_source, y_source, 255 - X_target, y_target
+
+
+def row_aligned(X_source, y_source, X_target):
+    X = np.concatenate([X_source, X_target])
+    y = np.concatenate([y_source, np.full(len(X_target), None)]).astype(object)
+    y[len(X_source) :] = -1
+    return X, y
+
+
+def test_sklearn_common_checks():
+    run_sklearn_checks(DomainAdaptedClassifier())
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba"])
+def test_image_estimator_checks(domains, method):
+    X, y = row_aligned(*domains[:3])
+    check_image_estimator(tiny_adapter(max_epochs=1), X, y, method=method)
+
+
+def test_zero_mmd_weight_trains_exactly_like_fine_tuning(domains):
+    X_source, y_source, X_target, _ = domains
+    plain = FineTuneClassifier(**tiny_settings(augment="crop+flip")).fit(X_source, y_source)
+    X, y = row_aligned(X_source, y_source, X_target)
+    adapter = tiny_adapter(augment="crop+flip", mmd_weight=0.0).fit(X, y)
+    np.testing.assert_array_equal(adapter.predict_proba(X), plain.predict_proba(X))
+    assert [r["train_loss"] for r in adapter.history_] == [r["train_loss"] for r in plain.history_]
+
+
+def test_the_penalty_brings_the_domains_together(domains):
+    X_source, y_source, X_target, _ = domains
+
+    def feature_mmd(weight):
+        clf = tiny_adapter(mmd_weight=weight, mmd_schedule="constant", max_epochs=4)
+        clf.fit(X_source, y_source, X_target=X_target)
+        features = [torch.from_numpy(clf.transform(X)).double() for X in (X_source, X_target)]
+        return mmd(*features).item(), clf
+
+    source_only, _ = feature_mmd(0.0)
+    adapted, clf = feature_mmd(5.0)
+    assert adapted < 0.7 * source_only
+    assert clf.history_[-1]["mmd"] < clf.history_[0]["mmd"]
+
+
+def test_target_labels_are_never_used_for_training(domains):
+    X_source, y_source, X_target, y_target = domains
+    X = np.concatenate([X_source, X_target])
+    labeled = np.concatenate([y_source, y_target])
+    domain = np.r_[np.zeros(len(X_source), int), -np.ones(len(X_target), int)]
+    with_labels = tiny_adapter().fit(X, labeled, sample_domain=domain)
+    X_rows, unlabeled = row_aligned(X_source, y_source, X_target)
+    without = tiny_adapter().fit(X_rows, unlabeled)
+    np.testing.assert_array_equal(with_labels.predict_proba(X), without.predict_proba(X))
+
+
+def test_score_ignores_unlabeled_rows(domains):
+    X_source, y_source, X_target, _ = domains
+    X, y = row_aligned(X_source, y_source, X_target)
+    clf = tiny_adapter().fit(X, y)
+    assert clf.score(X, y) == clf.score(X_source, y_source)
+    numeric = np.where(y_source == "horizontal", 3, 5)
+    numeric_rows = np.r_[numeric, -np.ones(len(X_target), int)]
+    clf = tiny_adapter().fit(X, numeric_rows)
+    assert clf.classes_.tolist() == [3, 5]
+    assert clf.score(X, numeric_rows) == clf.score(X_source, numeric)
+    with pytest.raises(ValueError, match="every row of y is -1"):
+        clf.score(X_target, -np.ones(len(X_target), int))
+
+
+def test_labels_and_unlabeled_markers(domains):
+    X_source, y_source, X_target, _ = domains
+    X = np.concatenate([X_source, X_target])
+    y = np.concatenate([y_source, np.full(len(X_target), None)]).astype(object)  # None marks
+    clf = tiny_adapter(max_epochs=1).fit(X, y)
+    assert clf.classes_.tolist() == ["horizontal", "vertical"]
+    assert set(clf.predict(X_target)) <= {"horizontal", "vertical"}
+
+
+def test_source_and_target_of_different_sizes(domains):
+    X_source, y_source, X_target, _ = domains
+    small_target = X_target[:, ::2, ::2]  # 12 x 12
+    clf = tiny_adapter(max_epochs=1).fit(X_source, y_source, X_target=small_target)
+    assert clf.predict(small_target).shape == (32,)
+    ragged = list(X_source) + list(small_target)
+    y = np.r_[np.where(y_source == "horizontal", 0, 1), -np.ones(32, int)]
+    assert tiny_adapter(max_epochs=1).fit(ragged, y).predict(ragged).shape == (64,)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(mmd_kernel="linear", adapt_layers="penultimate"),
+        dict(mmd_estimator="linear_time", mmd_bandwidths="median"),
+        dict(mmd_bandwidths=[1.0, 4.0], adapt_layers=["features.3", "logits"]),
+    ],
+)
+def test_kernel_and_layer_options(domains, options):
+    X_source, y_source, X_target, _ = domains
+    clf = tiny_adapter(max_epochs=1, **options).fit(X_source, y_source, X_target=X_target)
+    assert np.isfinite(clf.history_[0]["mmd"])
+
+
+@pytest.mark.parametrize("labels", ["strings", "integers"])
+def test_grid_search_over_mmd_weight_keeps_target_rows_in_every_fold(domains, labels):
+    X_source, y_source, X_target, _ = domains
+    X = np.concatenate([X_source, X_target])
+    if labels == "strings":  # scikit-learn's splitters need one type: "-1" marks targets
+        y = np.r_[y_source, np.full(len(X_target), "-1")]
+    else:
+        y = np.r_[np.where(y_source == "horizontal", 0, 1), -np.ones(len(X_target), int)]
+    search = GridSearchCV(
+        make_pipeline(tiny_adapter(max_epochs=1)),
+        {"domainadaptedclassifier__mmd_weight": [0.0, 1.0]},
+        cv=2,
+    ).fit(X, y)
+    assert len(search.cv_results_["params"]) == 2
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+@pytest.mark.parametrize(
+    "fit_args, message",
+    [
+        (lambda Xs, ys, Xt: (Xs, ys), "needs at least two target images"),
+        (lambda Xs, ys, Xt: (Xt, -np.ones(len(Xt), int), None, Xs), "no labeled source rows"),
+        (
+            lambda Xs, ys, Xt: (*row_aligned(Xs, ys, Xt), np.zeros(5, int)),
+            "sample_domain has 5 entries but X has 64 images",
+        ),
+        (
+            lambda Xs, ys, Xt: (Xs, ys, np.zeros(len(Xs), int), Xt),
+            "either sample_domain .* or X_target, not both",
+        ),
+        (
+            lambda Xs, ys, Xt: (*row_aligned(Xs, ys, Xt), np.zeros(64, int)),
+            r"source rows \(sample_domain >= 0\) must be labeled",
+        ),
+    ],
+)
+def test_bad_domain_inputs(domains, fit_args, message):
+    X_source, y_source, X_target, _ = domains
+    with pytest.raises(ValueError, match=message):
+        tiny_adapter(max_epochs=1).fit(*fit_args(X_source, y_source, X_target))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(adapt_layers=["features.9"]), r"adapt_layers: 'features.9' is not a module"),
+        (dict(adapt_layers=[]), "distinct layer names"),
+        (dict(mmd_weight=-1.0), r"'mmd_weight' parameter"),
+        (dict(mmd_kernel="rbf"), r"'mmd_kernel' parameter"),
+        (dict(mmd_schedule="linear"), r"'mmd_schedule' parameter"),
+    ],
+)
+def test_bad_parameters_are_named(domains, params, message):
+    X_source, y_source, X_target, _ = domains
+    with pytest.raises(ValueError, match=message):
+        tiny_adapter(**params).fit(X_source, y_source, X_target=X_target)
+
+
+def test_ramp_schedule():
+    clf = DomainAdaptedClassifier()
+    assert clf._schedule(0.0) == 0.0
+    assert clf._schedule(1.0) == pytest.approx(2 / (1 + np.exp(-10)) - 1)
+    assert 0.9 < clf._schedule(0.5) < clf._schedule(1.0)
+    assert DomainAdaptedClassifier(mmd_schedule="constant")._schedule(0.0) == 1.0
+
+
+def test_fitted_estimator_keeps_no_reference_to_the_data(domains):
+    X_source, y_source, X_target, _ = domains
+    clf = tiny_adapter(max_epochs=1).fit(X_source, y_source, X_target=X_target)
+    assert not any(
+        isinstance(value, np.ndarray) and np.shares_memory(value, X_target)
+        for value in vars(clf).values()
+    )
+    assert not hasattr(clf, "_target") and not hasattr(clf, "_target_stream")

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import torch
+
+from skdeep.losses import BANDWIDTH_MULTIPLIERS, linear_time_mmd, mmd
+
+
+def numpy_kernel(a, b, kernel, sigmas):
+    if kernel == "linear":
+        return float(a @ b)
+    squared = float(((a - b) ** 2).sum())
+    return sum(np.exp(-squared / (2 * s**2)) for s in sigmas)
+
+
+def numpy_mmd(x, y, kernel="gaussian", sigmas=(1.0,), unbiased=True):
+    """The textbook formula, one kernel evaluation at a time."""
+    m, n = len(x), len(y)
+
+    def mean_within(z):
+        size = len(z)
+        total = sum(
+            numpy_kernel(z[i], z[j], kernel, sigmas)
+            for i in range(size)
+            for j in range(size)
+            if i != j or not unbiased
+        )
+        return total / (size * (size - 1) if unbiased else size * size)
+
+    between = sum(numpy_kernel(a, b, kernel, sigmas) for a in x for b in y) / (m * n)
+    return mean_within(x) + mean_within(y) - 2 * between
+
+
+def numpy_median_sigmas(x, y):
+    z = np.concatenate([x, y])
+    squared = ((z[:, None] - z[None]) ** 2).sum(-1)
+    # torch.median returns the lower middle value
+    positive = np.sort(squared[squared > 0])
+    median = positive[(len(positive) - 1) // 2]
+    return [np.sqrt(median) * m for m in BANDWIDTH_MULTIPLIERS]
+
+
+@pytest.fixture
+def samples():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(7, 3)), rng.normal(0.5, 1.2, size=(9, 3))
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize(
+    "kernel, bandwidths", [("gaussian", 1.3), ("gaussian", [0.5, 2.0]), ("linear", None)]
+)
+def test_mmd_matches_the_numpy_reference(samples, kernel, bandwidths, unbiased):
+    x, y = samples
+    sigmas = np.atleast_1d(bandwidths) if bandwidths is not None else ()
+    expected = numpy_mmd(x, y, kernel, sigmas, unbiased)
+    actual = mmd(torch.from_numpy(x), torch.from_numpy(y), kernel, bandwidths, unbiased)
+    assert actual.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_default_bandwidths_are_dans_multi_kernel_around_the_median(samples):
+    x, y = samples
+    expected = numpy_mmd(x, y, "gaussian", numpy_median_sigmas(x, y))
+    assert mmd(torch.from_numpy(x), torch.from_numpy(y)).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_linear_time_mmd_matches_the_numpy_reference(samples):
+    x, y = samples
+    half = 3
+    sigmas = [0.7, 1.5]
+    terms = [
+        numpy_kernel(x[2 * i], x[2 * i + 1], "gaussian", sigmas)
+        + numpy_kernel(y[2 * i], y[2 * i + 1], "gaussian", sigmas)
+        - numpy_kernel(x[2 * i], y[2 * i + 1], "gaussian", sigmas)
+        - numpy_kernel(x[2 * i + 1], y[2 * i], "gaussian", sigmas)
+        for i in range(half)
+    ]
+    actual = linear_time_mmd(torch.from_numpy(x), torch.from_numpy(y), "gaussian", sigmas)
+    assert actual.item() == pytest.approx(np.mean(terms), abs=1e-5)
+
+
+@pytest.mark.parametrize("estimator, n", [(mmd, 400), (linear_time_mmd, 20000)])
+def test_near_zero_for_one_distribution_and_growing_with_a_mean_shift(estimator, n):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+    same = estimator(x, y).item()
+    shifts = [estimator(x, y + shift).item() for shift in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.02
+    assert same < shifts[0] < shifts[1] < shifts[2]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_symmetric(samples, kernel):
+    x, y = (torch.from_numpy(a) for a in samples)
+    assert mmd(x, y, kernel).item() == pytest.approx(mmd(y, x, kernel).item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("kernel, bandwidths", [("gaussian", [0.8, 1.6]), ("linear", None)])
+@pytest.mark.parametrize("estimator", [mmd, linear_time_mmd])
+def test_gradients_are_correct(estimator, kernel, bandwidths):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: estimator(a, b, kernel=kernel, bandwidths=bandwidths), (x, y)
+    )
+
+
+def test_a_gradient_step_pulls_the_samples_together():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=generator, dtype=torch.float64)
+    y = (torch.randn(32, 4, generator=generator, dtype=torch.float64) + 1).requires_grad_()
+    before = mmd(x, y, bandwidths=1.0)
+    before.backward()
+    direction = y.grad / y.grad.norm()
+    with torch.no_grad():
+        closer = mmd(x, y - direction, bandwidths=1.0)
+        farther = mmd(x, y + direction, bandwidths=1.0)
+    assert closer < before < farther
+
+
+def test_bad_inputs():
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="same number of features"):
+        mmd(x, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        mmd(x, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        mmd(x, x, kernel="rbf")
+    with pytest.raises(ValueError, match="bandwidths must be positive"):
+        mmd(x, x, bandwidths=[1.0, -1.0])
+    with pytest.raises(ValueError, match="'median'"):
+        mmd(x, x, bandwidths="mean")
