@@ -149,7 +149,6 @@ def speed_table(device, image_size: int, epochs: int) -> None:
             max_epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            backbone_lr=lr,
             scheduler=None,
             augment=False,
             weight_decay=0.01,  # AdamW's default, as skorch uses it

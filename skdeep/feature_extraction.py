@@ -256,7 +256,9 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
     def fit_transform(self, X, y=None):
         """Fit, then transform ``X`` (validated once)."""
-        return self.fit(X).transform(X)
+        self._validate_params()
+        source = self._image_source(X)
+        return self.fit(source).transform(source)
 
     def _extract(self, source, indices, out: np.ndarray) -> None:
         """Write the features of the images at ``indices`` (all: None) into ``out``."""

@@ -95,7 +95,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     lr : float, default=1e-3
         Learning rate of the new head.
     backbone_lr : float or None, default=None
-        Learning rate of the pretrained layers; None means ``lr / 10``.
+        Learning rate of the pretrained layers (discriminative learning rates);
+        None means ``lr``. A smaller value, such as ``lr / 10``, keeps the features
+        closer to the pretrained ones, which can help when the images resemble
+        ImageNet; for other domains (digits, say) the full rate trains better.
     optimizer : {"adamw", "sgd"}, default="adamw"
         AdamW, or SGD with Nesterov momentum 0.9.
     weight_decay : float, default=1e-4
@@ -298,7 +301,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             model = self.model_
             frozen = self._freeze(model)
             head = model.get_submodule(self.head_name_)
-            backbone_lr = self.lr / 10 if self.backbone_lr is None else self.backbone_lr
+            backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
             optimizer = make_optimizer(
                 self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay
             )

@@ -1,0 +1,67 @@
+"""Fine-tune an ImageNet ResNet-18 on CIFAR-10, or on MNIST when offline.
+
+Run:  .venv/bin/python examples/fine_tune.py [--n-train 10000] [--epochs 3]
+
+Online, CIFAR-10 and the ResNet-18 weights come through torchvision's downloaders (a
+random subset keeps a CPU run short; a GPU is picked up automatically). Offline, the
+script says so and fine-tunes the offline MobileNet-V2 weights on MNIST 5k instead.
+Either way it prints the training history and the test accuracy.
+"""
+
+import argparse
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from skdeep import FineTuneClassifier, WeightsUnavailableError
+from skdeep.backbones import load_backbone
+from skdeep.datasets import DatasetUnavailableError, load_cifar10, load_mnist_5k
+
+
+def cifar10(n_train: int, n_test: int):
+    """A random subset of CIFAR-10 and the ResNet-18 settings, or None when offline."""
+    try:
+        X_train, y_train = load_cifar10(train=True)
+        X_test, y_test = load_cifar10(train=False)
+        load_backbone("resnet18", "IMAGENET1K_V1")  # fails early when the weights can't come
+    except (DatasetUnavailableError, WeightsUnavailableError) as exc:
+        print(f"Offline ({type(exc).__name__}): fine-tuning on MNIST 5k instead.\n")
+        return None
+    rng = np.random.default_rng(0)
+    train = rng.choice(len(X_train), min(n_train, len(X_train)), replace=False)
+    test = rng.choice(len(X_test), min(n_test, len(X_test)), replace=False)
+    settings = dict(backbone="resnet18", image_size=64, augment=True)
+    return "CIFAR-10", settings, X_train[train], X_test[test], y_train[train], y_test[test]
+
+
+def mnist():
+    images, labels = load_mnist_5k()
+    split = train_test_split(images, labels, test_size=1000, stratify=labels, random_state=0)
+    # Digits must not be mirrored: random crops only.
+    return "MNIST 5k", dict(backbone="mobilenet_v2", image_size=48, augment="crop"), *split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-train", type=int, default=10_000)
+    parser.add_argument("--n-test", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    name, settings, X_train, X_test, y_train, y_test = cifar10(args.n_train, args.n_test) or mnist()
+    clf = FineTuneClassifier(**settings, max_epochs=args.epochs, random_state=0, verbose=True)
+    print(f"{name}: fine-tuning {settings['backbone']} on {len(X_train)} images")
+    clf.fit(X_train, y_train)
+
+    print("\n| epoch | train loss | train accuracy | learning rate | seconds |")
+    print("|-------|------------|----------------|---------------|---------|")
+    for record in clf.history_:
+        print(
+            f"| {record['epoch']:5d} | {record['train_loss']:10.4f} | "
+            f"{record['train_accuracy']:14.3f} | {record['lr']:13.2e} | {record['seconds']:7.1f} |"
+        )
+    print(f"\n{name} test accuracy: {clf.score(X_test, y_test):.3f} ({len(X_test)} images)")
+
+
+if __name__ == "__main__":
+    main()
