@@ -73,7 +73,7 @@ def accuracy_table(device, image_size: int, epochs: int) -> float:
     )
     run(
         'FineTuneClassifier(freeze="backbone")',
-        FineTuneClassifier(freeze="backbone", lr=3e-3, **settings),
+        FineTuneClassifier(freeze="backbone", lr=1e-2, **settings),
         X_train,
         X_test,
     )
@@ -202,12 +202,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one epoch, for a smoke run")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    epochs = 1 if args.quick else 3
-    accuracy_table(device, args.image_size, epochs)
-    speed_table(device, args.image_size, epochs)
+    accuracy_table(device, args.image_size, epochs=1 if args.quick else 3)
+    speed_table(device, args.image_size, epochs=1 if args.quick else 2)
 
 
 if __name__ == "__main__":
