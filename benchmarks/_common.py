@@ -74,7 +74,9 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
 
 def _format(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
     return str(value)
 
 

@@ -56,7 +56,10 @@ class BackboneMixin:
 
     def _resolve_hardware(self) -> None:
         self.device_ = resolve_device(self.device)
-        self.precision_ = resolve_precision(self.precision, self.device_)
+        self.precision_ = self._resolve_precision(self.precision)
+
+    def _resolve_precision(self, precision: str) -> torch.dtype:
+        return resolve_precision(precision, self.device_)
 
     def _torch_seed(self) -> int | None:
         """An int seed for torch from ``random_state`` (None stays None)."""
@@ -89,13 +92,12 @@ class BackboneMixin:
         forward,
         width: int,
         indices=None,
-        out: np.ndarray | None = None,
         show_progress: bool = True,
     ) -> np.ndarray:
         """Run ``forward`` (network-ready batch -> rows) over the images at ``indices``
         (all: None) in inference mode and gather the rows in a float32 array."""
         n = len(source) if indices is None else len(indices)
-        out = np.empty((n, width), dtype=np.float32) if out is None else out
+        out = np.empty((n, width), dtype=np.float32)
         start = 0
         enabled = bool(self.verbose) and show_progress
         progress = Progress(n, type(self).__name__, enabled=enabled)
@@ -142,9 +144,9 @@ class BackboneMixin:
             warnings.warn(f"{exc}. Loaded on the CPU instead.", RuntimeWarning, stacklevel=2)
             self.device_ = torch.device("cpu")
         try:
-            self.precision_ = resolve_precision(self.precision, self.device_)
+            self.precision_ = self._resolve_precision(self.precision)
         except ValueError:  # float16 asked for, but now on the CPU
-            self.precision_ = resolve_precision("auto", self.device_)
+            self.precision_ = self._resolve_precision("auto")
         model = self.model_ if self.model_ is not None else self._rebuild_model()
         self.model_ = model.to(self.device_)
 

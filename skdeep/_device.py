@@ -8,6 +8,10 @@ import re
 import torch
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# Below this input size, training in bfloat16 on a CPU is slower than in float32: on a
+# Xeon with AMX, a MobileNet-V2 step at 64 px took 1.3x longer (the bfloat16 backward of
+# depthwise convolutions), while at 224 px it was 1.7x faster. Inference gains at any size.
+MIN_BFLOAT16_TRAINING_SIZE = 128
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -47,18 +51,23 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+def resolve_precision(
+    precision: str, device: torch.device, training_size: int | None = None
+) -> torch.dtype:
     """Turn the ``precision`` parameter into the dtype the network computes in.
 
     ``"auto"`` means reduced precision where the hardware computes it natively:
     float16 on CUDA, bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere.
+    For training (``training_size``: the input size in pixels) on a CPU, bfloat16 is
+    chosen only from :data:`MIN_BFLOAT16_TRAINING_SIZE` pixels up, where it is faster.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        if device.type == "cpu" and cpu_has_native_bfloat16():
+        small = training_size is not None and training_size < MIN_BFLOAT16_TRAINING_SIZE
+        if device.type == "cpu" and cpu_has_native_bfloat16() and not small:
             return torch.bfloat16
         return torch.float32
     if precision == "float16" and device.type == "cpu":

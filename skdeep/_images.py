@@ -80,7 +80,9 @@ class ArraySource(ImageSource):
             else:
                 chunk = self.images[np.asarray(indices[start : start + batch_size])]
             if chunk.dtype.kind in "iu" and chunk.dtype != np.uint8:
-                chunk = chunk.astype(np.uint8)
+                # Values were checked against value_range: 0-255 fits uint8.
+                fits = self.value_range == UINT8_RANGE
+                chunk = chunk.astype(np.uint8 if fits else np.float32)
             elif chunk.dtype.kind == "f" and chunk.dtype != np.float32:
                 chunk = chunk.astype(np.float32)
             # NHWC memory seen as NCHW: exactly the channels_last layout, no copy.

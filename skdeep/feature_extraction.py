@@ -242,14 +242,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         source = self._image_source(X)
         cache = self._feature_cache()
         if cache is None:
-            features = np.empty((len(source), self.n_features_out_), dtype=np.float32)
-            self._extract(source, None, features)
-            return features
+            return self._extract(source)
         fingerprints = source.fingerprints()
         features, missing = cache.lookup(fingerprints, self.n_features_out_)
         if len(missing):
-            computed = np.empty((len(missing), self.n_features_out_), dtype=np.float32)
-            self._extract(source, missing, computed)
+            computed = self._extract(source, missing)
             features[missing] = computed
             cache.store([fingerprints[i] for i in missing], computed)
         return features
@@ -260,15 +257,15 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         source = self._image_source(X)
         return self.fit(source).transform(source)
 
-    def _extract(self, source, indices, out: np.ndarray) -> None:
-        """Write the features of the images at ``indices`` (all: None) into ``out``."""
+    def _extract(self, source, indices=None) -> np.ndarray:
+        """Features of the images at ``indices`` (all: None)."""
         with LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps:
 
             def features(batch):
                 outputs = taps.run(batch)
                 return torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)
 
-            self._collect(source, features, self.n_features_out_, indices, out)
+            return self._collect(source, features, self.n_features_out_, indices)
 
     def _feature_cache(self) -> FeatureCache | None:
         memory = check_memory(self.memory)

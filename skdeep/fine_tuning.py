@@ -18,7 +18,7 @@ from torch import nn
 
 from ._augment import AUGMENTATIONS, augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
-from ._device import fork_rng
+from ._device import fork_rng, resolve_device, resolve_precision
 from ._taps import LayerTaps, pool
 from ._training import (
     StepResult,
@@ -137,8 +137,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         a third of an epoch. Skipped when training is interrupted.
     batch_size, device, precision, num_workers
         As in :class:`~skdeep.FeatureExtractor`. ``precision="auto"`` trains with
-        float16 autocast and a gradient scaler on CUDA, bfloat16 autocast on CPUs
-        that compute it natively, float32 elsewhere.
+        float16 autocast and a gradient scaler on CUDA; on CPUs that compute
+        bfloat16 natively, with bfloat16 autocast for inputs of 128 px or more
+        (smaller inputs train faster in float32 there); float32 elsewhere. The
+        fitted network predicts in the precision it was trained in.
     random_state : int, RandomState or None, default=None
         Seeds the head initialisation, shuffling, validation split, dropout and
         augmentation: the same seed on the CPU gives the same model.
@@ -289,7 +291,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     def _train(self, source, codes: np.ndarray) -> None:
         """Build (or reuse) the network and run the training loop on labeled ``codes``."""
-        self._resolve_hardware()
+        self.device_ = resolve_device(self.device)
         self._augmentations = self._check_augment()
         seed = self._torch_seed()
         rng = np.random.default_rng(seed)
@@ -298,6 +300,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         with fork_rng(self.device_, seed):
             if not (self.warm_start and hasattr(self, "model_")):
                 self.model_, self.head_name_ = self._build_network()
+            self.precision_ = self._resolve_precision(self.precision)
             model = self.model_
             frozen = self._freeze(model)
             head = model.get_submodule(self.head_name_)
@@ -358,6 +361,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         head_name = replace_head(model, len(self.classes_))
         model = model.to(self.device_, memory_format=torch.channels_last)
         return model, head_name
+
+    def _resolve_precision(self, precision: str) -> torch.dtype:
+        # The same precision trains and predicts; "auto" depends on the input size.
+        return resolve_precision(precision, self.device_, self.preprocessing_.crop_size)
 
     def _check_augment(self) -> tuple[str, ...]:
         try:

@@ -49,6 +49,22 @@ class TinyNet(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+def tiny_training(**params) -> dict:
+    """Parameters of a fast classifier: a seeded TinyNet, 24 px, float32, three epochs."""
+    torch.manual_seed(0)
+    defaults = dict(
+        backbone=TinyNet(),
+        image_size=24,
+        max_epochs=3,
+        batch_size=8,
+        lr=0.01,
+        augment=False,
+        precision="float32",
+        random_state=0,
+    )
+    return {**defaults, **params}
+
+
 @pytest.fixture
 def tiny_net():
     torch.manual_seed(0)

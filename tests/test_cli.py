@@ -37,48 +37,19 @@ def test_extract_a_folder_with_labels_from_sub_folders(image_files, tmp_path, ca
     assert "100% 12/12" in err and "wrote 12 x 192 features" in err
 
 
+SMALL_RANDOM_NETWORK = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+
+
 def test_extract_a_glob_and_a_npy_file(image_files, images, tmp_path):
-    out = tmp_path / "glob.joblib"
-    assert (
-        main(
-            [
-                "extract",
-                str(tmp_path / "photos" / "cat" / "*.png"),
-                "--weights",
-                "none",
-                "--backbone",
-                "resnet18",
-                "--image-size",
-                "32",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    out = str(tmp_path / "glob.joblib")
+    pattern = str(tmp_path / "photos" / "cat" / "*.png")
+    assert main(["extract", pattern, *SMALL_RANDOM_NETWORK, "--quiet", "--out", out]) == 0
     dump = joblib.load(out)
     assert len(dump["paths"]) == 6 and dump["labels"] is None
     np.save(tmp_path / "images.npy", images)
-    out = tmp_path / "npy.joblib"
-    assert (
-        main(
-            [
-                "extract",
-                str(tmp_path / "images.npy"),
-                "--weights",
-                "none",
-                "--backbone",
-                "resnet18",
-                "--image-size",
-                "32",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    out = str(tmp_path / "npy.joblib")
+    npy = str(tmp_path / "images.npy")
+    assert main(["extract", npy, *SMALL_RANDOM_NETWORK, "--quiet", "--out", out]) == 0
     assert joblib.load(out)["features"].shape == (12, 512)
 
 

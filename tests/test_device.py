@@ -28,10 +28,19 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert resolve_precision("auto", cpu) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
     assert resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("cuda"), training_size=32) == torch.float16
     with pytest.raises(ValueError, match="float16' needs a CUDA device"):
         resolve_precision("float16", cpu)
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("half", cpu)
+
+
+def test_auto_precision_trains_small_images_in_float32_on_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: True)
+    assert resolve_precision("auto", cpu, training_size=64) == torch.float32
+    assert resolve_precision("auto", cpu, training_size=224) == torch.bfloat16
+    assert resolve_precision("bfloat16", cpu, training_size=64) == torch.bfloat16
 
 
 def test_fork_rng_seeds_without_touching_the_callers_generator():

@@ -7,27 +7,12 @@ from sklearn.pipeline import make_pipeline
 from skdeep import DomainAdaptedClassifier, FineTuneClassifier
 from skdeep.losses import mmd
 
-from .conftest import TinyNet, separable_images
+from .conftest import separable_images, tiny_training
 from .estimator_checks import check_image_estimator, run_sklearn_checks
 
 
-def tiny_settings(**params):
-    torch.manual_seed(0)
-    defaults = dict(
-        backbone=TinyNet(),
-        image_size=24,
-        max_epochs=3,
-        batch_size=8,
-        lr=0.01,
-        augment=False,
-        precision="float32",
-        random_state=0,
-    )
-    return {**defaults, **params}
-
-
 def tiny_adapter(**params):
-    return DomainAdaptedClassifier(**tiny_settings(**params))
+    return DomainAdaptedClassifier(**tiny_training(**params))
 
 
 @pytest.fixture
@@ -57,7 +42,7 @@ def test_image_estimator_checks(domains, method):
 
 def test_zero_mmd_weight_trains_exactly_like_fine_tuning(domains):
     X_source, y_source, X_target, _ = domains
-    plain = FineTuneClassifier(**tiny_settings(augment="crop+flip")).fit(X_source, y_source)
+    plain = FineTuneClassifier(**tiny_training(augment="crop+flip")).fit(X_source, y_source)
     X, y = row_aligned(X_source, y_source, X_target)
     adapter = tiny_adapter(augment="crop+flip", mmd_weight=0.0).fit(X, y)
     np.testing.assert_array_equal(adapter.predict_proba(X), plain.predict_proba(X))
@@ -211,3 +196,22 @@ def test_fitted_estimator_keeps_no_reference_to_the_data(domains):
         for value in vars(clf).values()
     )
     assert not hasattr(clf, "_target") and not hasattr(clf, "_target_stream")
+
+
+def test_same_seed_same_model(domains):
+    X_source, y_source, X_target, _ = domains
+    first = tiny_adapter(augment=True).fit(X_source, y_source, X_target=X_target)
+    second = tiny_adapter(augment=True).fit(X_source, y_source, X_target=X_target)
+    np.testing.assert_array_equal(first.predict_proba(X_target), second.predict_proba(X_target))
+    assert first.history_ == [
+        {**record, "seconds": first.history_[i]["seconds"]}
+        for i, record in enumerate(second.history_)
+    ]
+
+
+def test_bad_images_are_rejected_like_everywhere_else(domains):
+    X_source, y_source, X_target, _ = domains
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        tiny_adapter().fit(X_source, y_source, X_target=np.zeros((4, 8, 8, 2)))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        tiny_adapter().fit(X_source, y_source, X_target=np.full((4, 8, 8), np.nan))

@@ -13,26 +13,14 @@ from sklearn.pipeline import make_pipeline
 from skdeep import FineTuneClassifier
 from skdeep._augment import augment
 
-from .conftest import TinyNet, needs_offline_weights, separable_images
+from .conftest import TinyNet, needs_offline_weights, separable_images, tiny_training
 from .estimator_checks import check_image_estimator, run_sklearn_checks
 
 
 def tiny_classifier(net=None, **params):
-    """A fast classifier: TinyNet, 24 px, float32, three epochs."""
-    if net is None:
-        torch.manual_seed(0)
-        net = TinyNet()
-    defaults = dict(
-        backbone=net,
-        image_size=24,
-        max_epochs=3,
-        batch_size=8,
-        lr=0.01,
-        augment=False,
-        precision="float32",
-        random_state=0,
-    )
-    return FineTuneClassifier(**{**defaults, **params})
+    if net is not None:
+        params["backbone"] = net
+    return FineTuneClassifier(**tiny_training(**params))
 
 
 @pytest.fixture

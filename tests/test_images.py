@@ -87,6 +87,14 @@ def test_image_shape_must_match_images():
         as_image_source(np.zeros((2, 8, 8)), image_shape=(4, 16))
 
 
+def test_integer_images_keep_their_values():
+    X = np.array([[[0, 300], [4095, 17]]], dtype=np.int64)
+    batch = all_batches(as_image_source(X, value_range=(0, 4095)))
+    np.testing.assert_array_equal(batch[0, 0].numpy(), X[0])
+    eight_bit = all_batches(as_image_source(X % 256))
+    assert eight_bit.dtype == torch.uint8
+
+
 def test_float_images_in_unit_range_are_accepted():
     X = np.random.default_rng(0).random((3, 8, 8, 3))
     assert as_image_source(X).value_range == (0.0, 1.0)
