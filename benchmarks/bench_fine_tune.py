@@ -217,7 +217,7 @@ def main() -> None:
     if args.quick:
         speed_table(device, args.image_size, epochs=1, seeds=[0])
     else:
-        speed_table(device, args.image_size, epochs=2, seeds=[0, 1, 2])
+        speed_table(device, args.image_size, epochs=2, seeds=[0, 1, 2, 3, 4])
 
 
 if __name__ == "__main__":
