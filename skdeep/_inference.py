@@ -69,7 +69,9 @@ def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         return
     for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        # Exact types: subclasses (attention's output projection, say) may be used
+        # through functions that expect their weights to match their neighbours'.
+        if type(layer) in (nn.Conv2d, FusedConv2d, nn.Linear):
             layer.to(dtype)
 
 
@@ -95,7 +97,7 @@ def _convolution_before(node, modules, calls, keep) -> tuple[str, list[str]] | N
         ):
             return None
         kind = type(modules[producer.target])
-        if kind is nn.Conv2d or kind is FusedConv2d:
+        if kind is nn.Conv2d:
             return producer.target, between
         if kind is not nn.Identity:
             return None

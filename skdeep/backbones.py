@@ -50,7 +50,6 @@ class Backbone:
 
     module: nn.Module
     preprocessing: Preprocessing
-    description: str
 
 
 def classification_models() -> list[str]:
@@ -79,7 +78,7 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
         module = copy.deepcopy(backbone)
         if _looks_like_path(weights):
             module.load_state_dict(_load_state_dict_file(weights, "weights"))
-        return Backbone(module, Preprocessing(), f"{type(backbone).__name__} module")
+        return Backbone(module, Preprocessing())
     if not isinstance(backbone, str):
         raise TypeError(
             f"backbone must be a torchvision model name or an nn.Module; "
@@ -90,18 +89,18 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
     if weights is None:
         module = torchvision.models.get_model(backbone, weights=None)
         prep = Preprocessing.from_weights(default_weights)
-        return Backbone(module, prep, f"{backbone} (random init)")
+        return Backbone(module, prep)
     if _looks_like_path(weights):
         module = torchvision.models.get_model(backbone, weights=None)
         module.load_state_dict(_load_state_dict_file(weights, "weights"))
         prep = Preprocessing.from_weights(default_weights)
-        return Backbone(module, prep, f"{backbone} ({weights})")
+        return Backbone(module, prep)
     enum = _named_weights(backbone, weights, required=True)
     kwargs = {"num_classes": len(enum.meta["categories"])}
     kwargs.update(_PRETRAINED_BUILDER_KWARGS.get(backbone, {}))
     module = torchvision.models.get_model(backbone, weights=None, **kwargs)
     module.load_state_dict(load_named_weights(enum))
-    return Backbone(module, Preprocessing.from_weights(enum), f"{backbone} ({enum})")
+    return Backbone(module, Preprocessing.from_weights(enum))
 
 
 def _check_model_name(name: str) -> None:
