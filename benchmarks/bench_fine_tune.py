@@ -10,7 +10,8 @@ Run:  .venv/bin/python benchmarks/bench_fine_tune.py [--quick] [--device cuda]
    FineTuneClassifier(freeze="backbone") and full fine-tuning.
 2. Seconds per epoch of FineTuneClassifier against skorch's NeuralNetClassifier on
    the same torchvision network (same weights and new head), data, batch size,
-   optimizer (AdamW, constant learning rate) and precision, in the same process.
+   optimizer (AdamW), learning-rate schedule (skdeep's default: 5% linear warm-up,
+   then cosine decay, stepped per batch) and precision, in the same process.
    skorch gets the images already preprocessed into a float tensor (its usual
    input); skdeep starts from the uint8 images and preprocesses each batch itself.
 """
@@ -18,6 +19,7 @@ Run:  .venv/bin/python benchmarks/bench_fine_tune.py [--quick] [--device cuda]
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -32,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from skdeep import FeatureExtractor, FineTuneClassifier
 from skdeep._device import cpu_has_native_bfloat16, resolve_device
 from skdeep._images import as_image_source
+from skdeep._training import warmup_cosine
 from skdeep.backbones import load_backbone, replace_head
 from skdeep.datasets import load_mnist_5k
 
@@ -108,8 +111,9 @@ class _AutocastNet:
         return self.autocast_dtype != torch.float32
 
 
-def skorch_net(device, dtype, epochs: int, batch_size: int, lr: float, seed: int):
+def skorch_net(device, dtype, epochs: int, batch_size: int, lr: float, seed: int, n: int):
     from skorch import NeuralNetClassifier
+    from skorch.callbacks import LRScheduler
 
     net_class = type("AutocastNeuralNetClassifier", (_AutocastNet, NeuralNetClassifier), {})
     module = load_backbone("mobilenet_v2", "IMAGENET1K_V1").module
@@ -125,6 +129,13 @@ def skorch_net(device, dtype, epochs: int, batch_size: int, lr: float, seed: int
         max_epochs=epochs,
         train_split=None,
         iterator_train__shuffle=True,
+        callbacks=[
+            LRScheduler(
+                torch.optim.lr_scheduler.LambdaLR,
+                lr_lambda=warmup_cosine(epochs * math.ceil(n / batch_size)),
+                step_every="batch",
+            )
+        ],
         device=str(device),
         verbose=0,
     )
@@ -156,7 +167,7 @@ def speed_table(device, image_size: int, epochs: int, seeds: list[int]) -> None:
                 max_epochs=epochs,
                 batch_size=batch_size,
                 lr=lr,
-                scheduler=None,
+                scheduler="cosine",
                 augment=False,
                 weight_decay=0.01,  # AdamW's default, as skorch uses it
                 precision=precision,
@@ -169,7 +180,7 @@ def speed_table(device, image_size: int, epochs: int, seeds: list[int]) -> None:
             epoch_seconds = [record["seconds"] for record in ours.history_]
             _append(results["skdeep"], epoch_seconds, fit_seconds, ours.score(X_test, y_test))
 
-            theirs = skorch_net(device, dtype, epochs, batch_size, lr, seed)
+            theirs = skorch_net(device, dtype, epochs, batch_size, lr, seed, len(X_train))
             start = time.perf_counter()
             theirs.fit(ready, torch.as_tensor(y_train))
             fit_seconds = time.perf_counter() - start
@@ -190,7 +201,8 @@ def speed_table(device, image_size: int, epochs: int, seeds: list[int]) -> None:
             )
     print_table(
         f"Fine-tuning speed: mobilenet_v2 (ImageNet) at {image_size} px, MNIST 4,000 images, "
-        f"batch {batch_size}, AdamW lr {lr}, {epochs} epochs, seeds {seeds} ({machine()})",
+        f"batch {batch_size}, AdamW lr {lr} warm-up + cosine, {epochs} epochs, seeds {seeds} "
+        f"({machine()})",
         ["library", "precision", "s / epoch", "fit s", "test accuracy %", "epoch time vs skorch"],
         rows,
     )

@@ -85,12 +85,9 @@ def make_optimizer(
         return optimizer_class(groups, **options)
 
 
-def make_scheduler(optimizer, name: str | None, total_steps: int):
-    """Per-step learning-rate schedule: linear warm-up, then cosine decay to zero."""
-    if name is None:
-        return None
-    if name != "cosine":
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}; got {name!r}")
+def warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor of each step: linear warm-up over the first
+    :data:`WARMUP_FRACTION` of ``total_steps``, then cosine decay to zero."""
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
 
     def factor(step: int) -> float:
@@ -99,7 +96,17 @@ def make_scheduler(optimizer, name: str | None, total_steps: int):
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def make_scheduler(optimizer, name: str | None, total_steps: int):
+    """Per-step learning-rate schedule (None: constant): ``"cosine"`` is
+    :func:`warmup_cosine`."""
+    if name is None:
+        return None
+    if name != "cosine":
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}; got {name!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
 
 
 @dataclass
