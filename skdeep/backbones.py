@@ -38,6 +38,11 @@ _PRETRAINED_BUILDER_KWARGS = {
     "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
     "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
 }
+# Builders that warn unless told explicitly to initialise at random (their default).
+_RANDOM_BUILDER_KWARGS = {
+    "inception_v3": {"init_weights": True},
+    "googlenet": {"init_weights": True},
+}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -86,15 +91,12 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
         )
     _check_model_name(backbone)
     default_weights = _named_weights(backbone, "DEFAULT", required=False)
-    if weights is None:
-        module = torchvision.models.get_model(backbone, weights=None)
-        prep = Preprocessing.from_weights(default_weights)
-        return Backbone(module, prep)
-    if _looks_like_path(weights):
-        module = torchvision.models.get_model(backbone, weights=None)
-        module.load_state_dict(_load_state_dict_file(weights, "weights"))
-        prep = Preprocessing.from_weights(default_weights)
-        return Backbone(module, prep)
+    if weights is None or _looks_like_path(weights):
+        kwargs = _RANDOM_BUILDER_KWARGS.get(backbone, {})
+        module = torchvision.models.get_model(backbone, weights=None, **kwargs)
+        if weights is not None:
+            module.load_state_dict(_load_state_dict_file(weights, "weights"))
+        return Backbone(module, Preprocessing.from_weights(default_weights))
     enum = _named_weights(backbone, weights, required=True)
     kwargs = {"num_classes": len(enum.meta["categories"])}
     kwargs.update(_PRETRAINED_BUILDER_KWARGS.get(backbone, {}))

@@ -1,4 +1,5 @@
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,14 @@ def test_weights_from_a_file(tmp_path):
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(ValueError, match="could not load"):
         load_backbone("resnet18", weights=str(tmp_path / "junk.pth"))
+
+
+def test_random_initialisation_builds_without_warnings():
+    # googlenet and inception_v3 warn when not told to initialise at random.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = load_backbone("googlenet", weights=None).module
+    assert module.aux_logits
 
 
 @needs_offline_weights
