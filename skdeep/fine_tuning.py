@@ -291,6 +291,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     def _train(self, source, codes: np.ndarray) -> None:
         """Build (or reuse) the network and run the training loop on labeled ``codes``."""
+        if not self.warm_start:
+            vars(self).pop("history_", None)  # until this fit ends, it is not fitted
         self.device_ = resolve_device(self.device)
         self._augmentations = self._check_augment()
         seed = self._torch_seed()
@@ -544,6 +546,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             return self._collect(
                 source, lambda batch: pool(taps.run(batch)[PENULTIMATE], "avg"), width
             )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        # classes_ is set before training starts; only a fit that ends sets history_.
+        return hasattr(self, "history_")
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

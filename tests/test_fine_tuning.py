@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -111,6 +112,15 @@ def test_bad_parameters_are_named(data, params, message):
     X, y = data
     with pytest.raises(ValueError, match=message):
         tiny_classifier(**params).fit(X, y)
+
+
+def test_a_failed_fit_leaves_the_estimator_unfitted(data):
+    X, y = data
+    clf = tiny_classifier().fit(X, y)
+    with pytest.raises(ValueError, match="freeze"):
+        clf.set_params(freeze=["no_such_layer"]).fit(X, y)
+    with pytest.raises(NotFittedError):
+        clf.predict(X)
 
 
 def test_bad_labels(data):
