@@ -117,10 +117,10 @@ def fold_batch_norms(module: nn.Module, graph: torch.fx.Graph, keep=frozenset())
         if found is None or found[1] or not norm.track_running_stats:
             continue
         conv_name = found[0]
-        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv_name], norm)
-        set_submodule(module, conv_name, fused)
-        set_submodule(module, node.target, nn.Identity())
-        modules = dict(module.named_modules())
+        modules[conv_name] = torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv_name], norm)
+        modules[node.target] = nn.Identity()
+        set_submodule(module, conv_name, modules[conv_name])
+        set_submodule(module, node.target, modules[node.target])
 
 
 class FusedConv2d(nn.Conv2d):
@@ -183,16 +183,14 @@ def fuse_conv_activations(module: nn.Module, graph: torch.fx.Graph, keep=frozens
         found = _convolution_before(node, modules, calls, keep)
         if found is None:
             continue
-        conv = modules[found[0]]
-        if (
-            type(conv) is not nn.Conv2d
-            or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str)
-        ):
+        conv_name = found[0]
+        conv = modules[conv_name]  # a plain nn.Conv2d: _convolution_before checks it
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             continue
-        set_submodule(module, found[0], FusedConv2d.from_conv(conv, *describe(activation)))
-        set_submodule(module, node.target, nn.Identity())
-        modules = dict(module.named_modules())
+        modules[conv_name] = FusedConv2d.from_conv(conv, *describe(activation))
+        modules[node.target] = nn.Identity()
+        set_submodule(module, conv_name, modules[conv_name])
+        set_submodule(module, node.target, modules[node.target])
 
 
 @functools.cache

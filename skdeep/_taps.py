@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from functools import partial
 
@@ -149,10 +150,7 @@ def pooled_names(layer: str, shape: tuple[int, ...], pooling: str | None) -> lis
     if len(shape) == 2:
         return [f"{layer}_{i}" for i in range(shape[1])]
     if pooling is None:
-        size = 1
-        for dim in shape[1:]:
-            size *= dim
-        return [f"{layer}_{i}" for i in range(size)]
+        return [f"{layer}_{i}" for i in range(math.prod(shape[1:]))]
     width = shape[1] if len(shape) == 4 else shape[-1]
     kinds = ("avg", "max") if pooling == "avgmax" else (pooling,)
     return [f"{layer}_{kind}_{i}" for kind in kinds for i in range(width)]
