@@ -53,7 +53,7 @@ def optimize_for_inference(
         graph = None
     if graph is not None:
         fold_batch_norms(module, graph, keep)
-        if device.type == "cpu" and fused_convolution_available():
+        if device.type == "cpu" and fused_convolution_available(dtype):
             fuse_conv_activations(module, graph, keep)
     cast_matmul_weights(module, dtype)
     return module
@@ -194,11 +194,15 @@ def fuse_conv_activations(module: nn.Module, graph: torch.fx.Graph, keep=frozens
 
 
 @functools.cache
-def fused_convolution_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused convolution (CPU builds do)."""
+def fused_convolution_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's fused convolution runs here in ``dtype``.
+
+    CPU builds of PyTorch have it in float32; in bfloat16 it needs AVX512 or
+    AVX-NE-CONVERT (an AVX2-only CPU raises "bf16 path needs the cpu support").
+    """
     try:
-        conv = nn.Conv2d(1, 1, 1)
-        FusedConv2d.from_conv(conv, "relu", [])(torch.zeros(1, 1, 2, 2))
+        conv = nn.Conv2d(1, 1, 1).to(dtype)
+        FusedConv2d.from_conv(conv, "relu", [])(torch.zeros(1, 1, 2, 2, dtype=dtype))
         return True
     except Exception:  # no oneDNN, or an op signature this code does not know
         return False

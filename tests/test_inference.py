@@ -32,12 +32,20 @@ def test_outputs_and_module_names_are_kept(name, dtype):
     names = {n for n, _ in model.named_modules()}
     with torch.inference_mode(), torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
         expected = model(x).float()
-        optimized = optimize_for_inference(model, CPU)
+        optimized = optimize_for_inference(model, CPU, dtype)
         actual = optimized(x).float()
     assert {n for n, _ in optimized.named_modules()} == names
     assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.modules())
+    fused = any(isinstance(m, FusedConv2d) for m in optimized.modules())
+    assert fused == fused_convolution_available(dtype)
+    if dtype != torch.float32:
+        assert optimized.get_submodule(first_convolution(optimized)).weight.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 0.1 * expected.abs().max().item()
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0.05)
+
+
+def first_convolution(model) -> str:
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
 
 
 @needs_onednn
