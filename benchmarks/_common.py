@@ -18,7 +18,8 @@ def synchronize(device: torch.device) -> None:
 
 def median_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Time each callable ``repeats`` times, interleaved so that machine noise hits
-    all of them alike; one untimed warm-up run each. Returns the medians."""
+    all of them alike; one untimed warm-up run each. Returns the medians.
+    """
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}

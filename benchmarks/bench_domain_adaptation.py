@@ -60,7 +60,7 @@ class _SkadaModule(torch.nn.Module):
 
 
 def skada_dan(settings, seed, X_source, y_source, X_target, device):
-    """skada's DAN on the same network, fed the same preprocessed tensors."""
+    """Skada's DAN on the same network, fed the same preprocessed tensors."""
     from skada.deep import DAN
 
     reference = FeatureExtractor(image_size=settings["image_size"], precision="float32").fit()

@@ -19,7 +19,7 @@ from skdeep.datasets import DatasetUnavailableError, load_cifar10, load_mnist_5k
 
 
 def cifar10(n_train: int, n_test: int):
-    """A random subset of CIFAR-10 and the ResNet-18 settings, or None when offline."""
+    """Load a random subset of CIFAR-10 and the ResNet-18 settings, or None when offline."""
     try:
         X_train, y_train = load_cifar10(train=True)
         X_test, y_test = load_cifar10(train=False)
@@ -35,6 +35,7 @@ def cifar10(n_train: int, n_test: int):
 
 
 def mnist():
+    """Load MNIST 5k (4,000 train, 1,000 test) and the MobileNet-V2 settings."""
     images, labels = load_mnist_5k()
     split = train_test_split(images, labels, test_size=1000, stratify=labels, random_state=0)
     # Digits must not be mirrored: random crops only.
@@ -42,6 +43,7 @@ def mnist():
 
 
 def main() -> None:
+    """Fine-tune, then print the training history and the test accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=2_000)

@@ -22,6 +22,7 @@ from skdeep.datasets import load_mnist_5k
 
 
 def main() -> None:
+    """Compare raw pixels with pretrained features, each under logistic regression."""
     images, labels = load_mnist_5k()  # 5,000 digits, 28x28 uint8
     X_train, X_test, y_train, y_test = train_test_split(
         images, labels, test_size=1000, stratify=labels, random_state=0

@@ -6,12 +6,11 @@
   carries a model trained on labeled source images over to unlabeled target images.
 """
 
-__version__ = "0.1.0"
-
-from .backbones import WeightsUnavailableError  # noqa: E402
-from .domain_adaptation import DomainAdaptedClassifier  # noqa: E402
-from .feature_extraction import FeatureExtractor  # noqa: E402
-from .fine_tuning import FineTuneClassifier  # noqa: E402
+from ._version import __version__
+from .backbones import WeightsUnavailableError
+from .domain_adaptation import DomainAdaptedClassifier
+from .feature_extraction import FeatureExtractor
+from .fine_tuning import FineTuneClassifier
 
 __all__ = [
     "DomainAdaptedClassifier",

@@ -46,7 +46,22 @@ def find_images(source: str) -> tuple[list[str], list[str] | None]:
     return paths, None
 
 
+def load_npy(path: str) -> np.ndarray:
+    """Memory-map a .npy array of images (never unpickling it)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # object arrays can be neither mapped nor safely loaded
+        raise ValueError(
+            f"INPUT: {path} holds Python objects (an array of dtype object), not pixels; "
+            "expected a numeric array of images (n, H, W[, C]) as np.save(path, images) "
+            "writes"
+        ) from exc
+    except OSError as exc:
+        raise OSError(f"INPUT: could not read {path} as a .npy file: {exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``python -m skdeep``."""
     parser = argparse.ArgumentParser(
         prog="python -m skdeep",
         description="Deep transfer learning with a scikit-learn face.",
@@ -101,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def extract(args: argparse.Namespace) -> dict:
+    """Run ``extract``: features of the INPUT images, written to ``--out``."""
     if args.input.endswith(".npy"):
-        images = np.load(args.input, mmap_mode="r")
+        images = load_npy(args.input)
         paths, labels = None, None
     else:
         paths, labels = find_images(args.input)
@@ -136,6 +152,7 @@ def extract(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
     try:
         dump = extract(args)

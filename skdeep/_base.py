@@ -1,23 +1,30 @@
-"""What every skdeep estimator shares: backbone parameters, devices, batches, pickling."""
+"""What every skdeep estimator shares.
+
+Backbone parameters, devices, pooled features, pickling, and the per-process store
+of networks rebuilt after unpickling.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-import warnings
-from collections.abc import Iterator
+import threading
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from numbers import Integral
 
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ._device import PRECISIONS, autocast, resolve_device, resolve_precision
+from ._compat import Interval, StrOptions
+from ._device import PRECISIONS, autocast, resolve_hardware
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_batch
 from ._progress import Progress
+from ._taps import LayerFeatures
 
 BACKBONE_CONSTRAINTS = {
     "backbone": [str, nn.Module],
@@ -38,8 +45,12 @@ class BackboneMixin:
     """Helpers for estimators that run a torchvision backbone on images.
 
     Expects the parameters of :data:`BACKBONE_CONSTRAINTS` and, once fitted,
-    ``model_``, ``device_``, ``precision_`` and ``preprocessing_``.
+    ``device_``, ``precision_`` and ``preprocessing_``.
     """
+
+    # Private attributes derived from the fitted state (networks, keys): never
+    # pickled, set to None on loading and rebuilt when first needed.
+    _derived_state: tuple[str, ...] = ()
 
     def _check_value_range(self) -> None:
         value_range = self.value_range
@@ -50,19 +61,24 @@ class BackboneMixin:
                 f"value_range must be (low, high) with low < high; got {value_range!r}"
             )
 
-    def _image_source(self, X) -> ImageSource:
+    def _image_source(self, X, argument: str = "X") -> ImageSource:
         self._check_value_range()
-        return as_image_source(X, image_shape=self.image_shape, value_range=self.value_range)
+        return as_image_source(
+            X, image_shape=self.image_shape, value_range=self.value_range, argument=argument
+        )
 
-    def _resolve_hardware(self) -> None:
-        self.device_ = resolve_device(self.device)
-        self.precision_ = self._resolve_precision(self.precision)
+    def _training_size(self) -> int | None:
+        """Input size the network trains at (None: it does not train)."""
+        return None
 
-    def _resolve_precision(self, precision: str) -> torch.dtype:
-        return resolve_precision(precision, self.device_)
+    def _resolve_hardware(self, loading: bool = False) -> None:
+        """Set ``device_`` and ``precision_`` from the parameters."""
+        self.device_, self.precision_ = resolve_hardware(
+            self.device, self.precision, self._training_size(), loading=loading
+        )
 
     def _torch_seed(self) -> int | None:
-        """An int seed for torch from ``random_state`` (None stays None)."""
+        """Draw an int seed for torch from ``random_state`` (None stays None)."""
         if self.random_state is None:
             return None
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
@@ -86,30 +102,48 @@ class BackboneMixin:
                 raw, self.preprocessing_, self.device_, source.value_range, dtype, source.resized
             )
 
-    def _collect(
+    def _pooled_features(
         self,
         source: ImageSource,
-        forward,
-        width: int,
+        module: nn.Module,
+        layers: list[str],
+        pooling: str | None = "avg",
         indices=None,
+        stop_after: str | None = None,
         show_progress: bool = True,
     ) -> np.ndarray:
-        """Run ``forward`` (network-ready batch -> rows) over the images at ``indices``
-        (all: None) in inference mode and gather the rows in a float32 array."""
+        """Compute pooled features of ``layers`` of ``module`` as float32 rows.
+
+        How every estimator reads its network, for the images at ``indices`` (all: None).
+
+        Runs in inference mode at ``precision_``; ``module`` must be in eval mode.
+
+        Raises
+        ------
+        FloatingPointError
+            The network produced NaN or infinite values.
+        """
         n = len(source) if indices is None else len(indices)
-        out = np.empty((n, width), dtype=np.float32)
+        out = None
         start = 0
         enabled = bool(self.verbose) and show_progress
         progress = Progress(n, type(self).__name__, enabled=enabled)
-        with progress, torch.inference_mode():
+        with (
+            progress,
+            network_lock(module),
+            LayerFeatures(module, layers, pooling, stop_after) as features,
+            torch.inference_mode(),
+        ):
             for batch in self._input_batches(source, indices, dtype=self.precision_):
                 with autocast(self.device_, self.precision_):
-                    rows = forward(batch).float()
+                    rows = features(batch).float()
                 if not torch.isfinite(rows).all():
                     raise FloatingPointError(
                         f"the network produced NaN or infinite values at precision "
                         f"{self.precision_}; use precision='float32'"
                     )
+                if out is None:
+                    out = np.empty((n, rows.shape[1]), dtype=np.float32)
                 out[start : start + len(rows)] = rows.cpu().numpy()
                 start += len(rows)
                 progress.update(len(rows))
@@ -117,43 +151,76 @@ class BackboneMixin:
 
     # --- pickling: CPU state only, loadable without a GPU --------------------------------
 
-    def _model_to_pickle(self) -> nn.Module | None:
-        """The ``model_`` to store in a pickle (None: rebuilt from parameters on load)."""
-        return _on_cpu(self.model_)
-
-    def _rebuild_model(self) -> nn.Module:
-        raise NotImplementedError
-
     def __getstate__(self):
-        state = super().__getstate__()
-        if "model_" in state:
-            state = dict(state)
-            state["model_"] = self._model_to_pickle()
-            # Devices are resolved again where the pickle is loaded.
-            state.pop("device_", None)
-            state.pop("precision_", None)
+        state = dict(super().__getstate__())
+        for key in ("device_", "precision_", *self._derived_state):
+            state.pop(key, None)  # resolved and rebuilt where the pickle is loaded
+        if isinstance(state.get("model_"), nn.Module):
+            state["model_"] = _on_cpu(state["model_"])
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if "model_" not in state:
-            return
-        try:
-            self.device_ = resolve_device(self.device)
-        except ValueError as exc:
-            warnings.warn(f"{exc}. Loaded on the CPU instead.", RuntimeWarning, stacklevel=2)
-            self.device_ = torch.device("cpu")
-        try:
-            self.precision_ = self._resolve_precision(self.precision)
-        except ValueError:  # float16 asked for, but now on the CPU
-            self.precision_ = self._resolve_precision("auto")
-        model = self.model_ if self.model_ is not None else self._rebuild_model()
-        self.model_ = model.to(self.device_)
+        for key in self._derived_state:
+            setattr(self, key, None)
+        if "preprocessing_" in state:  # fitted
+            self._resolve_hardware(loading=True)
+            if isinstance(state.get("model_"), nn.Module):
+                self.model_ = self.model_.to(self.device_)
 
 
 def _on_cpu(module: nn.Module) -> nn.Module:
-    """``module`` itself if it lives on the CPU, else a CPU copy of it."""
+    """Return ``module`` itself if it lives on the CPU, else a CPU copy of it."""
     tensors = [*module.parameters(), *module.buffers()]
     if all(tensor.device.type == "cpu" for tensor in tensors):
         return module
     return copy.deepcopy(module).cpu()
+
+
+# ----------------------------------------------------------------------------------------
+# Networks shared within a process
+# ----------------------------------------------------------------------------------------
+
+# How many networks rebuilt from unpickled estimators one process keeps.
+MAX_SHARED_NETWORKS = 4
+_shared_networks: OrderedDict[Hashable, nn.Module] = OrderedDict()
+_shared_networks_lock = threading.Lock()
+NETWORK_BUILDS: Counter = Counter()
+"""How many networks this process has built, by key (what the Dask tests count)."""
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_lock = threading.Lock()
+
+
+def shared_network(key: Hashable, build: Callable[[], nn.Module]) -> nn.Module:
+    """Return the network stored under ``key`` in this process, built on first use.
+
+    Every copy of a fitted estimator that is unpickled in a process (each Dask task
+    may receive its own copy) finds the same network here, so a worker process builds
+    it once and reuses it for all its tasks. The least recently used networks are
+    dropped beyond :data:`MAX_SHARED_NETWORKS`.
+    """
+    with _shared_networks_lock:
+        if key in _shared_networks:
+            _shared_networks.move_to_end(key)
+            return _shared_networks[key]
+        network = build()
+        NETWORK_BUILDS[key] += 1
+        _shared_networks[key] = network
+        while len(_shared_networks) > MAX_SHARED_NETWORKS:
+            _shared_networks.popitem(last=False)
+        return network
+
+
+def network_lock(module: nn.Module) -> threading.RLock:
+    """Return the lock that guards forward passes with hooks on ``module``.
+
+    Layer taps register hooks on the module itself, so two threads reading the same
+    network at once (a threaded Dask worker, a joblib thread pool) would record each
+    other's outputs; they take turns instead.
+    """
+    with _locks_lock:
+        lock = _locks.get(module)
+        if lock is None:
+            lock = _locks[module] = threading.RLock()
+        return lock

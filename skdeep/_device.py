@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 import torch
+
+from ._compat import cpu_instruction_sets
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # Below this input size, training in bfloat16 on a CPU is slower than in float32: on a
@@ -47,8 +50,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    instructions = cpu_instruction_sets()
+    return instructions["AVX512-BF16"] or instructions["AMX"]
 
 
 def resolve_precision(
@@ -75,6 +78,35 @@ def resolve_precision(
             "precision='float16' needs a CUDA device; on the CPU use 'bfloat16' or 'float32'"
         )
     return getattr(torch, precision)
+
+
+def resolve_hardware(
+    device: str | torch.device,
+    precision: str,
+    training_size: int | None = None,
+    loading: bool = False,
+) -> tuple[torch.device, torch.dtype]:
+    """Resolve the ``device`` and ``precision`` parameters to a device and dtype.
+
+    The one place where estimators resolve them (see :func:`resolve_device` and
+    :func:`resolve_precision`). With ``loading`` (an estimator unpickled on another
+    machine), a device or precision this machine lacks falls back to the CPU and
+    ``"auto"`` precision with a RuntimeWarning instead of an error.
+    """
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        if not loading:
+            raise
+        warnings.warn(f"{exc}. Loaded on the CPU instead.", RuntimeWarning, stacklevel=3)
+        resolved = torch.device("cpu")
+    try:
+        dtype = resolve_precision(precision, resolved, training_size)
+    except ValueError:
+        if not loading:
+            raise
+        dtype = resolve_precision("auto", resolved, training_size)
+    return resolved, dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

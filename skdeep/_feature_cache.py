@@ -26,8 +26,11 @@ class FeatureCache:
         self.folder = Path(location) / "skdeep_features" / settings_key
 
     def lookup(self, fingerprints: list[bytes], n_features: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(features, missing)``: rows found in the cache, and the indices of
-        the rows that are not (their feature rows are left uninitialised)."""
+        """Look up rows; return ``(features, missing)``.
+
+        ``features`` holds the rows found in the cache; ``missing`` the indices of the
+        rows that are not (their feature rows are left uninitialised).
+        """
         wanted = {key: row for row, key in enumerate(fingerprints)}
         features = np.empty((len(fingerprints), n_features), dtype=np.float32)
         found = np.zeros(len(fingerprints), dtype=bool)

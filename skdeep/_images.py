@@ -11,6 +11,7 @@ directly, while files, PIL images and arrays of different sizes go through a
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -111,7 +112,7 @@ class _PerImageDataset(torch.utils.data.Dataset):
             pixels = item if item.ndim == 3 else item[:, :, None]
         else:
             # Decoding at twice the target size keeps the antialiased resize sharp.
-            pixels = np.asarray(_decode(item, 2 * self.prep.resize_size))
+            pixels = decode_image(item, 2 * self.prep.resize_size)
         image = _as_tensor(pixels).permute(2, 0, 1).float()
         low, high = self.value_ranges[index]
         image = (image - low) / (high - low)
@@ -121,23 +122,53 @@ class _PerImageDataset(torch.utils.data.Dataset):
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory; read-only arrays are fine, nothing writes to it."""
+    """Wrap ``array`` as a tensor sharing its memory (read-only arrays are fine)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _decode(item, draft_size: int) -> Image.Image:
-    """Open a path or take a PIL image, as RGB."""
+# PIL modes of one channel deeper than 8 bits, and the value that means white. Pillow's
+# own conversion to RGB clips them at 255, which would turn most of the image white.
+_DEEP_GRAY_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def decode_image(item, draft_size: int) -> np.ndarray:
+    """Pixels ``(H, W, C)`` of a file path or PIL image on the 0-255 scale.
+
+    8-bit images come as uint8 RGB (JPEG files decode at a reduced scale that still
+    covers ``draft_size``). 16-bit and 32-bit grayscale images (PNG ``I;16``, TIFF)
+    keep their full depth: they come as one float32 channel scaled to 0-255.
+    """
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return _pixels(item)
     try:
         with Image.open(item) as image:
-            # JPEG can decode straight to a reduced scale that still covers draft_size.
-            image.draft("RGB", (draft_size, draft_size))
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ValueError(f"X: could not read the image file {str(item)!r}: {exc}") from exc
+            if image.mode not in _DEEP_GRAY_MODES and image.mode not in ("I", "F"):
+                image.draft("RGB", (draft_size, draft_size))
+            return _pixels(image)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"could not read the image file {str(item)!r}: {exc}") from exc
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    if image.mode in _DEEP_GRAY_MODES:
+        white = _DEEP_GRAY_MODES[image.mode]
+    elif image.mode == "I":
+        # 32-bit integers: 16-bit PNGs open this way in some Pillow versions.
+        white = 65535 if np.asarray(image).max(initial=0) <= 65535 else 2**32 - 1
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if values.size and (values.min() < 0 or values.max() > 1):
+            raise ValueError(
+                f"a floating-point image must hold values in [0, 1]; got "
+                f"[{values.min():g}, {values.max():g}]"
+            )
+        return values[:, :, None] * np.float32(255)
+    else:
+        return np.asarray(image.convert("RGB"))
+    values = np.asarray(image).astype(np.float32)
+    return (values * np.float32(255 / white))[:, :, None]
 
 
 class ListSource(ImageSource):
@@ -154,15 +185,29 @@ class ListSource(ImageSource):
         return len(self.items)
 
     def batches(self, batch_size, prep, indices=None, num_workers=0, pin_memory=False):
+        dataset = _PerImageDataset(self.items, self.value_ranges, prep)
         loader = torch.utils.data.DataLoader(
-            _PerImageDataset(self.items, self.value_ranges, prep),
+            dataset,
             batch_size=batch_size,
             sampler=indices,
             num_workers=num_workers,
             pin_memory=pin_memory,
             collate_fn=torch.stack,
         )
-        yield from loader
+        done = 0
+        try:
+            for batch in loader:
+                yield batch
+                done += len(batch)
+        except Exception:
+            if num_workers == 0:
+                raise
+            # A worker's error arrives wrapped ("Caught ValueError in DataLoader worker
+            # process 0"): decode the failed batch here to raise it with the file first.
+            order = range(len(self.items)) if indices is None else indices
+            for index in order[done : done + batch_size]:
+                dataset[index]
+            raise
 
     def fingerprints(self):
         return [
@@ -194,16 +239,21 @@ def _digest(*parts) -> bytes:
 # ----------------------------------------------------------------------------------------
 
 _EXPECTED = (
-    "X must be images: an array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
-    "flat rows (n, H*W) with image_shape, or a list of image file paths, PIL images "
-    "or arrays"
+    "{argument} must be images: an array of shape (n, H, W), (n, H, W, 1) or "
+    "(n, H, W, 3), flat rows (n, H*W) with image_shape, or a list of image file paths, "
+    "PIL images or arrays"
 )
+
+
+def _expected(argument: str) -> str:
+    return _EXPECTED.format(argument=argument)
 
 
 def as_image_source(
     X,
     image_shape: tuple[int, ...] | None = None,
     value_range: tuple[float, float] | None = None,
+    argument: str = "X",
 ) -> ImageSource:
     """Validate ``X`` and wrap it as an image source, without copying the pixels.
 
@@ -216,6 +266,8 @@ def as_image_source(
     value_range : (low, high), optional
         Pixel values that mean black and white. Default: (0, 255) for integer
         arrays and files, (0, 1) for float arrays.
+    argument : str, default="X"
+        The name of ``X`` in error messages (``"X_target"``, say).
 
     Raises
     ------
@@ -227,42 +279,45 @@ def as_image_source(
     """
     if isinstance(X, ImageSource):
         return X
+    expected = _expected(argument)
     if isinstance(X, (str, os.PathLike)):
-        raise TypeError(f"{_EXPECTED}; got a single path {str(X)!r}: wrap it in a list")
+        raise TypeError(f"{expected}; got a single path {str(X)!r}: wrap it in a list")
     if isinstance(X, Image.Image):
-        raise TypeError(f"{_EXPECTED}; got a single PIL image: wrap it in a list")
+        raise TypeError(f"{expected}; got a single PIL image: wrap it in a list")
     if isinstance(X, torch.Tensor):
         raise TypeError(
-            f"{_EXPECTED}; got a torch.Tensor. Convert it to a NumPy array in channels-last "
-            "layout, e.g. X.permute(0, 2, 3, 1).numpy() for an (n, C, H, W) tensor"
+            f"{expected}; got a torch.Tensor. Convert it to a NumPy array in channels-last "
+            f"layout, e.g. {argument}.permute(0, 2, 3, 1).numpy() for an (n, C, H, W) tensor"
         )
+    if image_shape is not None:
+        image_shape = check_image_shape(image_shape)
     if isinstance(X, (list, tuple)) and len(X) and _is_image_item(X[0]):
-        return _list_source(list(X), value_range)
+        return _list_source(list(X), value_range, argument)
     if isinstance(X, (set, dict)) or X is None or np.isscalar(X):
-        raise TypeError(f"{_EXPECTED}; got {type(X).__name__}")
+        raise TypeError(f"{expected}; got {type(X).__name__}")
     try:
         array = np.asarray(X)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{_EXPECTED}; got {type(X).__name__} ({exc})") from exc
-    return _array_source(array, image_shape, value_range)
+        raise TypeError(f"{expected}; got {type(X).__name__} ({exc})") from exc
+    return _array_source(array, image_shape, value_range, argument)
 
 
 def _is_image_item(item) -> bool:
     return isinstance(item, (str, os.PathLike, Image.Image, np.ndarray))
 
 
-def _array_source(array, image_shape, value_range) -> ArraySource:
+def _array_source(array, image_shape, value_range, argument) -> ArraySource:
     if array.dtype.kind not in "uif":
-        raise TypeError(f"{_EXPECTED}; got an array of dtype {array.dtype}")
+        raise TypeError(f"{_expected(argument)}; got an array of dtype {array.dtype}")
     if array.size == 0:
-        raise ValueError(f"X is empty: got an array of shape {array.shape}")
+        raise ValueError(f"{argument} is empty: got an array of shape {array.shape}")
     if array.ndim == 2:
-        images = _unflatten(array, image_shape)
+        images = _unflatten(array, image_shape, argument)
     elif array.ndim == 3:
         if array.shape[-1] == 3 and image_shape is None:
             raise ValueError(
-                f"X of shape {array.shape} looks like one RGB image, not a batch; "
-                "pass X[np.newaxis] for one image"
+                f"{argument} of shape {array.shape} looks like one RGB image, not a batch; "
+                f"pass {argument}[np.newaxis] for one image"
             )
         images = array[..., None]
     elif array.ndim == 4:
@@ -273,43 +328,57 @@ def _array_source(array, image_shape, value_range) -> ArraySource:
                 else ""
             )
             raise ValueError(
-                f"X must have 1 or 3 channels in its last axis (n, H, W, C); "
+                f"{argument} must have 1 or 3 channels in its last axis (n, H, W, C); "
                 f"got an array of shape {array.shape}{hint}"
             )
         images = array
     else:
-        raise ValueError(f"{_EXPECTED}; got an array of shape {array.shape}")
+        raise ValueError(f"{_expected(argument)}; got an array of shape {array.shape}")
     if image_shape is not None and array.ndim > 2:
-        _check_image_shape_matches(images, image_shape)
-    return ArraySource(images, _check_values(images, value_range, "X"))
+        _check_image_shape_matches(images, image_shape, argument)
+    return ArraySource(images, _check_values(images, value_range, argument))
 
 
-def _unflatten(array: np.ndarray, image_shape) -> np.ndarray:
+def check_image_shape(image_shape) -> tuple[int, ...]:
+    """Check the ``image_shape`` parameter; return it as a tuple of ints.
+
+    Valid shapes are ``(H, W)`` or ``(H, W, C)`` with positive H and W and C in (1, 3).
+    """
+    message = (
+        "image_shape must be (H, W) or (H, W, C) with positive H and W and C in (1, 3); "
+        f"got {image_shape!r}"
+    )
+    if not isinstance(image_shape, (tuple, list)) or len(image_shape) not in (2, 3):
+        raise ValueError(message)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_shape):
+        raise ValueError(message)
+    shape = tuple(int(v) for v in image_shape)
+    if min(shape[:2]) < 1 or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise ValueError(message)
+    return shape
+
+
+def _unflatten(array: np.ndarray, image_shape, argument: str) -> np.ndarray:
     if image_shape is None:
         raise ValueError(
-            f"X is 2-D with shape {array.shape}: flat rows need image_shape=(H, W) or "
-            "(H, W, C), e.g. image_shape=(8, 8) for load_digits().data"
+            f"{argument} is 2-D with shape {array.shape}: flat rows need image_shape=(H, W) "
+            "or (H, W, C), e.g. image_shape=(8, 8) for load_digits().data"
         )
-    shape = tuple(int(v) for v in image_shape)
-    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+    if math.prod(image_shape) != array.shape[1]:
         raise ValueError(
-            f"image_shape must be (H, W) or (H, W, C) with C in (1, 3); got {image_shape!r}"
+            f"image_shape={image_shape!r} holds {math.prod(image_shape)} pixels but the rows "
+            f"of {argument} have {array.shape[1]} values"
         )
-    if int(np.prod(shape)) != array.shape[1]:
-        raise ValueError(
-            f"image_shape={image_shape!r} holds {int(np.prod(shape))} pixels but the rows of X "
-            f"have {array.shape[1]} values"
-        )
-    if len(shape) == 2:
-        shape = (*shape, 1)
+    shape = image_shape if len(image_shape) == 3 else (*image_shape, 1)
     return array.reshape(len(array), *shape)
 
 
-def _check_image_shape_matches(images: np.ndarray, image_shape) -> None:
-    expected = tuple(image_shape)
-    actual = images.shape[1:] if len(expected) == 3 else images.shape[1:3]
-    if tuple(actual) != expected:
-        raise ValueError(f"image_shape={image_shape!r} does not match X's images of shape {actual}")
+def _check_image_shape_matches(images: np.ndarray, image_shape, argument: str) -> None:
+    actual = images.shape[1:] if len(image_shape) == 3 else images.shape[1:3]
+    if tuple(actual) != image_shape:
+        raise ValueError(
+            f"image_shape={image_shape!r} does not match {argument}'s images of shape {actual}"
+        )
 
 
 def _check_values(pixels: np.ndarray, value_range, name: str) -> tuple[float, float]:
@@ -355,10 +424,10 @@ def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def _list_source(items: list, value_range) -> ListSource:
+def _list_source(items: list, value_range, argument: str) -> ListSource:
     value_ranges = []
     for index, item in enumerate(items):
-        where = f"X[{index}]"
+        where = f"{argument}[{index}]"
         if isinstance(item, (str, os.PathLike)):
             if not os.path.isfile(item):
                 raise ValueError(f"{where}: image file {str(item)!r} does not exist")
@@ -370,8 +439,8 @@ def _list_source(items: list, value_range) -> ListSource:
             value_ranges.append(_check_values(item[None], value_range, where))
         else:
             raise TypeError(
-                f"{_EXPECTED}; {where} is a {type(item).__name__}, while X[0] is a "
-                f"{type(items[0]).__name__}"
+                f"{_expected(argument)}; {where} is a {type(item).__name__}, while "
+                f"{argument}[0] is a {type(items[0]).__name__}"
             )
     return ListSource([str(i) if isinstance(i, Path) else i for i in items], value_ranges)
 

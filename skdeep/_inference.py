@@ -23,6 +23,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ._compat import convolution_pointwise
 from .backbones import set_submodule
 
 # Activation modules oneDNN can apply inside a convolution: (attribute, scalars).
@@ -42,8 +43,10 @@ def optimize_for_inference(
     dtype: torch.dtype = torch.float32,
     keep: frozenset[str] = frozenset(),
 ) -> nn.Module:
-    """Fold batch norms, fuse convolutions with their activations (CPU), and store
-    convolution and linear weights in the compute ``dtype``.
+    """Rewrite a frozen network for fast inference, in place.
+
+    Batch norms are folded, convolutions fused with their activations (CPU), and
+    convolution and linear weights stored in the compute ``dtype``.
 
     ``module`` must be frozen (eval mode, no gradients) and is changed in place.
     """
@@ -80,7 +83,7 @@ def _calls(graph: torch.fx.Graph) -> Counter:
 
 
 def _convolution_before(node, modules, calls, keep) -> tuple[str, list[str]] | None:
-    """The convolution whose output alone feeds ``node``, skipping Identity modules.
+    """Find the convolution whose output alone feeds ``node``, skipping Identity modules.
 
     Returns its name and the Identity modules in between, or None when the pattern
     does not hold (other users, reused or kept modules).
@@ -130,7 +133,7 @@ class FusedConv2d(nn.Conv2d):
     """
 
     activation: str = "relu"
-    scalars: list = []
+    scalars: tuple[float, ...] = ()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, activation: str, scalars: list) -> FusedConv2d:
@@ -147,14 +150,14 @@ class FusedConv2d(nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         fused.load_state_dict(conv.state_dict())
-        fused.activation, fused.scalars = activation, scalars
+        fused.activation, fused.scalars = activation, tuple(scalars)
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Autocast does not know this op, so cast the way it casts a convolution.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return torch.ops.mkldnn._convolution_pointwise(
+        return convolution_pointwise(
             x.to(dtype),
             self.weight.to(dtype),
             bias,
@@ -164,7 +167,6 @@ class FusedConv2d(nn.Conv2d):
             self.groups,
             self.activation,
             self.scalars,
-            "",
         )
 
     def extra_repr(self) -> str:

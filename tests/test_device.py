@@ -1,3 +1,5 @@
+"""Tests of device and precision resolution and seeded random generators."""
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from skdeep._device import fork_rng, resolve_device, resolve_precision
 
 
 def test_resolve_device():
+    """Resolve device."""
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,11 +19,13 @@ def test_resolve_device():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_cuda_requested_without_cuda():
+    """CUDA requested without CUDA."""
     with pytest.raises(ValueError, match="device='cuda:1' was requested but CUDA is not available"):
         resolve_device("cuda:1")
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
+    """Auto precision follows the hardware."""
     cpu = torch.device("cpu")
     monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: True)
     assert resolve_precision("auto", cpu) == torch.bfloat16
@@ -36,6 +41,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 
 def test_auto_precision_trains_small_images_in_float32_on_the_cpu(monkeypatch):
+    """Auto precision trains small images in float32 on the CPU."""
     cpu = torch.device("cpu")
     monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: True)
     assert resolve_precision("auto", cpu, training_size=64) == torch.float32
@@ -44,6 +50,7 @@ def test_auto_precision_trains_small_images_in_float32_on_the_cpu(monkeypatch):
 
 
 def test_fork_rng_seeds_without_touching_the_callers_generator():
+    """Fork rng seeds without touching the callers generator."""
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)

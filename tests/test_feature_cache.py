@@ -1,9 +1,12 @@
+"""Tests of the per-image feature cache."""
+
 import numpy as np
 
 from skdeep._feature_cache import FeatureCache
 
 
 def test_lookup_finds_what_was_stored(tmp_path):
+    """Lookup finds what was stored."""
     cache = FeatureCache(tmp_path, "settings")
     keys = [bytes([i]) * 16 for i in range(5)]
     features, missing = cache.lookup(keys, 3)
@@ -18,6 +21,7 @@ def test_lookup_finds_what_was_stored(tmp_path):
 
 
 def test_settings_are_kept_apart(tmp_path):
+    """Settings are kept apart."""
     FeatureCache(tmp_path, "a").store([b"k" * 16], np.ones((1, 2), np.float32))
     _, missing = FeatureCache(tmp_path, "b").lookup([b"k" * 16], 2)
     assert missing.tolist() == [0]

@@ -1,3 +1,5 @@
+"""Tests of FeatureExtractor: features, layers, pooling, caching, pickling."""
+
 import io
 import warnings
 
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
@@ -14,12 +17,14 @@ from torch import nn
 
 from skdeep import FeatureExtractor
 from skdeep._device import cpu_has_native_bfloat16
+from skdeep.backbones import weights_file_candidates
 
 from .conftest import TinyNet, needs_foolbox, needs_offline_weights, separable_images
 from .estimator_checks import check_image_estimator, run_sklearn_checks
 
 
 def small_extractor(**params):
+    """Return a FeatureExtractor on a random ResNet-18 at 32 px, in float32."""
     defaults = dict(
         backbone="resnet18", weights=None, image_size=32, random_state=0, precision="float32"
     )
@@ -27,14 +32,17 @@ def small_extractor(**params):
 
 
 def test_sklearn_common_checks():
+    """Scikit-learn common checks."""
     run_sklearn_checks(FeatureExtractor())
 
 
 def test_image_estimator_checks(images):
+    """Image estimator checks."""
     check_image_estimator(small_extractor(layers=["layer2", "penultimate"]), images)
 
 
 def test_default_features_are_the_penultimate_layer(images):
+    """Default features are the penultimate layer."""
     extractor = small_extractor().fit(images)
     features = extractor.transform(images)
     assert features.shape == (12, 512) and features.dtype == np.float32
@@ -42,12 +50,13 @@ def test_default_features_are_the_penultimate_layer(images):
 
 
 def _unfolded_state(extractor):
-    """The random weights the extractor started from (before batch-norm folding)."""
+    """Rebuild the random weights the extractor started from (before folding)."""
     torch.manual_seed(extractor._torch_seed())
     return torchvision.models.resnet18().state_dict()
 
 
 def test_features_match_a_hand_written_forward_pass(images):
+    """Features match a hand written forward pass."""
     extractor = small_extractor().fit(images)
     model = torchvision.models.resnet18()
     model.load_state_dict(_unfolded_state(extractor))
@@ -61,6 +70,7 @@ def test_features_match_a_hand_written_forward_pass(images):
 
 
 def test_several_layers_are_pooled_and_concatenated_in_order(images):
+    """Several layers are pooled and concatenated in order."""
     both = small_extractor(layers=["layer4", "layer2"]).fit_transform(images)
     layer4 = small_extractor(layers="layer4").fit_transform(images)
     layer2 = small_extractor(layers="layer2").fit_transform(images)
@@ -73,6 +83,7 @@ def test_several_layers_are_pooled_and_concatenated_in_order(images):
     "pooling, width", [("avg", 128), ("max", 128), ("avgmax", 256), (None, 128 * 4 * 4)]
 )
 def test_pooling_options(images, pooling, width):
+    """Pooling options."""
     extractor = small_extractor(layers="layer2", pooling=pooling).fit(images)
     features = extractor.transform(images)
     assert features.shape == (12, width) == (12, extractor.n_features_out_)
@@ -82,6 +93,7 @@ def test_pooling_options(images, pooling, width):
 
 
 def test_only_layers_up_to_the_deepest_are_computed(images):
+    """Only layers up to the deepest are computed."""
     extractor = small_extractor(layers="layer1").fit(images)
     calls = []
     extractor.model_.layer2.register_forward_hook(lambda *args: calls.append(1))
@@ -90,6 +102,7 @@ def test_only_layers_up_to_the_deepest_are_computed(images):
 
 
 def test_equivalent_input_forms_give_equal_features(images, image_files):
+    """Equivalent input forms give equal features."""
     extractor = small_extractor().fit(images)
     expected = extractor.transform(images)
     np.testing.assert_allclose(extractor.transform(images / 255.0), expected, rtol=1e-4, atol=1e-5)
@@ -104,6 +117,7 @@ def test_equivalent_input_forms_give_equal_features(images, image_files):
 
 
 def test_flat_digit_rows():
+    """Flat digit rows."""
     from sklearn.datasets import load_digits
 
     X = load_digits().data[:20]
@@ -115,6 +129,7 @@ def test_flat_digit_rows():
 
 
 def test_ragged_inputs_of_any_size():
+    """Ragged inputs of any size."""
     rng = np.random.default_rng(0)
     items = [
         rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(20, 40), (64, 32), (33, 33)]
@@ -124,6 +139,7 @@ def test_ragged_inputs_of_any_size():
 
 
 def test_frozen_means_frozen(tiny_net, images):
+    """Frozen means frozen."""
     before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
     was_training = tiny_net.training
     extractor = FeatureExtractor(tiny_net, image_size=32, precision="float32").fit(images)
@@ -139,6 +155,7 @@ def test_frozen_means_frozen(tiny_net, images):
 
 
 def test_memory_runs_the_backbone_once_per_image_in_a_grid_search(tmp_path, tiny_net):
+    """Memory runs the backbone once per image in a grid search."""
     X, y = separable_images(n_per_class=15, size=16)
     search_params = dict(param_grid={"logisticregression__C": [0.1, 1.0, 10.0]}, cv=3)
 
@@ -172,6 +189,7 @@ def test_memory_runs_the_backbone_once_per_image_in_a_grid_search(tmp_path, tiny
 
 
 def test_memory_returns_the_same_features(tmp_path, images):
+    """Memory returns the same features."""
     extractor = small_extractor(memory=str(tmp_path)).fit(images)
     first = extractor.transform(images)
     np.testing.assert_array_equal(extractor.transform(images[::-1]), first[::-1])
@@ -179,6 +197,7 @@ def test_memory_returns_the_same_features(tmp_path, images):
 
 
 def test_pipeline_grid_search_over_layers_pooling_and_c():
+    """Pipeline grid search over layers pooling and c."""
     X, y = separable_images(n_per_class=12, size=16)
     pipeline = make_pipeline(small_extractor(image_size=16), LogisticRegression(max_iter=500))
     grid = {
@@ -192,6 +211,7 @@ def test_pipeline_grid_search_over_layers_pooling_and_c():
 
 
 def test_set_output_pandas(images):
+    """Set output pandas."""
     pytest.importorskip("pandas")
     extractor = small_extractor(layers="layer1").set_output(transform="pandas")
     frame = extractor.fit_transform(images)
@@ -200,6 +220,7 @@ def test_set_output_pandas(images):
 
 
 def test_joblib_dump_is_small_and_features_survive(tmp_path, images):
+    """Joblib dump is small and features survive."""
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
@@ -214,6 +235,7 @@ def test_joblib_dump_is_small_and_features_survive(tmp_path, images):
 
 
 def test_random_weights_are_stored_in_the_dump(images):
+    """Random weights are stored in the dump."""
     extractor = small_extractor(random_state=None).fit()
     expected = extractor.transform(images)
     buffer = io.BytesIO()
@@ -224,6 +246,7 @@ def test_random_weights_are_stored_in_the_dump(images):
 
 
 def test_random_state_makes_random_weights_reproducible(images):
+    """Random state makes random weights reproducible."""
     a = small_extractor(random_state=3).fit_transform(images)
     b = small_extractor(random_state=3).fit_transform(images)
     c = small_extractor(random_state=4).fit_transform(images)
@@ -232,6 +255,7 @@ def test_random_state_makes_random_weights_reproducible(images):
 
 
 def test_clone_and_set_params(images):
+    """Clone and set params."""
     extractor = small_extractor().fit(images)
     other = clone(extractor).set_params(layers="layer3", pooling="max")
     assert other.fit_transform(images).shape == (12, 256)
@@ -240,6 +264,7 @@ def test_clone_and_set_params(images):
 
 @pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="CPU without native bfloat16")
 def test_auto_precision_uses_native_bfloat16_with_close_features(images):
+    """Auto precision uses native bfloat16 with close features."""
     extractor = small_extractor(precision="auto").fit(images)
     assert extractor.precision_ == torch.bfloat16
     reduced = extractor.transform(images)
@@ -251,6 +276,8 @@ def test_auto_precision_uses_native_bfloat16_with_close_features(images):
 
 
 def test_non_finite_features_are_an_error(images):
+    """Non finite features are an error."""
+
     class Exploding(nn.Module):
         def __init__(self):
             super().__init__()
@@ -280,17 +307,20 @@ def test_non_finite_features_are_an_error(images):
     ],
 )
 def test_bad_parameters_are_named(images, params, error, message):
+    """Bad parameters are named."""
     with pytest.raises(error, match=message):
         small_extractor(**params).fit(images)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a CPU-only machine")
 def test_cuda_on_a_cpu_machine_is_a_clear_error():
+    """CUDA on a CPU machine is a clear error."""
     with pytest.raises(ValueError, match="CUDA is not available"):
         small_extractor(device="cuda").fit()
 
 
 def test_unfitted_feature_names_raise():
+    """Unfitted feature names raise."""
     from sklearn.exceptions import NotFittedError
 
     with pytest.raises(NotFittedError):
@@ -298,27 +328,41 @@ def test_unfitted_feature_names_raise():
 
 
 def test_verbose_draws_a_progress_bar(images, capsys):
+    """Verbose draws a progress bar."""
     small_extractor(verbose=True).fit_transform(images)
     assert "FeatureExtractor: 100% 12/12" in capsys.readouterr().err
 
 
 def test_file_decoding_workers(image_files):
+    """File decoding workers."""
     serial = small_extractor().fit_transform(image_files)
     parallel = small_extractor(num_workers=2, batch_size=4).fit_transform(image_files)
     np.testing.assert_array_equal(parallel, serial)
 
 
 @needs_offline_weights
-def test_default_extractor_has_real_imagenet_weights_offline():
-    extractor = FeatureExtractor().fit()
+def test_default_extractor_has_real_imagenet_weights_offline(images):
+    """Default extractor has real ImageNet weights offline."""
+    extractor = FeatureExtractor(precision="float32").fit()
     assert extractor.n_features_out_ == 1280
     assert extractor.preprocessing_.crop_size == 224
+    # The same features as torchvision's network holding the checkpoint file itself.
+    enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    checkpoint = next(path for path in weights_file_candidates(enum) if path.is_file())
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(torch.load(checkpoint, weights_only=True))
+    reference.classifier = nn.Identity()
+    batch = torch.stack([enum.transforms()(Image.fromarray(image)) for image in images[:4]])
+    with torch.inference_mode():
+        expected = reference.eval()(batch).numpy()
+    np.testing.assert_allclose(extractor.transform(images[:4]), expected, rtol=1e-3, atol=1e-3)
 
 
 @needs_offline_weights
 @needs_foolbox
 @pytest.mark.parametrize("form", ["paths", "arrays"])
 def test_imagenet_photos_are_classified_correctly(form):
+    """ImageNet photos are classified correctly."""
     from PIL import Image
 
     from skdeep.datasets import load_sample_photos

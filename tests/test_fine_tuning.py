@@ -1,3 +1,5 @@
+"""Tests of FineTuneClassifier: training, freezing, labels, predictions, pickling."""
+
 import io
 import pickle
 
@@ -5,20 +7,24 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
+from torch import nn
 
 from skdeep import FineTuneClassifier
 from skdeep._augment import augment
+from skdeep._images import as_image_source
 
 from .conftest import TinyNet, needs_offline_weights, separable_images, tiny_training
 from .estimator_checks import check_image_estimator, run_sklearn_checks
 
 
 def tiny_classifier(net=None, **params):
+    """Return a FineTuneClassifier with the fast settings of ``tiny_training``."""
     if net is not None:
         params["backbone"] = net
     return FineTuneClassifier(**tiny_training(**params))
@@ -26,20 +32,24 @@ def tiny_classifier(net=None, **params):
 
 @pytest.fixture
 def data():
+    """Return two easy classes of 24 images each."""
     return separable_images(n_per_class=24, size=24)
 
 
 def test_sklearn_common_checks():
+    """Scikit-learn common checks."""
     run_sklearn_checks(FineTuneClassifier())
 
 
 @pytest.mark.parametrize("method", ["predict", "predict_proba", "transform"])
 def test_image_estimator_checks(data, method):
+    """Image estimator checks."""
     X, y = data
     check_image_estimator(tiny_classifier(max_epochs=1), X, y, method=method)
 
 
 def test_training_learns_an_easy_task(data):
+    """Training learns an easy task."""
     X, y = data
     test_X, test_y = separable_images(n_per_class=20, size=24, seed=1)
     clf = tiny_classifier().fit(X, y)
@@ -50,6 +60,7 @@ def test_training_learns_an_easy_task(data):
 
 
 def test_resnet18_learns_with_augmentation(data):
+    """ResNet-18 learns with augmentation."""
     X, y = data
     clf = FineTuneClassifier(
         "resnet18",
@@ -64,6 +75,7 @@ def test_resnet18_learns_with_augmentation(data):
 
 
 def test_freeze_backbone_keeps_every_backbone_tensor_bit_identical(data):
+    """Freeze backbone keeps every backbone tensor bit identical."""
     X, y = data
     net = TinyNet()
     reference = {k: v.clone() for k, v in net.state_dict().items()}
@@ -76,6 +88,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor_bit_identical(data):
 
 
 def test_freeze_first_stages_and_named_modules(data):
+    """Freeze first stages and named modules."""
     X, y = data
     net = TinyNet()
     clf = tiny_classifier(net, freeze=2).fit(X, y)
@@ -109,12 +122,14 @@ def test_freeze_first_stages_and_named_modules(data):
     ],
 )
 def test_bad_parameters_are_named(data, params, message):
+    """Bad parameters are named."""
     X, y = data
     with pytest.raises(ValueError, match=message):
         tiny_classifier(**params).fit(X, y)
 
 
 def test_a_failed_fit_leaves_the_estimator_unfitted(data):
+    """A failed fit leaves the estimator unfitted."""
     X, y = data
     clf = tiny_classifier().fit(X, y)
     with pytest.raises(ValueError, match="freeze"):
@@ -124,6 +139,7 @@ def test_a_failed_fit_leaves_the_estimator_unfitted(data):
 
 
 def test_bad_labels(data):
+    """Bad labels."""
     X, y = data
     with pytest.raises(ValueError, match="y has 47 labels but X has 48 images"):
         tiny_classifier().fit(X, y[:-1])
@@ -136,6 +152,7 @@ def test_bad_labels(data):
 
 
 def test_labels_of_any_kind_come_back(data):
+    """Labels of any kind come back."""
     X, y = data
     numeric = np.where(y == "horizontal", 7, 42)
     clf = tiny_classifier().fit(X, numeric)
@@ -151,6 +168,7 @@ def test_labels_of_any_kind_come_back(data):
 
 
 def test_multiclass_scores(data):
+    """Multiclass scores."""
     X, _ = data
     y = np.array(["a", "b", "c"] * 16)
     clf = tiny_classifier(max_epochs=1).fit(X, y)
@@ -160,6 +178,7 @@ def test_multiclass_scores(data):
 
 
 def test_same_seed_same_model_and_refit_starts_from_the_pretrained_weights(data):
+    """Same seed same model and refit starts from the pretrained weights."""
     X, y = data
     clf = tiny_classifier(augment="crop+flip")
     first = clf.fit(X, y).predict_proba(X)
@@ -170,6 +189,7 @@ def test_same_seed_same_model_and_refit_starts_from_the_pretrained_weights(data)
 
 
 def test_warm_start_continues_training(data):
+    """Warm start continues training."""
     X, y = data
     clf = tiny_classifier(warm_start=True, max_epochs=1).fit(X, y)
     weights = clf.model_.fc.weight.detach().clone()
@@ -181,6 +201,7 @@ def test_warm_start_continues_training(data):
 
 
 def test_users_module_is_never_changed(data):
+    """Users module is never changed."""
     X, y = data
     net = TinyNet()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -191,6 +212,7 @@ def test_users_module_is_never_changed(data):
 
 
 def test_early_stopping_keeps_the_best_epoch(data):
+    """Early stopping keeps the best epoch."""
     X, y = data
     clf = tiny_classifier(early_stopping=True, max_epochs=8, n_iter_no_change=2).fit(X, y)
     losses = [record["valid_loss"] for record in clf.history_]
@@ -202,15 +224,28 @@ def test_early_stopping_keeps_the_best_epoch(data):
     assert stalled.n_epochs_ == 3 and stalled.best_epoch_ == 1
 
 
-def test_class_weights(data):
-    X, y = data
-    X, y = X[:30], y[:30]
-    for class_weight in ["balanced", {"horizontal": 1.0, "vertical": 3.0}]:
-        clf = tiny_classifier(class_weight=class_weight, max_epochs=1).fit(X, y)
-        assert clf.predict(X).shape == (30,)
+def test_class_weights_pull_predictions_towards_the_heavier_class():
+    # Noise with random labels: the network can only learn the prior, so the weights
+    # decide which class it predicts.
+    """Class weights pull predictions towards the heavier class."""
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (48, 24, 24, 3), dtype=np.uint8)
+    y = np.array(["common"] * 36 + ["rare"] * 12)
+    rng.shuffle(y)
+    test = rng.integers(0, 256, (40, 24, 24, 3), dtype=np.uint8)
+
+    def rare_share(class_weight):
+        clf = tiny_classifier(class_weight=class_weight, max_epochs=3).fit(X, y)
+        return float(np.mean(clf.predict(test) == "rare"))
+
+    unweighted = rare_share(None)
+    assert rare_share("balanced") > unweighted
+    assert rare_share({"rare": 10.0}) > rare_share({"common": 10.0})
+    assert rare_share({"rare": 10.0}) >= 0.9 and rare_share({"common": 10.0}) <= 0.1
 
 
 def test_keyboard_interrupt_leaves_a_usable_estimator(data):
+    """Keyboard interrupt leaves a usable estimator."""
     X, y = data
 
     class Interrupting(TinyNet):
@@ -230,6 +265,7 @@ def test_keyboard_interrupt_leaves_a_usable_estimator(data):
 
 
 def test_transform_gives_fine_tuned_features_for_another_estimator(data):
+    """Transform gives fine tuned features for another estimator."""
     X, y = data
     clf = tiny_classifier().fit(X, y)
     features = clf.transform(X)
@@ -238,6 +274,7 @@ def test_transform_gives_fine_tuned_features_for_another_estimator(data):
 
 
 def test_pipeline_cross_validation_and_grid_search(data):
+    """Pipeline cross validation and grid search."""
     X, y = data
     scores = cross_val_score(tiny_classifier(max_epochs=2), X, y, cv=2)
     assert scores.shape == (2,) and scores.mean() > 0.7
@@ -251,6 +288,7 @@ def test_pipeline_cross_validation_and_grid_search(data):
 
 
 def test_dump_made_for_a_missing_gpu_loads_on_the_cpu(data):
+    """Dump made for a missing GPU loads on the CPU."""
     X, y = data
     clf = tiny_classifier(max_epochs=1, device="cpu").fit(X, y)
     expected = clf.predict_proba(X)
@@ -266,6 +304,7 @@ def test_dump_made_for_a_missing_gpu_loads_on_the_cpu(data):
 
 
 def test_joblib_round_trip(data, tmp_path):
+    """Joblib round trip."""
     X, y = data
     clf = tiny_classifier(max_epochs=1).fit(X, y)
     joblib.dump(clf, tmp_path / "clf.joblib")
@@ -277,6 +316,7 @@ def test_joblib_round_trip(data, tmp_path):
 
 
 def test_verbose_shows_progress_and_history(data, capsys):
+    """Verbose shows progress and history."""
     X, y = data
     tiny_classifier(max_epochs=1, verbose=True).fit(X, y)
     captured = capsys.readouterr()
@@ -285,12 +325,14 @@ def test_verbose_shows_progress_and_history(data, capsys):
 
 
 def test_reduced_precision_trains(data):
+    """Reduced precision trains."""
     X, y = data
     clf = tiny_classifier(precision="bfloat16").fit(X, y)
     assert clf.score(X, y) > 0.9
 
 
 def test_augmentation_is_batched_and_seeded():
+    """Augmentation is batched and seeded."""
     images = torch.rand(6, 3, 8, 8)
     flipped = augment(images, ("flip",), torch.Generator().manual_seed(0))
     for original, out in zip(images, flipped, strict=True):
@@ -304,6 +346,31 @@ def test_augmentation_is_batched_and_seeded():
 
 @needs_offline_weights
 def test_pretrained_mobilenet_fine_tunes(data):
+    """Pretrained MobileNet fine tunes."""
     X, y = data
     clf = FineTuneClassifier(image_size=32, max_epochs=3, batch_size=16, random_state=0)
     assert clf.fit(X, y).score(*separable_images(n_per_class=20, size=24, seed=1)) >= 0.8
+
+
+def test_predictions_run_the_rewritten_network_with_the_same_results(data):
+    """Predictions run the rewritten network with the same results."""
+    X, y = data
+    clf = FineTuneClassifier(
+        "resnet18", weights=None, image_size=24, max_epochs=1, batch_size=8, random_state=0
+    ).fit(X, y)
+    predictor = clf._predictor()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in predictor.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in clf.model_.modules())  # kept for training
+    trained = clf._pooled_features(as_image_source(X), clf.model_, ["logits"], None)
+    np.testing.assert_allclose(clf.predict_proba(X), softmax(trained, axis=1), atol=1e-5)
+
+
+def test_feature_names_name_the_transform_columns(data):
+    """Feature names name the transform columns."""
+    X, y = data
+    clf = tiny_classifier(max_epochs=1).fit(X, y)
+    names = clf.get_feature_names_out()
+    assert names.tolist() == [f"penultimate_{i}" for i in range(16)]
+    assert clf.transform(X[:3]).shape == (3, len(names))
+    with pytest.raises(NotFittedError):
+        tiny_classifier().get_feature_names_out()

@@ -1,15 +1,18 @@
+"""Tests of input validation and image sources."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from skdeep._images import ArraySource, ListSource, as_image_source
+from skdeep._images import ArraySource, ListSource, as_image_source, decode_image
 from skdeep._preprocess import Preprocessing
 
 PREP = Preprocessing(resize_size=16, crop_size=16)
 
 
 def all_batches(source, batch_size=5, **kwargs):
+    """Concatenate every batch of ``source``."""
     return torch.cat(list(source.batches(batch_size, PREP, **kwargs)))
 
 
@@ -18,6 +21,7 @@ def all_batches(source, batch_size=5, **kwargs):
     [((6, 16, 16), 1), ((6, 16, 16, 1), 1), ((6, 16, 16, 3), 3)],
 )
 def test_arrays_become_nchw_batches_without_copying(shape, channels):
+    """Arrays become NCHW batches without copying."""
     X = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     source = as_image_source(X)
     assert isinstance(source, ArraySource)
@@ -28,12 +32,14 @@ def test_arrays_become_nchw_batches_without_copying(shape, channels):
 
 
 def test_batches_follow_the_given_indices():
+    """Batches follow the given indices."""
     X = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
     batch = all_batches(as_image_source(X), batch_size=2, indices=[4, 0, 2])
     np.testing.assert_array_equal(batch[:, 0].numpy(), X[[4, 0, 2]])
 
 
 def test_flat_rows_need_image_shape():
+    """Flat rows need image shape."""
     X = np.zeros((3, 64))
     with pytest.raises(ValueError, match=r"image_shape=\(H, W\)"):
         as_image_source(X)
@@ -44,6 +50,7 @@ def test_flat_rows_need_image_shape():
 
 
 def test_load_digits_rows_work_with_their_value_range():
+    """Load digits rows work with their value range."""
     from sklearn.datasets import load_digits
 
     X = load_digits().data[:10]
@@ -78,16 +85,19 @@ def test_load_digits_rows_work_with_their_value_range():
     ],
 )
 def test_bad_inputs_get_clear_errors(X, error, message):
+    """Bad inputs get clear errors."""
     with pytest.raises(error, match=message):
         as_image_source(X)
 
 
 def test_image_shape_must_match_images():
+    """Image shape must match images."""
     with pytest.raises(ValueError, match="does not match"):
         as_image_source(np.zeros((2, 8, 8)), image_shape=(4, 16))
 
 
 def test_integer_images_keep_their_values():
+    """Integer images keep their values."""
     X = np.array([[[0, 300], [4095, 17]]], dtype=np.int64)
     batch = all_batches(as_image_source(X, value_range=(0, 4095)))
     np.testing.assert_array_equal(batch[0, 0].numpy(), X[0])
@@ -96,11 +106,13 @@ def test_integer_images_keep_their_values():
 
 
 def test_float_images_in_unit_range_are_accepted():
+    """Float images in unit range are accepted."""
     X = np.random.default_rng(0).random((3, 8, 8, 3))
     assert as_image_source(X).value_range == (0.0, 1.0)
 
 
 def test_list_of_files_decodes_lazily_and_matches_arrays(image_files, images):
+    """List of files decodes lazily and matches arrays."""
     source = as_image_source(image_files)
     assert isinstance(source, ListSource)
     prep = Preprocessing(resize_size=32, crop_size=32)
@@ -111,6 +123,7 @@ def test_list_of_files_decodes_lazily_and_matches_arrays(image_files, images):
 
 
 def test_files_are_decoded_by_workers(image_files):
+    """Files are decoded by workers."""
     source = as_image_source(image_files)
     prep = Preprocessing(resize_size=32, crop_size=32)
     batches = list(source.batches(4, prep, num_workers=2))
@@ -118,6 +131,7 @@ def test_files_are_decoded_by_workers(image_files):
 
 
 def test_ragged_arrays_and_pil_images_are_brought_to_one_size():
+    """Ragged arrays and PIL images are brought to one size."""
     rng = np.random.default_rng(0)
     items = [
         rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
@@ -130,6 +144,7 @@ def test_ragged_arrays_and_pil_images_are_brought_to_one_size():
 
 
 def test_missing_and_corrupt_files_are_named(tmp_path, image_files):
+    """Missing and corrupt files are named."""
     missing = str(tmp_path / "nope.jpg")
     with pytest.raises(ValueError, match=r"X\[1\]: image file .*nope.jpg.* does not exist"):
         as_image_source([image_files[0], missing])
@@ -141,6 +156,7 @@ def test_missing_and_corrupt_files_are_named(tmp_path, image_files):
 
 
 def test_bad_items_in_lists_are_named():
+    """Bad items in lists are named."""
     with pytest.raises(ValueError, match=r"X\[1\] must be one image"):
         as_image_source([np.zeros((8, 8)), np.zeros((2, 8, 8, 3))])
     with pytest.raises(ValueError, match=r"X\[0\] contains NaN"):
@@ -150,6 +166,7 @@ def test_bad_items_in_lists_are_named():
 
 
 def test_fingerprints_identify_image_content(images, image_files):
+    """Fingerprints identify image content."""
     prints = as_image_source(images).fingerprints()
     assert len(set(prints)) == len(images)
     assert as_image_source(images.copy()).fingerprints() == prints
@@ -159,3 +176,18 @@ def test_fingerprints_identify_image_content(images, image_files):
     changed = as_image_source(altered).fingerprints()
     assert [a == b for a, b in zip(changed, prints, strict=True)].count(False) == 1
     assert len(set(as_image_source(image_files).fingerprints())) == len(image_files)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_files_are_read_at_full_depth(tmp_path, suffix):
+    """16 bit files are read at full depth."""
+    values = np.linspace(0, 65535, 24 * 24).astype(np.uint16).reshape(24, 24)
+    path = tmp_path / f"deep.{suffix}"
+    Image.fromarray(values).save(path)  # mode I;16
+    pixels = decode_image(str(path), 48)
+    assert pixels.shape == (24, 24, 1)
+    np.testing.assert_allclose(pixels[..., 0], values * (255 / 65535), rtol=1e-6, atol=1e-3)
+    assert (pixels > 254).mean() < 0.01  # not clipped to white
+    from_file = all_batches(as_image_source([str(path)]))
+    from_array = all_batches(as_image_source([values.astype(np.float32) / 65535]))
+    torch.testing.assert_close(from_file, from_array, atol=1e-5, rtol=1e-5)

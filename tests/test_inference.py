@@ -1,3 +1,5 @@
+"""Tests of the inference rewrites: batch-norm folding and fused convolutions."""
+
 import pytest
 import torch
 import torchvision
@@ -12,7 +14,7 @@ needs_onednn = pytest.mark.skipif(not fused_convolution_available(), reason="no 
 
 
 def trained_looking(name):
-    """A torchvision network with non-trivial batch-norm statistics, in eval mode."""
+    """Build a torchvision network with non-trivial batch-norm statistics, in eval mode."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()
     for module in model.modules():
@@ -27,6 +29,7 @@ def trained_looking(name):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outputs_and_module_names_are_kept(name, dtype):
+    """Outputs and module names are kept."""
     model = trained_looking(name)
     x = torch.randn(2, 3, 64, 64)
     names = {n for n, _ in model.named_modules()}
@@ -45,11 +48,13 @@ def test_outputs_and_module_names_are_kept(name, dtype):
 
 
 def first_convolution(model) -> str:
+    """Return the name of the first convolution of ``model``."""
     return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
 
 
 @needs_onednn
 def test_activations_run_inside_the_convolutions():
+    """Activations run inside the convolutions."""
     model = optimize_for_inference(trained_looking("mobilenet_v2"), CPU)
     fused = [m for m in model.modules() if isinstance(m, FusedConv2d)]
     assert len(fused) == 35  # every Conv-BN-ReLU6 of MobileNet-V2
@@ -58,6 +63,7 @@ def test_activations_run_inside_the_convolutions():
 
 
 def tapped_output(model, name, x):
+    """Return what the module ``name`` outputs in one forward pass."""
     seen = []
     handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.inference_mode():
@@ -79,6 +85,7 @@ def test_a_tapped_module_sees_the_same_values_when_kept(name):
 
 
 def test_kept_modules_keep_their_own_output():
+    """Kept modules keep their own output."""
     model = trained_looking("mobilenet_v2")
     optimize_for_inference(model, CPU, keep=frozenset({"features.1.conv.0.1", "features.0.0"}))
     assert isinstance(model.features[0][0], nn.Conv2d) and not isinstance(
@@ -89,6 +96,7 @@ def test_kept_modules_keep_their_own_output():
 
 
 def test_reused_activations_are_not_fused():
+    """Reused activations are not fused."""
     model = optimize_for_inference(trained_looking("resnet18"), CPU)
     assert isinstance(model.layer1[0].relu, nn.ReLU)  # called twice per block
     assert isinstance(model.layer1[0].bn1, nn.Identity)
@@ -96,6 +104,7 @@ def test_reused_activations_are_not_fused():
 
 def test_models_fx_cannot_trace_are_left_unchanged(tiny_net):
     # TinyNet.forward calls len() on its input, which symbolic tracing cannot follow.
+    """Models FX cannot trace are left unchanged."""
     optimize_for_inference(tiny_net.eval(), CPU)
     assert isinstance(tiny_net.features[1], nn.BatchNorm2d)
     assert type(tiny_net) is TinyNet

@@ -1,3 +1,5 @@
+"""Tests of the MMD losses against a NumPy reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from skdeep.losses import BANDWIDTH_MULTIPLIERS, linear_time_mmd, mmd
 
 
 def numpy_kernel(a, b, kernel, sigmas):
+    """Evaluate one kernel between two points, the textbook way."""
     if kernel == "linear":
         return float(a @ b)
     squared = float(((a - b) ** 2).sum())
@@ -13,7 +16,7 @@ def numpy_kernel(a, b, kernel, sigmas):
 
 
 def numpy_mmd(x, y, kernel="gaussian", sigmas=(1.0,), unbiased=True):
-    """The textbook formula, one kernel evaluation at a time."""
+    """Compute MMD by the textbook formula, one kernel evaluation at a time."""
     m, n = len(x), len(y)
 
     def mean_within(z):
@@ -31,6 +34,7 @@ def numpy_mmd(x, y, kernel="gaussian", sigmas=(1.0,), unbiased=True):
 
 
 def numpy_median_sigmas(x, y):
+    """Return DAN's bandwidths around the median distance, in NumPy."""
     z = np.concatenate([x, y])
     squared = ((z[:, None] - z[None]) ** 2).sum(-1)
     # torch.median returns the lower middle value
@@ -41,6 +45,7 @@ def numpy_median_sigmas(x, y):
 
 @pytest.fixture
 def samples():
+    """Return two small samples of different distributions."""
     rng = np.random.default_rng(0)
     return rng.normal(size=(7, 3)), rng.normal(0.5, 1.2, size=(9, 3))
 
@@ -50,6 +55,7 @@ def samples():
     "kernel, bandwidths", [("gaussian", 1.3), ("gaussian", [0.5, 2.0]), ("linear", None)]
 )
 def test_mmd_matches_the_numpy_reference(samples, kernel, bandwidths, unbiased):
+    """MMD matches the numpy reference."""
     x, y = samples
     sigmas = np.atleast_1d(bandwidths) if bandwidths is not None else ()
     expected = numpy_mmd(x, y, kernel, sigmas, unbiased)
@@ -58,12 +64,14 @@ def test_mmd_matches_the_numpy_reference(samples, kernel, bandwidths, unbiased):
 
 
 def test_default_bandwidths_are_dans_multi_kernel_around_the_median(samples):
+    """Default bandwidths are dans multi kernel around the median."""
     x, y = samples
     expected = numpy_mmd(x, y, "gaussian", numpy_median_sigmas(x, y))
     assert mmd(torch.from_numpy(x), torch.from_numpy(y)).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_linear_time_mmd_matches_the_numpy_reference(samples):
+    """Linear time MMD matches the numpy reference."""
     x, y = samples
     half = 3
     sigmas = [0.7, 1.5]
@@ -80,6 +88,7 @@ def test_linear_time_mmd_matches_the_numpy_reference(samples):
 
 @pytest.mark.parametrize("estimator, n", [(mmd, 400), (linear_time_mmd, 20000)])
 def test_near_zero_for_one_distribution_and_growing_with_a_mean_shift(estimator, n):
+    """Near zero for one distribution and growing with a mean shift."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
     y = torch.randn(n, 5, generator=generator, dtype=torch.float64)
@@ -91,6 +100,7 @@ def test_near_zero_for_one_distribution_and_growing_with_a_mean_shift(estimator,
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
 def test_symmetric(samples, kernel):
+    """Symmetric."""
     x, y = (torch.from_numpy(a) for a in samples)
     assert mmd(x, y, kernel).item() == pytest.approx(mmd(y, x, kernel).item(), abs=1e-12)
 
@@ -98,6 +108,7 @@ def test_symmetric(samples, kernel):
 @pytest.mark.parametrize("kernel, bandwidths", [("gaussian", [0.8, 1.6]), ("linear", None)])
 @pytest.mark.parametrize("estimator", [mmd, linear_time_mmd])
 def test_gradients_are_correct(estimator, kernel, bandwidths):
+    """Gradients are correct."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     y = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -107,6 +118,7 @@ def test_gradients_are_correct(estimator, kernel, bandwidths):
 
 
 def test_a_gradient_step_pulls_the_samples_together():
+    """A gradient step pulls the samples together."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=generator, dtype=torch.float64)
     y = (torch.randn(32, 4, generator=generator, dtype=torch.float64) + 1).requires_grad_()
@@ -120,6 +132,7 @@ def test_a_gradient_step_pulls_the_samples_together():
 
 
 def test_bad_inputs():
+    """Bad inputs."""
     x = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="same number of features"):
         mmd(x, torch.zeros(4, 2))

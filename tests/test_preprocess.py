@@ -1,3 +1,5 @@
+"""Tests of batched preprocessing against torchvision's transforms."""
+
 import pytest
 import torch
 import torchvision
@@ -8,6 +10,7 @@ from skdeep._preprocess import Preprocessing, prepare_batch, resize_and_crop
 
 @pytest.mark.parametrize("height, width", [(300, 400), (500, 260), (256, 256), (224, 224)])
 def test_resize_and_crop_matches_torchvision(height, width):
+    """Resize and crop matches torchvision."""
     images = torch.rand(2, 3, height, width)
     prep = Preprocessing(resize_size=256, crop_size=224)
     expected = TF.center_crop(TF.resize(images, [256], antialias=True), [224])
@@ -17,6 +20,7 @@ def test_resize_and_crop_matches_torchvision(height, width):
 
 
 def test_prepare_batch_normalizes_like_torchvision():
+    """Prepare batch normalizes like torchvision."""
     raw = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
     prep = Preprocessing(resize_size=40, crop_size=32)
     out = prepare_batch(raw, prep, torch.device("cpu"), (0.0, 255.0))
@@ -28,6 +32,7 @@ def test_prepare_batch_normalizes_like_torchvision():
 
 
 def test_gray_becomes_rgb_and_value_range_is_honoured():
+    """Gray becomes RGB and value range is honoured."""
     raw = torch.rand(2, 1, 16, 16) * 16
     prep = Preprocessing(resize_size=16, crop_size=16)
     out = prepare_batch(raw, prep, torch.device("cpu"), (0.0, 16.0), torch.bfloat16)
@@ -39,6 +44,7 @@ def test_gray_becomes_rgb_and_value_range_is_honoured():
 
 
 def test_preprocessing_comes_from_the_weights_metadata():
+    """Preprocessing comes from the weights metadata."""
     weights = torchvision.models.get_model_weights("efficientnet_b1").IMAGENET1K_V1
     prep = Preprocessing.from_weights(weights)
     assert (prep.resize_size, prep.crop_size, prep.interpolation) == (256, 240, "bicubic")
@@ -48,5 +54,6 @@ def test_preprocessing_comes_from_the_weights_metadata():
 
 
 def test_crop_larger_than_resize_is_an_error():
+    """Crop larger than resize is an error."""
     with pytest.raises(ValueError, match="cannot crop"):
         resize_and_crop(torch.rand(1, 3, 50, 60), Preprocessing(resize_size=32, crop_size=40))

@@ -1,3 +1,5 @@
+"""Tests of layer taps, pooled features and pooling."""
+
 import pytest
 import torch
 import torchvision
@@ -8,11 +10,13 @@ from skdeep._taps import LayerTaps, pool, pooled_names, probe_layers
 
 @pytest.fixture
 def resnet():
+    """Return a seeded ResNet-18 in eval mode."""
     torch.manual_seed(0)
     return torchvision.models.resnet18().eval()
 
 
 def test_taps_stop_after_the_deepest_layer(resnet):
+    """Taps stop after the deepest layer."""
     later = []
     resnet.layer3.register_forward_hook(lambda *args: later.append("layer3"))
     with torch.no_grad(), LayerTaps(resnet, ["layer2", "layer1"], stop_after="layer2") as taps:
@@ -22,18 +26,21 @@ def test_taps_stop_after_the_deepest_layer(resnet):
 
 
 def test_hooks_are_removed_afterwards(resnet):
+    """Hooks are removed afterwards."""
     with LayerTaps(resnet, ["layer1", "penultimate"]) as taps:
         taps.run(torch.zeros(1, 3, 32, 32))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())
 
 
 def test_hooks_are_removed_when_the_forward_pass_fails(resnet):
+    """Hooks are removed when the forward pass fails."""
     with pytest.raises(RuntimeError), LayerTaps(resnet, ["layer1"]) as taps:
         taps.run(torch.zeros(1, 5, 32, 32))
     assert not resnet.layer1._forward_hooks
 
 
 def test_penultimate_is_the_input_of_the_head(resnet):
+    """Penultimate is the input of the head."""
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         outputs, deepest = probe_layers(resnet, ["penultimate", "layer4"], x)
@@ -51,11 +58,14 @@ def test_penultimate_is_the_input_of_the_head(resnet):
 
 
 def test_reused_modules_are_refused(resnet):
+    """Reused modules are refused."""
     with pytest.raises(ValueError, match="run several times"):
         probe_layers(resnet, ["layer1.0.relu"], torch.zeros(1, 3, 32, 32))
 
 
 def test_layers_that_never_run_are_refused():
+    """Layers that never run are refused."""
+
     class Skips(nn.Module):
         def __init__(self):
             super().__init__()
@@ -69,6 +79,7 @@ def test_layers_that_never_run_are_refused():
 
 
 def test_pooling():
+    """Pooling."""
     maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     torch.testing.assert_close(pool(maps, "avg"), maps.mean((2, 3)))
     torch.testing.assert_close(pool(maps, "max"), maps.amax((2, 3)))

@@ -1,26 +1,26 @@
+"""Tests of the training loop: optimizer groups, schedule, early stopping, recalibration."""
+
+import itertools
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from skdeep._training import (
-    StepResult,
-    Trainer,
-    make_optimizer,
-    make_scheduler,
-    recalibrate_batch_norm,
-)
+from skdeep._objectives import StepResult, Supervised
+from skdeep._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
 
 CPU = torch.device("cpu")
 
 
 def small_model():
+    """Return a seeded perceptron with a batch norm."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
 
 
 def test_discriminative_learning_rates_and_no_decay_on_1d_parameters():
+    """Discriminative learning rates and no decay on 1d parameters."""
     model = small_model()
     optimizer = make_optimizer("sgd", model, model[3], lr=0.1, backbone_lr=0.01, weight_decay=0.5)
     by_id = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -38,6 +38,7 @@ def test_discriminative_learning_rates_and_no_decay_on_1d_parameters():
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
+    """Cosine schedule warms up then decays to zero."""
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = make_scheduler(optimizer, "cosine", total_steps=100)
@@ -49,11 +50,12 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert rates[0] == pytest.approx(0.2)  # 5 warm-up steps
     assert rates[4] == pytest.approx(1.0)
     assert rates[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 95)))
-    assert rates[-1] < 0.01 and all(a >= b for a, b in zip(rates[4:], rates[5:], strict=False))
+    assert rates[-1] < 0.01 and all(a >= b for a, b in itertools.pairwise(rates[4:]))
     assert make_scheduler(optimizer, None, 100) is None
 
 
 def regression_batches(epoch):
+    """Yield four labeled batches of one epoch."""
     generator = torch.Generator().manual_seed(epoch)
     for _ in range(4):
         x = torch.randn(16, 4, generator=generator)
@@ -61,24 +63,19 @@ def regression_batches(epoch):
 
 
 def make_trainer(model, **kwargs):
+    """Return a Trainer with AdamW over five epochs of four steps."""
     optimizer = make_optimizer("adamw", model, model[3], 0.05, 0.05, 0.0)
     defaults = dict(device=CPU, dtype=torch.float32, max_epochs=5, steps_per_epoch=4)
     return Trainer(model, optimizer, None, **{**defaults, **kwargs})
 
 
-def step(model):
-    def run(batch, progress):
-        x, y = batch
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        return StepResult(loss, (logits.argmax(1) == y).sum(), len(y))
-
-    return run
+SUPERVISED = Supervised(nn.CrossEntropyLoss())
 
 
 def test_trainer_records_history_and_learns():
+    """Trainer records history and learns."""
     model = small_model()
-    result = make_trainer(model).fit(regression_batches, 64, step(model))
+    result = make_trainer(model).fit(SUPERVISED, regression_batches, 64)
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert {"train_loss", "train_accuracy", "lr", "seconds"} <= set(result.history[0])
@@ -86,6 +83,7 @@ def test_trainer_records_history_and_learns():
 
 
 def test_early_stopping_restores_the_best_weights():
+    """Early stopping restores the best weights."""
     model = small_model()
     losses = iter([0.5, 0.4, 0.45, 0.46, 0.47, 0.3])
     snapshots = {}
@@ -95,13 +93,14 @@ def test_early_stopping_restores_the_best_weights():
         return next(losses), 0.0
 
     trainer = make_trainer(model, max_epochs=6, early_stopping=True, n_iter_no_change=3)
-    result = trainer.fit(regression_batches, 64, step(model), validate)
+    result = trainer.fit(SUPERVISED, regression_batches, 64, validate)
     assert len(result.history) == 5 and result.best_epoch == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshots[2][key])
 
 
 def test_interrupt_keeps_the_best_weights_so_far():
+    """Interrupt keeps the best weights so far."""
     model = small_model()
 
     def batches(epoch):
@@ -110,22 +109,25 @@ def test_interrupt_keeps_the_best_weights_so_far():
         yield from regression_batches(epoch)
 
     with pytest.warns(RuntimeWarning, match="interrupted after 2 complete epoch"):
-        result = make_trainer(model).fit(batches, 64, step(model))
+        result = make_trainer(model).fit(SUPERVISED, batches, 64)
     assert result.interrupted and result.best_epoch == 2
 
 
 def test_non_finite_loss_is_an_error():
+    """Non finite loss is an error."""
     model = small_model()
 
-    def bad_step(batch, progress):
-        out = step(model)(batch, progress)
-        return StepResult(out.loss * float("nan"), out.n_correct, out.n_labeled)
+    class Diverging(Supervised):
+        def step(self, model, batch, progress):
+            out = super().step(model, batch, progress)
+            return StepResult(out.loss * float("nan"), out.n_correct, out.n_labeled)
 
     with pytest.raises(FloatingPointError, match="training loss became nan"):
-        make_trainer(model).fit(regression_batches, 64, bad_step)
+        make_trainer(model).fit(Diverging(nn.CrossEntropyLoss()), regression_batches, 64)
 
 
 def test_batch_norm_recalibration_uses_exact_statistics():
+    """Batch norm recalibration uses exact statistics."""
     model = small_model()
     data = torch.randn(64, 4) * 3 + 1
     recalibrate_batch_norm(model, [], [data[:32], data[32:], data[:1]], CPU, torch.float32)

@@ -1,0 +1,172 @@
+"""A catalogue of inputs a user can get wrong, with the error each must give.
+
+Every entry: what the user does, the exception it must raise, and a fragment that the
+message's first line must hold (the argument or file it names, what was expected).
+Add a row for every bad input found to slip through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from skdeep import DomainAdaptedClassifier, FeatureExtractor, FineTuneClassifier
+from skdeep.__main__ import build_parser, extract
+
+from .conftest import TinyNet, separable_images
+
+
+def tiny_adapter(**params):
+    """Return a DomainAdaptedClassifier on TinyNet that trains in a moment."""
+    defaults = dict(backbone=TinyNet(), image_size=24, max_epochs=1, batch_size=8)
+    return DomainAdaptedClassifier(**{**defaults, **params})
+
+
+def random_resnet(**params):
+    """Return a FeatureExtractor on a randomly initialised ResNet-18 at 32 px."""
+    return FeatureExtractor("resnet18", weights=None, image_size=32, **params)
+
+
+def photos(tmp_path, n=6, corrupt=None):
+    """PNG files; the one at index ``corrupt`` holds bytes that are not an image."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(n):
+        path = tmp_path / f"photo_{index}.png"
+        if index == corrupt:
+            path.write_bytes(b"these bytes are not a PNG")
+        else:
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def mismatched_weights_file(tmp_path):
+    """Load a ResNet-18 checkpoint into MobileNet-V2."""
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return FeatureExtractor("mobilenet_v2", weights=str(path)).fit()
+
+
+def cli_with_object_array(tmp_path):
+    """Run ``python -m skdeep extract`` on a .npy file of Python objects."""
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"not": "an image"}, None], dtype=object), allow_pickle=True)
+    args = build_parser().parse_args(["extract", str(path), "--out", str(tmp_path / "f.joblib")])
+    return extract(args)
+
+
+X_SOURCE, Y_SOURCE = separable_images(n_per_class=8, size=24)
+
+
+@dataclass
+class BadInput:
+    """One catalogue entry: the call, its exception, a pattern of its first line."""
+
+    name: str
+    call: Callable
+    error: type
+    first_line: str
+
+
+CATALOGUE = [
+    BadInput(
+        "weights file of another network",
+        mismatched_weights_file,
+        ValueError,
+        r"weights: the file '.*resnet18.pth' does not fit the backbone mobilenet_v2; "
+        r"missing keys \(\d+\): \['features.0.0.weight'",
+    ),
+    BadInput(
+        "image_size too small for the network (extraction)",
+        lambda tmp: FeatureExtractor("alexnet", weights=None, image_size=32).fit(),
+        ValueError,
+        r"image_size: .*32x32 pixels is too small .*smallest size that works is 63",
+    ),
+    BadInput(
+        "image_size too small for the network (fine-tuning)",
+        lambda tmp: FineTuneClassifier("squeezenet1_0", weights=None, image_size=16).fit(
+            X_SOURCE, Y_SOURCE
+        ),
+        ValueError,
+        r"image_size: .* smallest size that works is 21",
+    ),
+    BadInput(
+        "image_shape with a zero size",
+        lambda tmp: random_resnet(image_shape=(0, 64)).fit_transform(np.zeros((2, 0))),
+        ValueError,
+        r"image_shape must be \(H, W\) or \(H, W, C\) with positive H and W.*got \(0, 64\)",
+    ),
+    BadInput(
+        "image_shape with a negative size",
+        lambda tmp: random_resnet(image_shape=(-8, -8)).fit_transform(np.zeros((2, 64))),
+        ValueError,
+        r"image_shape must be .* got \(-8, -8\)",
+    ),
+    BadInput(
+        "image_shape that is not a shape",
+        lambda tmp: random_resnet(image_shape=(8.5, 8)).fit_transform(np.zeros((2, 68))),
+        ValueError,
+        "image_shape must be",
+    ),
+    BadInput(
+        "X_target of the wrong channel count",
+        lambda tmp: tiny_adapter().fit(X_SOURCE, Y_SOURCE, X_target=np.zeros((4, 8, 8, 2))),
+        ValueError,
+        r"X_target must have 1 or 3 channels",
+    ),
+    BadInput(
+        "X_target holding NaN",
+        lambda tmp: tiny_adapter().fit(X_SOURCE, Y_SOURCE, X_target=np.full((4, 8, 8), np.nan)),
+        ValueError,
+        "X_target contains NaN",
+    ),
+    BadInput(
+        "X_target that is a single path",
+        lambda tmp: tiny_adapter().fit(X_SOURCE, Y_SOURCE, X_target="target.png"),
+        TypeError,
+        "X_target must be images",
+    ),
+    BadInput(
+        "a file that fails to decode in a worker process",
+        lambda tmp: random_resnet(num_workers=2, batch_size=2).fit_transform(
+            photos(tmp, corrupt=3)
+        ),
+        ValueError,
+        r"could not read the image file '.*photo_3.png'",
+    ),
+    BadInput(
+        "a file that fails to decode in the main process",
+        lambda tmp: random_resnet().fit_transform(photos(tmp, corrupt=0)),
+        ValueError,
+        r"could not read the image file '.*photo_0.png'",
+    ),
+    BadInput(
+        "python -m skdeep extract on a .npy of Python objects",
+        cli_with_object_array,
+        ValueError,
+        r"INPUT: .*objects.npy holds Python objects .* expected a numeric array of images",
+    ),
+    BadInput(
+        "y shorter than X",
+        lambda tmp: FineTuneClassifier(TinyNet(), image_size=24).fit(X_SOURCE, Y_SOURCE[:-1]),
+        ValueError,
+        "y has 15 labels but X has 16 images",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[case.name for case in CATALOGUE])
+def test_bad_input_gets_a_clear_first_line(case, tmp_path):
+    """Bad input gets a clear first line."""
+    with pytest.raises(case.error) as caught:
+        case.call(tmp_path)
+    first_line = str(caught.value).splitlines()[0]
+    assert re.search(case.first_line, first_line), first_line
