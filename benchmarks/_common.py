@@ -1,24 +1,36 @@
-"""Helpers shared by the benchmarks: timing, memory sampling and table printing."""
+"""Helpers shared by the benchmarks: timing, memory sampling and result files."""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from skdeep._compat import cpu_instruction_sets
+
+RESULTS = Path(__file__).parent / "results"
+
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def median_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Time each callable ``repeats`` times, interleaved so that machine noise hits
-    all of them alike; one untimed warm-up run each. Returns the medians.
+    """Time each callable ``repeats`` times; return the median seconds of each.
+
+    Runs are interleaved so that machine noise hits all of them alike, after one
+    untimed warm-up run each.
     """
     for run in runs.values():
         run()
@@ -32,7 +44,7 @@ def median_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[
 
 
 class PeakMemory:
-    """Peak resident memory above the level at entry, sampled by a thread (Linux)."""
+    """Measure the peak resident memory above the level at entry (a thread samples it)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
@@ -62,15 +74,48 @@ class PeakMemory:
         self.peak_bytes = max(self._peak, self._rss()) - self._base
 
 
-def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    """A Markdown table (pastes straight into the README)."""
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """Format rows as a Markdown table (it pastes straight into the README)."""
     cells = [[_format(value) for value in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
-    print(f"\n{title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     for row in cells:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+class Report:
+    """Tables of one benchmark, printed as they come and written to ``results/``.
+
+    The file starts with the date, the command, the machine (CPU model and instruction
+    sets, threads, GPU) and the versions of the libraries, since the figures depend
+    on all of them. The README quotes these files.
+    """
+
+    def __init__(self, name: str, device: torch.device, libraries: tuple[str, ...] = ()):
+        self.path = RESULTS / f"{name}.md"
+        self.parts = [f"# {name}\n", machine_description(device, libraries)]
+        print(self.parts[-1], flush=True)
+
+    def table(self, title: str, header: list[str], rows: list[list[object]]) -> None:
+        """Add a table (and print it)."""
+        text = f"## {title}\n\n{markdown_table(header, rows)}\n"
+        print("\n" + text, flush=True)
+        self.parts.append(text)
+
+    def note(self, text: str) -> None:
+        """Add a paragraph (and print it)."""
+        print("\n" + text, flush=True)
+        self.parts.append(text + "\n")
+
+    def write(self) -> None:
+        """Write the report to ``benchmarks/results/<name>.md``."""
+        RESULTS.mkdir(exist_ok=True)
+        self.path.write_text("\n".join(self.parts))
+        print(f"\nwrote {self.path}")
 
 
 def _format(value: object) -> str:
@@ -82,13 +127,51 @@ def _format(value: object) -> str:
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the cosine similarity of each row of ``a`` with the same row of ``b``."""
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def cpu_model() -> str:
+    """Return the CPU's model name (Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            names = [line.split(":", 1)[1].strip() for line in file if "model name" in line]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def cpu_summary() -> str:
+    """Describe the CPU: model, torch threads and the instruction sets that matter."""
+    flags = cpu_instruction_sets()
+    present = [name for name, has in flags.items() if has] or ["none of them"]
+    return (
+        f"{cpu_model()}, {torch.get_num_threads()} torch threads; instruction sets: "
+        f"{', '.join(present)} (of {', '.join(flags)})"
+    )
+
+
 def machine() -> str:
+    """Describe the device of a table in a few words (for table titles)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    with open("/proc/cpuinfo") as file:
-        names = [line.split(":", 1)[1].strip() for line in file if "model name" in line]
-    model = names[0] if names else "CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def machine_description(device: torch.device, libraries: tuple[str, ...] = ()) -> str:
+    """Describe the date, command, machine and versions, as the head of a result file."""
+    versions = [f"Python {platform.python_version()}"]
+    for package in ("torch", "torchvision", "scikit-learn", "numpy", "skdeep", *libraries):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
+    command = " ".join(["python", *sys.argv])
+    return (
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"
+        f"- command: `{command}`\n"
+        f"- CPU: {cpu_summary()}\n"
+        f"- GPU: {gpu}\n"
+        f"- versions: {', '.join(versions)}\n"
+    )
