@@ -1,7 +1,8 @@
 """Feature extraction: throughput, reduced precision and memory.
 
 Run:  .venv/bin/python benchmarks/bench_extraction.py [--quick] [--device cuda]
-(``make bench`` runs all benchmarks after installing the comparison packages.)
+(``make bench`` runs all benchmarks after installing the comparison packages; this one
+writes results/extraction.md.)
 
 1. Images per second from uint8 arrays (n, 224, 224, 3) to feature rows, for
    mobilenet_v2 and resnet18, against baselines measured in the same process:
@@ -26,7 +27,7 @@ import tempfile
 import numpy as np
 import torch
 import torchvision
-from _common import PeakMemory, cosine_similarity, machine, median_seconds, print_table, synchronize
+from _common import PeakMemory, Report, cosine_similarity, machine, median_seconds, synchronize
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -40,7 +41,7 @@ from skdeep.datasets import DatasetUnavailableError, load_fashion_mnist, load_mn
 
 
 def naive_loop(model_name: str, device: torch.device):
-    """The tutorial way: PIL transforms image by image, float32, batches of 32."""
+    """Extract the tutorial way: PIL transforms image by image, float32, batches of 32."""
     weights = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
     model = torchvision.models.get_model(model_name).eval().to(device)
     if hasattr(model, "fc"):
@@ -95,7 +96,8 @@ def model_alone(module: torch.nn.Module, ready: torch.Tensor, device, dtype, bat
     return run
 
 
-def throughput(device: torch.device, n_images: int, repeats: int) -> None:
+def throughput(report: Report, device: torch.device, n_images: int, repeats: int) -> None:
+    """Images per second of skdeep and its baselines, from uint8 arrays at 224 px."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
     reduced = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -140,7 +142,7 @@ def throughput(device: torch.device, n_images: int, repeats: int) -> None:
                     f"{rate / naive_rate:.2f}",
                 ]
             )
-    print_table(
+    report.table(
         f"Throughput, uint8 arrays 224x224 -> feature rows, {n_images} images, median of "
         f"{repeats} ({machine()})",
         ["backbone", "method", "images/s", "x ceiling (same precision)", "x naive loop"],
@@ -148,9 +150,10 @@ def throughput(device: torch.device, n_images: int, repeats: int) -> None:
     )
 
 
-def precision_quality(device: torch.device) -> None:
+def precision_quality(report: Report, device: torch.device) -> None:
+    """Speed and feature quality of reduced precision against float32 (real weights)."""
     if device.type == "cpu" and not cpu_has_native_bfloat16():
-        print("\n(no native bfloat16 on this CPU: precision comparison skipped)")
+        report.note("(no native bfloat16 on this CPU: the reduced-precision table is skipped)")
         return
     reduced = "float16" if device.type == "cuda" else "bfloat16"
     images, labels = load_mnist_5k()
@@ -171,7 +174,7 @@ def precision_quality(device: torch.device) -> None:
     rows[0].append("")
     speedup = rows[1][1] / rows[0][1]
     rows[1][1] = f"{rows[1][1]:.0f} ({speedup:.2f}x)"
-    print_table(
+    report.table(
         "Reduced precision, ImageNet mobilenet_v2 at 224 px, MNIST 5k linear probe "
         "(4,000 train / 1,000 test)",
         ["precision", "images/s", "probe accuracy %", "cosine to float32 (min / mean)"],
@@ -179,7 +182,8 @@ def precision_quality(device: torch.device) -> None:
     )
 
 
-def memory(device: torch.device, sizes: list[int]) -> None:
+def memory(report: Report, device: torch.device, sizes: list[int]) -> None:
+    """Peak resident memory while transforming more and more images."""
     try:
         pool, _ = load_fashion_mnist("train")
         data = "Fashion-MNIST"
@@ -197,7 +201,7 @@ def memory(device: torch.device, sizes: list[int]) -> None:
         peak_mb = peak.peak_bytes / 2**20
         rows.append([n, images.nbytes / 2**20, output_mb, peak_mb, peak_mb - output_mb])
         del features
-    print_table(
+    report.table(
         f"Peak resident memory while transforming ({data} 28x28, mobilenet_v2 at 224 px, MiB)",
         ["images", "input", "output array", "peak above start", "peak minus output"],
         rows,
@@ -205,6 +209,7 @@ def memory(device: torch.device, sizes: list[int]) -> None:
 
 
 def main() -> None:
+    """Run the three tables and write results/extraction.md."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images, for a smoke run")
     parser.add_argument("--device", default="auto")
@@ -212,9 +217,11 @@ def main() -> None:
     from skdeep._device import resolve_device
 
     device = resolve_device(args.device)
-    throughput(device, n_images=64 if args.quick else 256, repeats=1 if args.quick else 3)
-    precision_quality(device)
-    memory(device, [500, 2000] if args.quick else [5000, 20000])
+    report = Report("extraction" + ("_quick" if args.quick else ""), device, ("img2vec_pytorch",))
+    throughput(report, device, n_images=64 if args.quick else 256, repeats=1 if args.quick else 3)
+    precision_quality(report, device)
+    memory(report, device, [500, 2000] if args.quick else [5000, 20000])
+    report.write()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
   carries a model trained on labeled source images over to unlabeled target images.
 """
 
+from ._store import load_features
 from ._version import __version__
 from .backbones import WeightsUnavailableError
 from .domain_adaptation import DomainAdaptedClassifier
@@ -18,4 +19,5 @@ __all__ = [
     "FineTuneClassifier",
     "WeightsUnavailableError",
     "__version__",
+    "load_features",
 ]

@@ -1,10 +1,14 @@
-"""Command line: ``python -m skdeep extract INPUT --out features.joblib``.
+"""Command line: ``python -m skdeep extract`` and ``python -m skdeep cache``.
 
-Writes one joblib dump (a dict) with the features, the image paths, the labels taken
-from sub-folder names, the feature names and the extractor's parameters::
+``extract`` runs a frozen pretrained CNN over images. With ``--out features.zarr`` it
+writes a chunked feature store while it computes, resumable after an interruption,
+in this process or on a Dask cluster (``--workers N``, ``--scheduler ADDRESS``); open
+it with :func:`skdeep.load_features`. With ``--out features.joblib`` it writes one
+joblib dump (a dict) at the end, for small jobs::
 
-    python -m skdeep extract photos/ --layers layer3 layer4 --out features.joblib
-    python -c "import joblib; d = joblib.load('features.joblib'); print(d['features'].shape)"
+    python -m skdeep extract photos/ --layers layer3 layer4 --out features.zarr --workers 4
+    python -m skdeep extract photos/ --out features.joblib
+    python -m skdeep cache info feature-cache/
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 
+from ._feature_cache import FeatureCache
+from ._images import load_npy
 from .backbones import WeightsUnavailableError
 from .feature_extraction import FeatureExtractor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+STORE_SUFFIX = ".zarr"
 
 
 def find_images(source: str) -> tuple[list[str], list[str] | None]:
-    """Image files of a folder (recursive) or a glob pattern, and their labels.
+    """Find the image files of a folder (recursive) or a glob pattern, and their labels.
 
     Labels are the names of the first-level sub-folders of a folder, when every
     image lies in one; otherwise there are none.
@@ -46,20 +53,6 @@ def find_images(source: str) -> tuple[list[str], list[str] | None]:
     return paths, None
 
 
-def load_npy(path: str) -> np.ndarray:
-    """Memory-map a .npy array of images (never unpickling it)."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # object arrays can be neither mapped nor safely loaded
-        raise ValueError(
-            f"INPUT: {path} holds Python objects (an array of dtype object), not pixels; "
-            "expected a numeric array of images (n, H, W[, C]) as np.save(path, images) "
-            "writes"
-        ) from exc
-    except OSError as exc:
-        raise OSError(f"INPUT: could not read {path} as a .npy file: {exc}") from exc
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``python -m skdeep``."""
     parser = argparse.ArgumentParser(
@@ -67,13 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep transfer learning with a scikit-learn face.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_extract(commands)
+    cache = commands.add_parser(
+        "cache",
+        help="inspect or empty a per-image feature cache (FeatureExtractor(memory=...))",
+    )
+    cache.add_argument("action", choices=["info", "clear"], help="report its size, or empty it")
+    cache.add_argument("folder", help="the folder given as memory=")
+    return parser
+
+
+def _add_extract(commands) -> None:
     extract = commands.add_parser(
         "extract",
-        help="extract CNN features of images into a joblib dump",
+        help="extract CNN features of images into a feature store or a joblib dump",
         description=(
-            "Run a frozen pretrained CNN over images and write one joblib dump: a dict "
-            "with 'features' (n, d) float32, 'paths', 'labels' (sub-folder names, or "
-            "None), 'feature_names' and 'params'."
+            "Run a frozen pretrained CNN over images. --out NAME.zarr writes a chunked "
+            "feature store as it computes (resumable: run the same command again after "
+            "an interruption; read it with skdeep.load_features); any other --out writes "
+            "one joblib dump at the end: a dict with 'features' (n, d) float32, 'paths', "
+            "'labels' (sub-folder names, or None), 'feature_names' and 'params'."
         ),
     )
     extract.add_argument(
@@ -82,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "become labels), a quoted glob such as 'data/**/*.jpg', or a .npy array of "
         "images (n, H, W[, C])",
     )
-    extract.add_argument("--out", required=True, help="output file, e.g. features.joblib")
+    extract.add_argument(
+        "--out", required=True, help="output: features.zarr (a store) or features.joblib"
+    )
+    extract.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output of other settings"
+    )
     extract.add_argument("--backbone", default="mobilenet_v2", help="torchvision model name")
     extract.add_argument(
         "--weights",
@@ -110,13 +121,39 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
-    extract.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
+    extract.add_argument(
+        "--num-workers", type=int, default=0, help="image decoding processes (in this process)"
+    )
+    extract.add_argument(
+        "--random-state", type=int, default=None, help="seed of random weights (--weights none)"
+    )
+    cluster = extract.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="start a local Dask cluster of this many single-threaded workers (.zarr only)",
+    )
+    cluster.add_argument(
+        "--scheduler", default=None, help="address of a running Dask scheduler (.zarr only)"
+    )
+    extract.add_argument(
+        "--partition-size",
+        type=int,
+        default=1024,
+        help="images per task and per chunk of the store (.zarr only)",
+    )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 def extract(args: argparse.Namespace) -> dict:
-    """Run ``extract``: features of the INPUT images, written to ``--out``."""
+    """Run ``extract``: features of the INPUT images, written to ``--out``.
+
+    Returns
+    -------
+    dict
+        What was written: ``n_images``, ``n_features`` and, for joblib dumps, the dump.
+    """
     if args.input.endswith(".npy"):
         images = load_npy(args.input)
         paths, labels = None, None
@@ -137,8 +174,17 @@ def extract(args: argparse.Namespace) -> dict:
         device=args.device,
         precision=args.precision,
         num_workers=args.num_workers,
+        random_state=args.random_state,
         verbose=not args.quiet,
     )
+    if args.out.rstrip("/").endswith(STORE_SUFFIX):
+        return _extract_to_store(args, extractor, paths, labels)
+    if args.workers is not None or args.scheduler is not None:
+        raise ValueError(
+            f"--workers and --scheduler write a feature store: use --out NAME{STORE_SUFFIX}"
+        )
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
     features = extractor.fit_transform(images)
     dump = {
         "features": features,
@@ -147,21 +193,81 @@ def extract(args: argparse.Namespace) -> dict:
         "feature_names": extractor.get_feature_names_out(),
         "params": extractor.get_params(),
     }
-    joblib.dump(dump, args.out)
-    return dump
+    try:
+        joblib.dump(dump, args.out)
+    except OSError as exc:
+        raise OSError(f"--out: cannot write {args.out!r}: {exc}") from exc
+    return {"n_images": len(features), "n_features": features.shape[1], "dump": dump}
+
+
+def _extract_to_store(args, extractor, paths, labels) -> dict:
+    from . import dask as skdeep_dask
+
+    extractor.set_params(verbose=False).fit()  # the store's progress bar counts instead
+    client = None
+    if args.scheduler is not None:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    try:
+        store = skdeep_dask.extract(
+            extractor,
+            paths if paths is not None else args.input,
+            args.out,
+            labels=labels,
+            client=client,
+            n_workers=0 if args.workers is None and client is None else args.workers,
+            partition_size=args.partition_size,
+            overwrite=args.overwrite,
+            verbose=not args.quiet,
+        )
+    finally:
+        if client is not None:
+            client.close()
+    return {"n_images": store.n_images, "n_features": store.n_features}
+
+
+def cache(args: argparse.Namespace) -> str:
+    """Run ``cache info`` or ``cache clear``; return the report."""
+    if not os.path.isdir(args.folder):
+        raise ValueError(f"FOLDER: {args.folder!r} is not a folder")
+    feature_cache = FeatureCache(args.folder)
+    if args.action == "clear":
+        freed = feature_cache.clear()
+        return f"cleared {args.folder}: {freed / 2**20:.1f} MiB freed"
+    info = feature_cache.info()
+    lines = [
+        f"{args.folder}: {info['images']} cached feature rows of {len(info['settings'])} "
+        f"extractor setting(s), {info['bytes'] / 2**20:.1f} MiB"
+    ]
+    for key, count in info["settings"].items():
+        lines.append(f"  {key}: {count} rows")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
     try:
-        dump = extract(args)
-    except (ValueError, TypeError, OSError, WeightsUnavailableError) as exc:
+        if args.command == "cache":
+            print(cache(args))
+            return 0
+        written = extract(args)
+    except (ValueError, TypeError, OSError, ImportError, WeightsUnavailableError) as exc:
         print(f"skdeep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "skdeep: interrupted; a .zarr store keeps its finished chunks: run the same "
+            "command again to compute only the rest",
+            file=sys.stderr,
+        )
+        return 130
     if not args.quiet:
-        n, d = dump["features"].shape
-        print(f"wrote {n} x {d} features to {args.out}", file=sys.stderr)
+        print(
+            f"wrote {written['n_images']} x {written['n_features']} features to {args.out}",
+            file=sys.stderr,
+        )
     return 0
 
 

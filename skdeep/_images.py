@@ -455,3 +455,17 @@ def _check_single_image(item: np.ndarray, where: str) -> None:
             f"{where} must be one image of shape (H, W), (H, W, 1) or (H, W, 3); "
             f"got an array of shape {item.shape}"
         )
+
+
+def load_npy(path: str) -> np.ndarray:
+    """Memory-map a .npy array of images (never unpickling it)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # object arrays can be neither mapped nor safely loaded
+        raise ValueError(
+            f"INPUT: {path} holds Python objects (an array of dtype object), not pixels; "
+            "expected a numeric array of images (n, H, W[, C]) as np.save(path, images) "
+            "writes"
+        ) from exc
+    except OSError as exc:
+        raise OSError(f"INPUT: could not read {path} as a .npy file: {exc}") from exc

@@ -20,6 +20,7 @@ from ._preprocess import Preprocessing
 from ._taps import parse_layers, pooled_names, probe_layers
 from ._version import __version__
 from .backbones import PENULTIMATE, check_input_size, check_layer_names, load_backbone
+from .dask import is_dask_array, transform_array
 
 
 class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
@@ -237,14 +238,19 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         ----------
         X : images
             An array ``(n, H, W)``, ``(n, H, W, 1)`` or ``(n, H, W, 3)`` (uint8 or
-            float), flat rows ``(n, H*W)`` with ``image_shape``, or a list of image
-            file paths, PIL images or arrays of any sizes.
+            float), flat rows ``(n, H*W)`` with ``image_shape``, a list of image
+            file paths, PIL images or arrays of any sizes, or a ``dask.array`` of
+            any of the array forms, chunked along n.
 
         Returns
         -------
         features : ndarray of shape (n, n_features_out_), float32
+            For a ``dask.array``, a lazy ``dask.array`` with the row chunks of ``X``
+            (see :func:`skdeep.dask.transform_array`).
         """
         check_is_fitted(self)
+        if is_dask_array(X):
+            return transform_array(self, X)
         source = self._image_source(X)
         cache = self._feature_cache()
         if cache is None:
@@ -292,6 +298,12 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             self.device_.type,
         )
         digest.update(repr(settings).encode())
+        digest.update(self._weights_digest().encode())
+        return digest.hexdigest()
+
+    def _weights_digest(self) -> str:
+        """Digest the network's weights (two random initialisations differ)."""
+        digest = hashlib.blake2b(digest_size=16)
         for name, tensor in self.model_.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)

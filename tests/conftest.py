@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +49,29 @@ class TinyNet(nn.Module):
         """Count the images, then classify them."""
         TinyNet.images_seen += len(x)
         return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class SlowNet(TinyNet):
+    """TinyNet that takes a tenth of a second per batch, so that a run can be cut short."""
+
+    def forward(self, x):
+        """Wait, then classify."""
+        time.sleep(0.1)
+        return super().forward(x)
+
+
+class InterruptingNet(TinyNet):
+    """TinyNet that raises KeyboardInterrupt on its ``interrupt_at``-th batch (Ctrl-C)."""
+
+    interrupt_at = 0  # 0: never
+    batches = 0
+
+    def forward(self, x):
+        """Count the batch; raise KeyboardInterrupt on the chosen one."""
+        InterruptingNet.batches += 1
+        if InterruptingNet.batches == InterruptingNet.interrupt_at:
+            raise KeyboardInterrupt
+        return super().forward(x)
 
 
 def tiny_training(**params) -> dict:
