@@ -22,13 +22,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-# Benchmarks compare against skorch, skada and img2vec_pytorch (installed here only).
+# Benchmarks compare against skorch, skada and img2vec_pytorch (installed here only);
+# each writes its tables to benchmarks/results/<name>.md, which the README quotes.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check skorch skada
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps img2vec_pytorch
-	$(BIN)/python benchmarks/bench_extraction.py
-	$(BIN)/python benchmarks/bench_fine_tune.py
-	$(BIN)/python benchmarks/bench_domain_adaptation.py
+	cd benchmarks && ../$(BIN)/python bench_extraction.py
+	cd benchmarks && ../$(BIN)/python bench_fine_tune.py
+	cd benchmarks && ../$(BIN)/python bench_domain_adaptation.py
+	cd benchmarks && ../$(BIN)/python bench_scale.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check skdeep tests benchmarks examples

@@ -71,7 +71,8 @@ class PeakMemory:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self._peak, self._rss()) - self._base
+        self.peak_resident_bytes = max(self._peak, self._rss())
+        self.peak_bytes = self.peak_resident_bytes - self._base
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
