@@ -218,7 +218,7 @@ def speed_table(report: Report, device, image_size: int, epochs: int, seeds: lis
         results = {"skorch": ([], [], []), "skdeep": ([], [], [])}  # epoch s, fit s, accuracy
         for seed in seeds:
 
-            def run_skdeep(seed=seed):
+            def run_skdeep(seed=seed, precision=precision, results=results):
                 ours = FineTuneClassifier(
                     image_size=image_size,
                     max_epochs=epochs,
@@ -234,7 +234,7 @@ def speed_table(report: Report, device, image_size: int, epochs: int, seeds: lis
                 epoch_seconds = [record["seconds"] for record in ours.history_]
                 _append(results["skdeep"], epoch_seconds, fit_seconds, ours.score(X_test, y_test))
 
-            def run_skorch(seed=seed, dtype=dtype):
+            def run_skorch(seed=seed, dtype=dtype, results=results):
                 theirs = skorch_net(device, dtype, epochs, batch_size, lr, seed, len(X_train))
                 start = time.perf_counter()
                 theirs.fit(ready, torch.as_tensor(y_train))
