@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import skdeep
 from skdeep._compat import cpu_instruction_sets
 
 RESULTS = Path(__file__).parent / "results"
@@ -161,8 +162,8 @@ def machine() -> str:
 
 def machine_description(device: torch.device, libraries: tuple[str, ...] = ()) -> str:
     """Describe the date, command, machine and versions, as the head of a result file."""
-    versions = [f"Python {platform.python_version()}"]
-    for package in ("torch", "torchvision", "scikit-learn", "numpy", "skdeep", *libraries):
+    versions = [f"Python {platform.python_version()}", f"skdeep {skdeep.__version__}"]
+    for package in ("torch", "torchvision", "scikit-learn", "numpy", *libraries):
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
