@@ -16,6 +16,8 @@ writes results/extraction.md.)
    cosine similarity of the features and MNIST linear-probe accuracy.
 3. Peak memory while transforming 5,000 and 20,000 images (Fashion-MNIST when
    installed): it must not grow with the number of images beyond the output array.
+4. timm backbones (ConvNeXt-T and ViT-S/16, random weights) against timm's own
+   ``forward_features`` + ``forward_head(pre_logits=True)`` on ready tensors.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def naive_loop(model_name: str, device: torch.device):
 
 
 def img2vec_resnet18(device: torch.device, hub_dir: str):
-    """img2vec_pytorch's resnet18 extractor, or None when it is not installed."""
+    """Build img2vec_pytorch's resnet18 extractor (None when it is not installed)."""
     try:
         from img2vec_pytorch import Img2Vec
     except ImportError:
@@ -83,8 +85,8 @@ def img2vec_resnet18(device: torch.device, hub_dir: str):
     return lambda images: extractor.get_vec([Image.fromarray(image) for image in images])
 
 
-def model_alone(module: torch.nn.Module, ready: torch.Tensor, device, dtype, batch_size=64):
-    """Forward passes on already preprocessed input: the ceiling of any pipeline."""
+def model_alone(module, ready: torch.Tensor, device, dtype, batch_size=64):
+    """Run forward passes on already preprocessed input: the ceiling of any pipeline."""
 
     def run():
         reduced = dtype != torch.float32
@@ -146,6 +148,51 @@ def throughput(report: Report, device: torch.device, n_images: int, repeats: int
         f"Throughput, uint8 arrays 224x224 -> feature rows, {n_images} images, median of "
         f"{repeats} ({machine()})",
         ["backbone", "method", "images/s", "x ceiling (same precision)", "x naive loop"],
+        rows,
+    )
+
+
+def timm_throughput(report: Report, device: torch.device, n_images: int, repeats: int) -> None:
+    """Images per second of timm backbones in skdeep against timm's own forward pass.
+
+    The ceiling is timm's ``forward_features`` then ``forward_head(pre_logits=True)``
+    (the penultimate features skdeep returns) on ready, preprocessed channels_last
+    tensors, in float32, with the same random weights.
+    """
+    try:
+        import timm
+    except ImportError:
+        report.note("(timm is not installed: `pip install timm` for the timm rows)")
+        return
+    images = np.random.default_rng(0).integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
+    rows = []
+    for name in ["convnext_tiny", "vit_small_patch16_224"]:
+        extractor = FeatureExtractor(
+            f"timm:{name}", weights=None, precision="float32", device=str(device), random_state=0
+        ).fit()
+        ready = torch.cat(list(extractor._input_batches(as_image_source(images))))
+        plain = timm.create_model(name).eval().to(device, memory_format=torch.channels_last)
+        plain.load_state_dict(extractor._random_weights)
+
+        def timm_forward(batch, plain=plain):
+            return plain.forward_head(plain.forward_features(batch), pre_logits=True)
+
+        runs = {
+            "skdeep float32": lambda e=extractor: e.transform(images),
+            "timm forward_features (ceiling)": model_alone(
+                timm_forward, ready, device, torch.float32
+            ),
+        }
+        seconds = median_seconds(runs, repeats)
+        ceiling = n_images / seconds["timm forward_features (ceiling)"]
+        for label, value in seconds.items():
+            rows.append(
+                [f"timm:{name}", label, n_images / value, f"{n_images / value / ceiling:.2f}"]
+            )
+    report.table(
+        f"timm backbones (random weights), uint8 arrays 224x224 -> penultimate features, "
+        f"{n_images} images, median of {repeats} ({machine()})",
+        ["backbone", "method", "images/s", "x ceiling"],
         rows,
     )
 
@@ -219,6 +266,9 @@ def main() -> None:
     device = resolve_device(args.device)
     report = Report("extraction" + ("_quick" if args.quick else ""), device, ("img2vec_pytorch",))
     throughput(report, device, n_images=64 if args.quick else 256, repeats=1 if args.quick else 3)
+    timm_throughput(
+        report, device, n_images=32 if args.quick else 128, repeats=1 if args.quick else 3
+    )
     precision_quality(report, device)
     memory(report, device, [500, 2000] if args.quick else [5000, 20000])
     report.write()

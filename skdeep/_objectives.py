@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._taps import LayerTaps, pool
+from ._taps import LayerFeatures
 from .backbones import LOGITS
 
 
@@ -140,11 +140,12 @@ class DivergencePenalty(Supervised):
         self.target_batches = target_batches
         self.calibration_target_batches = calibration_target_batches
         self.name = name
-        self._taps: LayerTaps | None = None
+        self._taps: LayerFeatures | None = None
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module):
-        with LayerTaps(model, [*self.layers, LOGITS]) as taps:
+        """Tap the compared layers and the logits while training ``model``."""
+        with LayerFeatures(model, [*self.layers, LOGITS], "avg") as taps:
             self._taps = taps
             try:
                 yield
@@ -161,12 +162,12 @@ class DivergencePenalty(Supervised):
             raise RuntimeError("DivergencePenalty.step needs attach(model) around training")
         images, labels, target_images = batch
         n = len(images)
-        outputs = self._taps.run(torch.cat([images, target_images]))
+        rows = self._taps.pooled(torch.cat([images, target_images]))
         penalty = sum(
-            self.divergence(rows[:n], rows[n:])
-            for rows in (pool(outputs[layer], "avg").float() for layer in self.layers)
+            self.divergence(rows[layer][:n].float(), rows[layer][n:].float())
+            for layer in self.layers
         )
-        result = self._classification(outputs[LOGITS][:n].float(), labels)
+        result = self._classification(rows[LOGITS][:n].float(), labels)
         result.loss = result.loss + self.weight * self.schedule(progress) * penalty
         result.metrics[self.name] = penalty
         return result

@@ -35,6 +35,7 @@ SHAPING_PARAMETERS = (
     "backbone",
     "weights",
     "layers",
+    "layouts",
     "pooling",
     "image_size",
     "image_shape",
@@ -59,6 +60,8 @@ def describe_parameters(params: dict) -> dict:
     for key, value in params.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             described[key] = value
+        elif isinstance(value, dict):
+            described[key] = {str(k): str(v) for k, v in value.items()}
         elif isinstance(value, (list, tuple)):
             described[key] = [v if isinstance(v, (str, int, float)) else str(v) for v in value]
         else:

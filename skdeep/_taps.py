@@ -8,16 +8,14 @@ domain-adaptation penalty compares during training.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from functools import partial
 
 import torch
 from torch import nn
 
+from ._layouts import Layout, check_pooling, layer_layout, pool
 from .backbones import LOGITS, PENULTIMATE, find_head
-
-POOLINGS = ("avg", "max", "avgmax", None)
 
 
 def parse_layers(value, argument: str) -> list[str]:
@@ -73,6 +71,8 @@ class LayerTaps:
         self._handles: list = []
 
     def __enter__(self) -> LayerTaps:
+        if getattr(self.module, "returns_layers", False):
+            return self  # an int8 graph returns its tapped layers itself
         for layer in self.layers:
             if layer == PENULTIMATE:
                 _, head = find_head(self.module)
@@ -113,6 +113,9 @@ class LayerTaps:
         self.outputs = {}
         self.calls.clear()
         self.order = []
+        if getattr(self.module, "returns_layers", False):
+            self.outputs = self.module(inputs)
+            return self.outputs
         try:
             output = self.module(inputs)
         except _StopForward:
@@ -132,12 +135,17 @@ class LayerTaps:
 class LayerFeatures(LayerTaps):
     """Pooled features of named layers: batch in, one row per image out.
 
+    Each layer is pooled according to its layout (see :mod:`skdeep._layouts`),
+    worked out from the model on the first batch unless declared.
+
     Parameters
     ----------
     module, layers, stop_after
         As in :class:`LayerTaps`.
-    pooling : {"avg", "max", "avgmax"} or None
-        How each layer's output becomes rows (see :func:`pool`).
+    pooling : str or None
+        How each layer's output becomes rows (see :func:`skdeep._layouts.pool`).
+    layouts : dict, optional
+        Declared layouts by layer name (``"channels_last"``, ``"tokens:1:cls"``, ...).
 
     Examples
     --------
@@ -154,17 +162,32 @@ class LayerFeatures(LayerTaps):
         layers: list[str],
         pooling: str | None = "avg",
         stop_after: str | None = None,
+        layouts: dict | None = None,
     ):
         super().__init__(module, layers, stop_after)
         self.pooling = pooling
+        self.declared = dict(layouts or {})
+        self.layouts: dict[str, Layout] = {}
 
     def pooled(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One forward pass; each layer's pooled rows ``(B, D)`` by name."""
+        """Run one forward pass; return each layer's pooled rows ``(B, D)`` by name."""
         outputs = self.run(inputs)
-        return {layer: pool(outputs[layer], self.pooling) for layer in self.layers}
+        if not self.layouts:
+            self.layouts = self.describe(outputs)
+        return {
+            layer: pool(outputs[layer], self.layouts[layer], self.pooling) for layer in self.layers
+        }
+
+    def describe(self, outputs: dict[str, torch.Tensor]) -> dict[str, Layout]:
+        """Work out (and check against the pooling) the layout of every layer."""
+        layouts = {}
+        for layer in self.layers:
+            layouts[layer] = layer_layout(self.module, layer, outputs[layer], self.declared)
+            check_pooling(self.pooling, layouts[layer], layer)
+        return layouts
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        """One forward pass; the pooled rows of all layers, concatenated in order."""
+        """Run one forward pass; return the pooled rows of all layers, concatenated."""
         return torch.cat(list(self.pooled(inputs).values()), dim=1)
 
 
@@ -194,35 +217,3 @@ def probe_layers(module: nn.Module, layers: list[str], inputs: torch.Tensor):
         )
     deepest = taps.order[-1]
     return outputs, None if deepest == LOGITS else deepest
-
-
-def pool(features: torch.Tensor, pooling: str | None) -> torch.Tensor:
-    """Reduce one layer's output to rows ``(B, D)``.
-
-    Maps ``(B, C, H, W)`` pool over H and W; token sequences ``(B, L, D)`` pool over L;
-    ``(B, D)`` is returned as is. ``None`` flattens instead of pooling; ``"avgmax"``
-    concatenates average and max.
-    """
-    if features.ndim == 2:
-        return features
-    if pooling is None:
-        return features.flatten(1)
-    dims = tuple(range(2, features.ndim)) if features.ndim == 4 else (1,)
-    if pooling == "avg":
-        return features.mean(dims)
-    if pooling == "max":
-        return features.amax(dims)
-    if pooling == "avgmax":
-        return torch.cat([features.mean(dims), features.amax(dims)], dim=1)
-    raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
-
-
-def pooled_names(layer: str, shape: tuple[int, ...], pooling: str | None) -> list[str]:
-    """Feature names of one layer's pooled output, e.g. ``layer4_avg_0``."""
-    if len(shape) == 2:
-        return [f"{layer}_{i}" for i in range(shape[1])]
-    if pooling is None:
-        return [f"{layer}_{i}" for i in range(math.prod(shape[1:]))]
-    width = shape[1] if len(shape) == 4 else shape[-1]
-    kinds = ("avg", "max") if pooling == "avgmax" else (pooling,)
-    return [f"{layer}_{kind}_{i}" for kind in kinds for i in range(width)]

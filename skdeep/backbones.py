@@ -25,6 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
+from . import _timm
 from ._preprocess import Preprocessing
 
 PENULTIMATE = "penultimate"
@@ -64,22 +65,30 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) -> Backbone:
+def load_backbone(
+    backbone: str | nn.Module,
+    weights: str | os.PathLike | None,
+    image_size: int | None = None,
+) -> Backbone:
     """Build a network from the ``backbone`` and ``weights`` parameters.
 
     Parameters
     ----------
     backbone : str or nn.Module
-        A torchvision classification model name, or a module (deep-copied, so the
-        caller's module is never changed).
+        A torchvision classification model name, ``"timm:<name>"`` for a timm model
+        (see :mod:`skdeep._timm`), or a module (deep-copied, so the caller's module is
+        never changed).
     weights : str, path or None
         A torchvision weights name such as ``"IMAGENET1K_V1"`` or ``"DEFAULT"``, the
         path of a ``state_dict`` file, or None for random initialisation. For an
         ``nn.Module`` backbone, a weights name keeps the module's own parameters.
+    image_size : int, optional
+        The input size; timm transformers are built for it.
 
     Returns
     -------
     Backbone
+        The network and its preprocessing.
     """
     if isinstance(backbone, nn.Module):
         module = copy.deepcopy(backbone)
@@ -91,6 +100,11 @@ def load_backbone(backbone: str | nn.Module, weights: str | os.PathLike | None) 
             f"backbone must be a torchvision model name or an nn.Module; "
             f"got {type(backbone).__name__}"
         )
+    if backbone.startswith(_timm.PREFIX):
+        module, preprocessing = _timm.load(
+            backbone.removeprefix(_timm.PREFIX), weights, image_size, _looks_like_path
+        )
+        return Backbone(module, preprocessing)
     _check_model_name(backbone)
     default_weights = _named_weights(backbone, "DEFAULT", required=False)
     if weights is None or _looks_like_path(weights):
@@ -114,7 +128,8 @@ def _check_model_name(name: str) -> None:
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(
             f"backbone={name!r} is not a torchvision classification model{hint} "
-            "(skdeep.backbones.classification_models() lists them all)"
+            "(skdeep.backbones.classification_models() lists them all; timm models are "
+            "named 'timm:<name>')"
         )
 
 
@@ -241,7 +256,13 @@ def find_head(module: nn.Module) -> tuple[str, nn.Module]:
 
 
 def replace_head(module: nn.Module, n_outputs: int) -> str:
-    """Swap the classifier head for a fresh one with ``n_outputs`` outputs; return its name."""
+    """Swap the classifier head for a fresh one with ``n_outputs`` outputs; return its name.
+
+    timm models get theirs from timm's own ``reset_classifier``.
+    """
+    timm_head = _timm.replace_head(module, n_outputs)
+    if timm_head is not None:
+        return timm_head
     name, head = find_head(module)
     if isinstance(head, nn.Linear):
         new_head = nn.Linear(head.in_features, n_outputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
@@ -11,13 +12,15 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_memory
 
+from . import _quantize
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin, shared_network
-from ._compat import HasMethods, StrOptions, fit_context
+from ._compat import HasMethods, Interval, StrOptions, fit_context
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
+from ._layouts import POOLINGS, check_pooling, layer_layout, pooled_names
 from ._preprocess import Preprocessing
-from ._taps import parse_layers, pooled_names, probe_layers
+from ._taps import parse_layers, probe_layers
 from ._version import __version__
 from .backbones import PENULTIMATE, check_input_size, check_layer_names, load_backbone
 from .dask import is_dask_array, transform_array
@@ -47,10 +50,21 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         ``"penultimate"``: the input of the classifier head, i.e. the pooled features
         the classifier sees. None means ``"penultimate"``. With several layers each
         is pooled and the results are concatenated in the order given.
-    pooling : {"avg", "max", "avgmax"} or None, default="avg"
-        How feature maps ``(C, H, W)`` become rows: global average, global max,
-        both concatenated, or None to flatten them. Outputs that are already rows
-        (such as ``"penultimate"``) are used as they are.
+    pooling : {"avg", "max", "avgmax", "cls", "mean", "cls+mean"} or None, default="avg"
+        How each layer's output becomes rows, by its layout. Maps (channels-first or
+        channels-last): global average ("avg" or "mean"), global max, or both
+        concatenated ("avgmax"). Token sequences (ViT, DeiT, DINOv2, EVA): "cls"
+        (the class token), "mean" or "avg" (mean of the patch tokens, without class
+        and register tokens), "cls+mean", "max" (over the patch tokens) or "avgmax".
+        None flattens the output. Outputs that are already rows (``"penultimate"``)
+        are used as they are.
+    layouts : dict or None, default=None
+        Layouts of tapped layers that skdeep cannot tell by itself, by layer name:
+        "channels_first" ``(N, C, H, W)``, "channels_last" ``(N, H, W, C)``,
+        "rows", "tokens", "tokens:N" (N leading class and register tokens) or
+        "tokens:N:cls" (the first of them a class token). skdeep knows the layouts of
+        torchvision's and timm's CNNs, Swin, ConvNeXt and ViT families, and raises an
+        error naming the layer when it does not know one.
     image_size : int or None, default=None
         Network input size. None follows the weights' own preprocessing (for
         ImageNet weights: shorter side resized to 256, center crop 224). An int
@@ -67,11 +81,17 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the network runs; "auto" picks CUDA when available. Resolved into
         ``device_``; outputs are always NumPy arrays.
-    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+    precision : {"auto", "float32", "bfloat16", "float16", "int8"}, default="auto"
         Compute precision (autocast). "auto" is float16 on CUDA, bfloat16 on a CPU
-        with AVX512-BF16 or AMX, float32 elsewhere.
+        with AVX512-BF16 or AMX, float32 elsewhere. "int8" (CPU only, opt-in: it
+        changes the features) quantizes the network after calibrating it in ``fit``
+        on the images given there (PyTorch's post-training static quantization,
+        x86 backend); see ``calibration_size``.
     num_workers : int, default=0
         Worker processes that decode image files (0: in the main process).
+    calibration_size : int, default=256
+        With ``precision="int8"``: at most this many of the images given to ``fit``
+        (spread evenly over them) calibrate the quantization.
     memory : str, joblib.Memory or None, default=None
         Folder (or ``joblib.Memory``) where each image's features are cached. With
         it, a grid search over a downstream classifier runs the backbone once per
@@ -95,6 +115,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         Resize, crop and normalization applied to every image.
     layers_ : list of str
         The tapped layers, in output order.
+    layouts_ : dict of str
+        The layout of each tapped layer (see ``layouts``), e.g. ``"tokens:1:cls"``.
     feature_names_out_ : ndarray of str
         Names of the output columns, e.g. ``layer4_avg_0``.
     n_features_out_ : int
@@ -117,8 +139,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     _parameter_constraints: ClassVar[dict] = {
         **BACKBONE_CONSTRAINTS,
         "layers": [str, list, tuple, None],
-        "pooling": [StrOptions({"avg", "max", "avgmax"}), None],
+        "pooling": [StrOptions(set(POOLINGS) - {None}), None],
+        "layouts": [dict, None],
         "memory": [None, str, HasMethods(["cache"])],
+        "calibration_size": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -127,6 +151,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         weights="IMAGENET1K_V1",
         layers=None,
         pooling="avg",
+        layouts=None,
         image_size=None,
         image_shape=None,
         value_range=None,
@@ -135,6 +160,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         precision="auto",
         num_workers=0,
         memory=None,
+        calibration_size=256,
         random_state=None,
         verbose=False,
     ):
@@ -142,6 +168,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.weights = weights
         self.layers = layers
         self.pooling = pooling
+        self.layouts = layouts
         self.image_size = image_size
         self.image_shape = image_shape
         self.value_range = value_range
@@ -150,6 +177,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.precision = precision
         self.num_workers = num_workers
         self.memory = memory
+        self.calibration_size = calibration_size
         self.random_state = random_state
         self.verbose = verbose
 
@@ -171,11 +199,16 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self : FeatureExtractor
             The fitted extractor.
         """
-        if X is not None:
-            self._image_source(X)
+        source = None if X is None else self._image_source(X)
         self._resolve_hardware()
+        if self.precision_ == torch.qint8 and source is None:
+            raise ValueError(
+                "precision='int8' needs calibration images: call fit(X) with images like "
+                "those you will transform (calibration_size bounds how many are used)"
+            )
         self.layers_ = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
         self._random_weights = None
+        self._int8_statistics = None
         model, self.preprocessing_ = self._load_network()
         crop = self.preprocessing_.crop_size
         probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
@@ -185,11 +218,16 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         except RuntimeError:
             check_input_size(model, crop, self.device_)  # names image_size if too small
             raise
-        names = []
+        names, self.layouts_ = [], {}
         for layer in self.layers_:
-            names += pooled_names(layer, tuple(outputs[layer].shape), self.pooling)
+            layout = layer_layout(model, layer, outputs[layer], self.layouts)
+            check_pooling(self.pooling, layout, layer)
+            self.layouts_[layer] = str(layout)
+            names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
+        if self.precision_ == torch.qint8:
+            self._int8_statistics, model = self._calibrate(model, source)
         self._model = model
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
@@ -215,21 +253,56 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
         On the first call (in ``fit``), random weights (``weights=None``) are kept in
         ``_random_weights``: they are the only weights the parameters cannot load again.
+        At int8, the network is quantized with the calibration statistics once ``fit``
+        has gathered them (before that, the float network is returned).
         """
         random_weights = self._random_weights
         with fork_rng(torch.device("cpu"), self._torch_seed()):
-            backbone = load_backbone(self.backbone, None if random_weights else self.weights)
+            weights = None if random_weights else self.weights
+            backbone = load_backbone(self.backbone, weights, self.image_size)
         if random_weights is not None:
             backbone.module.load_state_dict(random_weights)
         elif self.weights is None and isinstance(self.backbone, str):
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         model = backbone.module.eval().requires_grad_(False)
         check_layer_names(model, self.layers_)
+        preprocessing = backbone.preprocessing.with_image_size(self.image_size)
+        if self.precision_ == torch.qint8:  # PyTorch's quantization fuses on its own
+            if self._int8_statistics is not None:
+                model = self._quantized(model, preprocessing, self._int8_statistics)
+            return model, preprocessing
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )
         model = model.to(self.device_, memory_format=torch.channels_last)
-        return model, backbone.preprocessing.with_image_size(self.image_size)
+        return model, preprocessing
+
+    def _calibrate(self, model: torch.nn.Module, source) -> tuple[dict, torch.nn.Module]:
+        """Calibrate on up to ``calibration_size`` images of ``source``.
+
+        The images, spread evenly over ``source``, go through the float network with
+        observers; returns the statistics and the int8 network.
+        """
+        count = min(len(source), self.calibration_size)
+        indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int))
+        prepared = _quantize.prepare(
+            _quantize.tapped_graph(model, self.layers_), self._example_input()
+        )
+        with torch.no_grad():
+            for batch in self._input_batches(source, indices, dtype=torch.float32):
+                prepared(batch.contiguous())
+        statistics = _quantize.observer_state(prepared)
+        return statistics, _quantize.convert(prepared)
+
+    def _quantized(self, model, preprocessing, statistics) -> torch.nn.Module:
+        """Rebuild the int8 network from the float one and the calibration statistics."""
+        graph = _quantize.tapped_graph(model, self.layers_)
+        example = self._example_input(preprocessing)
+        return _quantize.convert(_quantize.prepare(graph, example), statistics)
+
+    def _example_input(self, preprocessing=None) -> torch.Tensor:
+        crop = (preprocessing or self.preprocessing_).crop_size
+        return torch.zeros(1, 3, crop, crop)
 
     def transform(self, X):
         """Features of each image.
@@ -272,7 +345,13 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     def _extract(self, source, indices=None) -> np.ndarray:
         """Features of the images at ``indices`` (all: None)."""
         return self._pooled_features(
-            source, self.model_, self.layers_, self.pooling, indices, self._stop_layer
+            source,
+            self.model_,
+            self.layers_,
+            self.pooling,
+            indices,
+            self._stop_layer,
+            layouts=self.layouts_,
         )
 
     def _feature_cache(self) -> FeatureCache | None:
@@ -292,6 +371,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         settings = (
             __version__,
             self.layers_,
+            self.layouts_,
             self.pooling,
             self.preprocessing_,
             str(self.precision_),
@@ -302,11 +382,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return digest.hexdigest()
 
     def _weights_digest(self) -> str:
-        """Digest the network's weights (two random initialisations differ)."""
+        """Digest the network's weights (and, at int8, its calibration)."""
         digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.model_.state_dict().items():
+        for name, value in self.model_.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)
+            _digest_value(digest, value)
         return digest.hexdigest()
 
     def get_feature_names_out(self, input_features=None):
@@ -330,3 +410,22 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _digest_value(digest, value) -> None:
+    """Feed a state_dict value (a tensor, quantized or not, or a tuple of them) in."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:
+            scales = (
+                value.q_per_channel_scales()
+                if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                else torch.tensor([value.q_scale()])
+            )
+            _digest_value(digest, scales)
+            value = value.int_repr()
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _digest_value(digest, item)
+    else:
+        digest.update(repr(value).encode())

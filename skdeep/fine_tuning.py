@@ -19,11 +19,11 @@ from torch import nn
 from ._augment import AUGMENTATIONS, augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._compat import Interval, StrOptions, fit_context
-from ._device import fork_rng
+from ._device import PRECISIONS, fork_rng
 from ._inference import optimize_for_inference
 from ._labels import check_labels, encode_labels
+from ._layouts import ROWS, Layout, pooled_names
 from ._objectives import Supervised
-from ._taps import pooled_names
 from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
 from .backbones import (
     LOGITS,
@@ -37,6 +37,7 @@ from .backbones import (
 
 FINE_TUNE_CONSTRAINTS = {
     **BACKBONE_CONSTRAINTS,
+    "precision": [StrOptions(set(PRECISIONS) - {"int8"})],  # int8 does not train
     "max_epochs": [Interval(Integral, 1, None, closed="left")],
     "lr": [Interval(Real, 0, None, closed="neither")],
     "backbone_lr": [Interval(Real, 0, None, closed="left"), None],
@@ -362,7 +363,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
         Returns ``(module, head name, preprocessing)``.
         """
-        backbone = load_backbone(self.backbone, self.weights)
+        backbone = load_backbone(self.backbone, self.weights, self.image_size)
         head_name = replace_head(backbone.module, len(self.classes_))
         return backbone.module, head_name, backbone.preprocessing.with_image_size(self.image_size)
 
@@ -585,7 +586,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         head = self.model_.get_submodule(self.head_name_)
         width = head.in_features if isinstance(head, nn.Linear) else head.in_channels
-        return np.asarray(pooled_names(PENULTIMATE, (1, width), "avg"), dtype=object)
+        names = pooled_names(PENULTIMATE, (1, width), Layout(ROWS), "avg")
+        return np.asarray(names, dtype=object)
 
     def __sklearn_tags__(self):
         """Declare image input (3-D arrays) and deterministic fits."""

@@ -298,7 +298,7 @@ def test_non_finite_features_are_an_error(images):
         (dict(layers="layer9"), ValueError, r"'layer9' is not a module .* did you mean 'layer4'"),
         (dict(layers=["layer1", "layer1"]), ValueError, "must not repeat"),
         (dict(layers=[]), ValueError, "non-empty list"),
-        (dict(pooling="mean"), ValueError, r"'pooling' parameter .* Got 'mean'"),
+        (dict(pooling="median"), ValueError, r"'pooling' parameter .* Got 'median'"),
         (dict(batch_size=0), ValueError, r"'batch_size' parameter .* range \[1, inf\)"),
         (dict(precision="half"), ValueError, "'precision' parameter"),
         (dict(device="gpu"), ValueError, r"device must be 'auto', 'cpu'.*got 'gpu'"),

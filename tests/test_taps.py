@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from skdeep._taps import LayerTaps, pool, pooled_names, probe_layers
+from skdeep._layouts import CHANNELS_FIRST, CHANNELS_LAST, ROWS, TOKENS, Layout, pool, pooled_names
+from skdeep._taps import LayerTaps, probe_layers
 
 
 @pytest.fixture
@@ -78,19 +79,24 @@ def test_layers_that_never_run_are_refused():
         probe_layers(Skips(), ["unused"], torch.zeros(1, 3, 4, 4))
 
 
-def test_pooling():
-    """Pooling."""
+def test_pooling_by_layout():
+    """Each layout pools over its own axes; tokens leave their prefix out of means."""
     maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    torch.testing.assert_close(pool(maps, "avg"), maps.mean((2, 3)))
-    torch.testing.assert_close(pool(maps, "max"), maps.amax((2, 3)))
+    first, last = Layout(CHANNELS_FIRST), Layout(CHANNELS_LAST)
+    torch.testing.assert_close(pool(maps, first, "avg"), maps.mean((2, 3)))
+    torch.testing.assert_close(pool(maps, first, "max"), maps.amax((2, 3)))
     torch.testing.assert_close(
-        pool(maps, "avgmax"), torch.cat([maps.mean((2, 3)), maps.amax((2, 3))], 1)
+        pool(maps, first, "avgmax"), torch.cat([maps.mean((2, 3)), maps.amax((2, 3))], 1)
     )
-    assert pool(maps, None).shape == (2, 48)
+    torch.testing.assert_close(pool(maps, last, "avg"), maps.mean((1, 2)))
+    assert pool(maps, first, None).shape == (2, 48)
     tokens = torch.randn(2, 5, 7)
-    torch.testing.assert_close(pool(tokens, "avg"), tokens.mean(1))
+    with_cls = Layout(TOKENS, prefix=2, class_token=True)
+    torch.testing.assert_close(pool(tokens, with_cls, "mean"), tokens[:, 2:].mean(1))
+    torch.testing.assert_close(pool(tokens, with_cls, "cls"), tokens[:, 0])
     rows = torch.randn(2, 9)
-    assert pool(rows, "max") is rows
-    assert pooled_names("layer4", (2, 3, 4, 4), "avgmax")[3] == "layer4_max_0"
-    assert pooled_names("fc", (2, 9), "avg")[0] == "fc_0"
-    assert len(pooled_names("layer4", (2, 3, 4, 4), None)) == 48
+    assert pool(rows, Layout(ROWS), "max") is rows
+    assert pooled_names("layer4", (2, 3, 4, 4), first, "avgmax")[3] == "layer4_max_0"
+    assert pooled_names("fc", (2, 9), Layout(ROWS), "avg")[0] == "fc_0"
+    assert len(pooled_names("layer4", (2, 3, 4, 4), first, None)) == 48
+    assert pooled_names("blocks.1", (2, 5, 7), with_cls, "cls+mean")[7] == "blocks.1_mean_0"

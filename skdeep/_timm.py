@@ -1,0 +1,164 @@
+"""timm backbones: ``backbone="timm:<architecture>[.<pretrained tag>]"``.
+
+``pip install "skdeep[timm]"`` brings timm. Names are timm's own, with an optional
+pretrained tag: ``"timm:convnext_tiny"``, ``"timm:convnext_tiny.fb_in22k"``,
+``"timm:vit_small_patch14_dinov2.lvd142m"``. Weights:
+
+- ``None``: random initialisation;
+- a file path: a ``state_dict`` of that architecture;
+- ``"DEFAULT"`` (or the estimators' default ``"IMAGENET1K_V1"``): the pretrained
+  weights of the tag (timm's default tag when the name has none), looked for in the
+  Hugging Face and torch hub caches, then downloaded. Offline without a copy,
+  :class:`~skdeep.WeightsUnavailableError` says how to get the file.
+
+Preprocessing (input size, resize ratio, interpolation, mean, std) comes from timm's
+data configuration of those weights. Transformers (ViT, Swin) are built for
+``image_size`` when it is given (timm resamples their position embeddings).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+
+from torch import nn
+
+from ._preprocess import Preprocessing
+
+PREFIX = "timm:"
+PRETRAINED_NAMES = ("DEFAULT", "IMAGENET1K_V1")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise ImportError(
+            'timm backbones need timm: pip install "skdeep[timm]" (or pip install timm)'
+        ) from exc
+    return timm
+
+
+def check_name(name: str) -> None:
+    """Raise a ValueError, with close matches, for an unknown timm architecture."""
+    timm = _timm()
+    architecture = name.partition(".")[0]
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"backbone={PREFIX + name!r} is not a timm model{hint} (timm.list_models() lists them)"
+        )
+
+
+def load(name: str, weights, image_size: int | None, is_path) -> tuple[nn.Module, Preprocessing]:
+    """Build the timm network ``name`` with ``weights``; return it and its preprocessing.
+
+    Raises
+    ------
+    ValueError
+        Unknown architecture, or a weights name other than ``"DEFAULT"``.
+    WeightsUnavailableError
+        The pretrained weights are neither cached nor downloadable.
+    """
+    from .backbones import load_weights_file
+
+    timm = _timm()
+    check_name(name)
+    if weights is None or is_path(weights):
+        module = _create(timm, name, image_size, pretrained=False)
+        if weights is not None:
+            load_weights_file(module, weights, PREFIX + name)
+    elif weights in PRETRAINED_NAMES:
+        module = _pretrained(timm, name, image_size)
+    else:
+        raise ValueError(
+            f"weights={weights!r} is not a file, and a timm backbone takes no weights "
+            f"name: the tag in the name picks them (backbone='{PREFIX}{name}.<tag>'); use "
+            "weights='DEFAULT' for the tag's pretrained weights, a state_dict file, or None"
+        )
+    config = timm.data.resolve_data_config({}, model=module)
+    return module, preprocessing(config)
+
+
+def _create(timm, name: str, image_size: int | None, pretrained: bool, **options) -> nn.Module:
+    """Create the model, built for ``image_size`` when the architecture takes one."""
+    if image_size is not None:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=image_size, **options)
+        except TypeError:  # CNNs take any input size and have no img_size argument
+            pass
+    return timm.create_model(name, pretrained=pretrained, **options)
+
+
+def _pretrained(timm, name: str, image_size: int | None) -> nn.Module:
+    cached = _cached_file(timm, name)
+    options = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    try:
+        return _create(timm, name, image_size, pretrained=True, **options)
+    except Exception as exc:  # huggingface_hub and urllib errors, timeouts, ...
+        from .backbones import WeightsUnavailableError
+
+        raise WeightsUnavailableError(
+            f"Could not load the pretrained weights of {PREFIX}{name}: they are not in the "
+            f"Hugging Face cache ({_hub_cache()}) and the download failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). On a "
+            f'machine that is online, run python -c "import timm; timm.create_model('
+            f"'{name}', pretrained=True)\" and copy its cache here, or save the model's "
+            "state_dict and pass weights='path/to/file.pth'. weights=None gives random "
+            "initialisation."
+        ) from exc
+
+
+def _cached_file(timm, name: str) -> str | None:
+    """Find the tag's weights in the Hugging Face cache without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    config = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(
+        name.partition(".")[0]
+    )
+    repository = getattr(config, "hf_hub_id", None) if config is not None else None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repository, filename) if repository else None
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return "~/.cache/huggingface/hub"
+    return HF_HUB_CACHE
+
+
+def preprocessing(config: dict) -> Preprocessing:
+    """Translate timm's data configuration into skdeep's preprocessing."""
+    crop = int(config["input_size"][-1])
+    crop_pct = float(config.get("crop_pct") or 1.0)
+    return Preprocessing(
+        resize_size=math.floor(crop / crop_pct),
+        crop_size=crop,
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        interpolation=config.get("interpolation", "bicubic"),
+    )
+
+
+def replace_head(module: nn.Module, n_outputs: int) -> str | None:
+    """Give a timm model a new head with timm's ``reset_classifier``; return its name.
+
+    Returns None for modules that are not timm models.
+    """
+    if not (type(module).__module__.startswith("timm.") and hasattr(module, "reset_classifier")):
+        return None
+    module.reset_classifier(n_outputs)
+    names = module.pretrained_cfg.get("classifier") or "head"
+    name = names[0] if isinstance(names, (list, tuple)) else names
+    if not isinstance(module.get_submodule(name), (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"the timm model's classifier {name!r} is not a linear layer")
+    return name
