@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
@@ -12,9 +11,8 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from . import _quantize
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin, shared_network
-from ._compat import HasMethods, Interval, StrOptions, fit_context
+from ._compat import HasMethods, StrOptions, fit_context
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
@@ -81,17 +79,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the network runs; "auto" picks CUDA when available. Resolved into
         ``device_``; outputs are always NumPy arrays.
-    precision : {"auto", "float32", "bfloat16", "float16", "int8"}, default="auto"
+    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
         Compute precision (autocast). "auto" is float16 on CUDA, bfloat16 on a CPU
-        with AVX512-BF16 or AMX, float32 elsewhere. "int8" (CPU only, opt-in: it
-        changes the features) quantizes the network after calibrating it in ``fit``
-        on the images given there (PyTorch's post-training static quantization,
-        x86 backend); see ``calibration_size``.
+        with AVX512-BF16 or AMX, float32 elsewhere.
     num_workers : int, default=0
         Worker processes that decode image files (0: in the main process).
-    calibration_size : int, default=256
-        With ``precision="int8"``: at most this many of the images given to ``fit``
-        (spread evenly over them) calibrate the quantization.
     memory : str, joblib.Memory or None, default=None
         Folder (or ``joblib.Memory``) where each image's features are cached. With
         it, a grid search over a downstream classifier runs the backbone once per
@@ -142,7 +134,6 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         "pooling": [StrOptions(set(POOLINGS) - {None}), None],
         "layouts": [dict, None],
         "memory": [None, str, HasMethods(["cache"])],
-        "calibration_size": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -160,7 +151,6 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         precision="auto",
         num_workers=0,
         memory=None,
-        calibration_size=256,
         random_state=None,
         verbose=False,
     ):
@@ -177,7 +167,6 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.precision = precision
         self.num_workers = num_workers
         self.memory = memory
-        self.calibration_size = calibration_size
         self.random_state = random_state
         self.verbose = verbose
 
@@ -199,16 +188,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self : FeatureExtractor
             The fitted extractor.
         """
-        source = None if X is None else self._image_source(X)
+        if X is not None:
+            self._image_source(X)
         self._resolve_hardware()
-        if self.precision_ == torch.qint8 and source is None:
-            raise ValueError(
-                "precision='int8' needs calibration images: call fit(X) with images like "
-                "those you will transform (calibration_size bounds how many are used)"
-            )
         self.layers_ = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
         self._random_weights = None
-        self._int8_statistics = None
         model, self.preprocessing_ = self._load_network()
         crop = self.preprocessing_.crop_size
         probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
@@ -226,8 +210,6 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
-        if self.precision_ == torch.qint8:
-            self._int8_statistics, model = self._calibrate(model, source)
         self._model = model
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
@@ -253,8 +235,6 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
         On the first call (in ``fit``), random weights (``weights=None``) are kept in
         ``_random_weights``: they are the only weights the parameters cannot load again.
-        At int8, the network is quantized with the calibration statistics once ``fit``
-        has gathered them (before that, the float network is returned).
         """
         random_weights = self._random_weights
         with fork_rng(torch.device("cpu"), self._torch_seed()):
@@ -266,43 +246,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         model = backbone.module.eval().requires_grad_(False)
         check_layer_names(model, self.layers_)
-        preprocessing = backbone.preprocessing.with_image_size(self.image_size)
-        if self.precision_ == torch.qint8:  # PyTorch's quantization fuses on its own
-            if self._int8_statistics is not None:
-                model = self._quantized(model, preprocessing, self._int8_statistics)
-            return model, preprocessing
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )
         model = model.to(self.device_, memory_format=torch.channels_last)
-        return model, preprocessing
-
-    def _calibrate(self, model: torch.nn.Module, source) -> tuple[dict, torch.nn.Module]:
-        """Calibrate on up to ``calibration_size`` images of ``source``.
-
-        The images, spread evenly over ``source``, go through the float network with
-        observers; returns the statistics and the int8 network.
-        """
-        count = min(len(source), self.calibration_size)
-        indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int))
-        prepared = _quantize.prepare(
-            _quantize.tapped_graph(model, self.layers_), self._example_input()
-        )
-        with torch.no_grad():
-            for batch in self._input_batches(source, indices, dtype=torch.float32):
-                prepared(batch.contiguous())
-        statistics = _quantize.observer_state(prepared)
-        return statistics, _quantize.convert(prepared)
-
-    def _quantized(self, model, preprocessing, statistics) -> torch.nn.Module:
-        """Rebuild the int8 network from the float one and the calibration statistics."""
-        graph = _quantize.tapped_graph(model, self.layers_)
-        example = self._example_input(preprocessing)
-        return _quantize.convert(_quantize.prepare(graph, example), statistics)
-
-    def _example_input(self, preprocessing=None) -> torch.Tensor:
-        crop = (preprocessing or self.preprocessing_).crop_size
-        return torch.zeros(1, 3, crop, crop)
+        return model, backbone.preprocessing.with_image_size(self.image_size)
 
     def transform(self, X):
         """Features of each image.
@@ -382,11 +330,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return digest.hexdigest()
 
     def _weights_digest(self) -> str:
-        """Digest the network's weights (and, at int8, its calibration)."""
+        """Digest the network's weights (two random initialisations differ)."""
         digest = hashlib.blake2b(digest_size=16)
-        for name, value in self.model_.state_dict().items():
+        for name, tensor in self.model_.state_dict().items():
             digest.update(name.encode())
-            _digest_value(digest, value)
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)
         return digest.hexdigest()
 
     def get_feature_names_out(self, input_features=None):
@@ -410,22 +358,3 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
-
-
-def _digest_value(digest, value) -> None:
-    """Feed a state_dict value (a tensor, quantized or not, or a tuple of them) in."""
-    if isinstance(value, torch.Tensor):
-        if value.is_quantized:
-            scales = (
-                value.q_per_channel_scales()
-                if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-                else torch.tensor([value.q_scale()])
-            )
-            _digest_value(digest, scales)
-            value = value.int_repr()
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _digest_value(digest, item)
-    else:
-        digest.update(repr(value).encode())
