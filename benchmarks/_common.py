@@ -44,36 +44,55 @@ def median_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-class PeakMemory:
-    """Measure the peak resident memory above the level at entry (a thread samples it)."""
+class Sampler:
+    """Call ``sample()`` every ``interval`` seconds in a thread, inside a ``with`` block."""
 
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak_bytes = 0
+    interval = 0.005
+
+    def sample(self) -> None:
+        """Take one measurement."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        """Start sampling."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Stop sampling (after one last measurement)."""
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class PeakMemory(Sampler):
+    """Measure the peak resident memory of this process, and its rise above the start."""
 
     @staticmethod
     def _rss() -> int:
         with open("/proc/self/statm") as file:
             return int(file.read().split()[1]) * 4096
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss())
-            time.sleep(self.interval)
-
     def __enter__(self) -> PeakMemory:
-        self._base = self._rss()
-        self._peak = self._base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+        """Record the starting level, then sample."""
+        self._base = self.peak_resident_bytes = self._rss()
+        return super().__enter__()
 
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_resident_bytes = max(self._peak, self._rss())
-        self.peak_bytes = self.peak_resident_bytes - self._base
+    def sample(self) -> None:
+        """Update the peak."""
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self._rss())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Return the peak above the level at entry."""
+        return self.peak_resident_bytes - self._base
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -29,14 +29,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
-from _common import PeakMemory, Report, machine
+from _common import PeakMemory, Report, Sampler, machine
 from distributed import Client, LocalCluster
 from PIL import Image
 
@@ -86,31 +85,20 @@ def extractor(image_size: int | None) -> FeatureExtractor:
     ).fit()
 
 
-class WorkerMemory:
-    """Sample the resident memory of the worker processes of a cluster (a thread)."""
+class WorkerMemory(Sampler):
+    """Sample the resident memory of the worker processes of a cluster."""
+
+    interval = 0.02
 
     def __init__(self, client: Client):
         self.processes = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
         self.peaks = {process.pid: 0 for process in self.processes}
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for process in self.processes:
-                rss = process.memory_info().rss
-                self.peaks[process.pid] = max(self.peaks[process.pid], rss)
-            time.sleep(0.02)
-
-    def __enter__(self) -> WorkerMemory:
-        """Start sampling."""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        """Stop sampling."""
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        """Update each worker's peak."""
+        for process in self.processes:
+            rss = process.memory_info().rss
+            self.peaks[process.pid] = max(self.peaks[process.pid], rss)
 
     def peak_mib(self) -> float:
         """Return the largest peak of any worker, in MiB."""

@@ -7,6 +7,9 @@ one file.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
@@ -20,6 +23,7 @@ __all__ = [
     "convolution_pointwise",
     "cpu_instruction_sets",
     "fit_context",
+    "optional_import",
 ]
 
 BatchNorm = _BatchNorm
@@ -58,3 +62,13 @@ def cpu_instruction_sets() -> dict[str, bool]:
         name: bool(getattr(torch.cpu, check, lambda: False)())
         for name, check in _CPU_CHECKS.items()
     }
+
+
+def optional_import(module: str, purpose: str, extra: str) -> ModuleType:
+    """Import an optional dependency, or raise an ImportError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f'{purpose} need {module}: pip install "skdeep[{extra}]" (or pip install {module})'
+        ) from exc

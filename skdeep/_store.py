@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._compat import optional_import
+
 FORMAT = "skdeep-features-1"
 # Extractor parameters that change the features; a store made with other values of
 # these cannot be resumed.
@@ -45,13 +47,7 @@ SHAPING_PARAMETERS = (
 
 
 def _zarr():
-    try:
-        import zarr
-    except ImportError as exc:
-        raise ImportError(
-            'feature stores need zarr: pip install "skdeep[dask]" (or pip install zarr)'
-        ) from exc
-    return zarr
+    return optional_import("zarr", "feature stores", "dask")
 
 
 def describe_parameters(params: dict) -> dict:

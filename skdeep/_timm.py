@@ -24,6 +24,7 @@ import os
 
 from torch import nn
 
+from ._compat import optional_import
 from ._preprocess import Preprocessing
 
 PREFIX = "timm:"
@@ -31,13 +32,7 @@ PRETRAINED_NAMES = ("DEFAULT", "IMAGENET1K_V1")
 
 
 def _timm():
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError(
-            'timm backbones need timm: pip install "skdeep[timm]" (or pip install timm)'
-        ) from exc
-    return timm
+    return optional_import("timm", "timm backbones", "timm")
 
 
 def check_name(name: str) -> None:
