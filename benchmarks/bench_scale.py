@@ -36,7 +36,7 @@ import numpy as np
 import psutil
 import torch
 from _common import PeakMemory, Report, Sampler, machine
-from distributed import Client, LocalCluster
+from distributed import Client
 from PIL import Image
 
 from skdeep import FeatureExtractor
@@ -224,13 +224,7 @@ def main() -> None:
     cache_sizes = [1000, 20_000] if args.quick else [1000, 200_000]
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        )
+        cluster = skdeep_dask.local_cluster(workers)  # what --workers starts
         with cluster, Client(cluster) as client:
             rows = throughput_rows(
                 client,

@@ -12,13 +12,12 @@ Dask array. The same run from the command line:
     python -m skdeep extract digits/ --image-size 64 --out features.zarr --workers 2
 """
 
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from distributed import Client, LocalCluster
+from distributed import Client
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -48,13 +47,7 @@ def main() -> None:
         paths, labels = find_images(str(folder))  # labels: the sub-folder names
         extractor = FeatureExtractor("mobilenet_v2", image_size=64)  # ImageNet weights
 
-        cluster = LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            silence_logs=logging.ERROR,
-        )
+        cluster = skdeep_dask.local_cluster(n_workers=2)  # on 127.0.0.1
         with cluster, Client(cluster) as client:
             start = time.perf_counter()
             skdeep_dask.extract(extractor, paths, out, labels=labels, client=client)

@@ -5,7 +5,6 @@ The clusters listen on 127.0.0.1 only and are closed by the fixtures.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -55,14 +54,7 @@ def photos(tmp_path):
 
 def local_cluster(n_workers=2):
     """Start a cluster of single-threaded worker processes on the loopback interface."""
-    return distributed.LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
+    return skdeep_dask.local_cluster(n_workers)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +90,13 @@ def test_parallel_post_fit_maps_flat_rows(images):
     assert isinstance(lazy, da.Array)
     expected = small_extractor(image_shape=(32, 32, 3)).transform(flat)
     np.testing.assert_array_equal(lazy.compute(scheduler="threads"), expected)
+
+
+def test_local_clusters_listen_on_loopback_and_keep_malloc_untrimmed(client):
+    """Start clusters on 127.0.0.1, without Dask's MALLOC_TRIM_THRESHOLD_."""
+    assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    environment = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert set(environment.values()) == {None}
 
 
 def test_unpickling_is_cheap_and_each_process_builds_the_network_once(images):
