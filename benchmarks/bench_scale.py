@@ -212,7 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few images, for a smoke run")
     parser.add_argument("--data", default=None, help="folder for the image files (kept)")
-    parser.add_argument("--large-images", type=int, default=2000, help="files at 224 px")
+    parser.add_argument("--large-images", type=int, default=20_000, help="files at 224 px")
     parser.add_argument("--small-images", type=int, default=100_000, help="files at 32 px")
     args = parser.parse_args()
     workers = os.cpu_count() or 1
