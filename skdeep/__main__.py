@@ -24,6 +24,7 @@ import numpy as np
 
 from ._feature_cache import FeatureCache
 from ._images import load_npy
+from ._layouts import POOLINGS
 from .backbones import WeightsUnavailableError
 from .feature_extraction import FeatureExtractor
 
@@ -94,20 +95,30 @@ def _add_extract(commands) -> None:
     extract.add_argument(
         "--overwrite", action="store_true", help="replace an existing output of other settings"
     )
-    extract.add_argument("--backbone", default="mobilenet_v2", help="torchvision model name")
+    extract.add_argument(
+        "--backbone",
+        default="mobilenet_v2",
+        help="torchvision model name, or timm:<name> for a timm model",
+    )
     extract.add_argument(
         "--weights",
         default="IMAGENET1K_V1",
-        help="torchvision weights name, a state_dict file, or 'none' for random weights",
+        help="weights name (IMAGENET1K_V1, DEFAULT; for timm, the tag's), a state_dict file, "
+        "or 'none' for random weights",
     )
     extract.add_argument(
         "--layers",
         nargs="+",
         default=None,
-        help="module names to tap (default: penultimate, the classifier's input)",
+        help="module names to tap (default: penultimate, the classifier's input; for timm "
+        "models also intermediate:N, the N-th of feature_info)",
     )
     extract.add_argument(
-        "--pooling", default="avg", choices=["avg", "max", "avgmax", "none"], help="pooling"
+        "--pooling",
+        default="avg",
+        choices=[str(pooling).lower() for pooling in POOLINGS],
+        help="how each layer becomes columns: avg, max, avgmax for maps; cls, mean, cls+mean "
+        "for the tokens of transformers; none flattens",
     )
     extract.add_argument("--image-size", type=int, default=None, help="network input size")
     extract.add_argument(

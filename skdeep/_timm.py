@@ -29,6 +29,7 @@ from ._preprocess import Preprocessing
 
 PREFIX = "timm:"
 PRETRAINED_NAMES = ("DEFAULT", "IMAGENET1K_V1")
+INTERMEDIATE = "intermediate:"
 
 
 def _timm():
@@ -142,6 +143,43 @@ def preprocessing(config: dict) -> Preprocessing:
         std=tuple(float(v) for v in config["std"]),
         interpolation=config.get("interpolation", "bicubic"),
     )
+
+
+def intermediate_module(module: nn.Module, layer: str, argument: str = "layers") -> str:
+    """Name the module behind timm's intermediate feature ``"intermediate:N"``.
+
+    N counts the entries of the model's ``feature_info`` (negative from the end), as
+    timm's ``forward_intermediates(indices=...)`` and ``out_indices`` do: the blocks of
+    a vision transformer, the stages of a CNN. The hook on that module sees the
+    tensor ``forward_intermediates`` returns before its optional norm and reshaping.
+
+    Raises
+    ------
+    ValueError
+        N is not an integer or out of range, or the model lists no intermediates.
+    """
+    text = layer[len(INTERMEDIATE) :]
+    try:
+        index = int(text)
+    except ValueError:
+        raise ValueError(
+            f"{argument}: {layer!r} must end with an integer index, as in "
+            f"'{INTERMEDIATE}-1' (the last block or stage); got {text!r}"
+        ) from None
+    info = getattr(module, "feature_info", None)
+    if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
+        raise ValueError(
+            f"{argument}: {layer!r} counts the intermediate features that timm models "
+            f"list in feature_info, and this {type(module).__name__} lists none; name a "
+            "module instead (see dict(model.named_modules()))"
+        )
+    if not -len(info) <= index < len(info):
+        raise ValueError(
+            f"{argument}: {layer!r} is out of range: this {type(module).__name__} has "
+            f"{len(info)} intermediate features, so N runs from {-len(info)} to "
+            f"{len(info) - 1} ({', '.join(entry['module'] for entry in info)})"
+        )
+    return info[index]["module"]
 
 
 def replace_head(module: nn.Module, n_outputs: int) -> str | None:

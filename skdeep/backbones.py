@@ -342,17 +342,42 @@ def _forward_error(module: nn.Module, size: int, device: torch.device) -> Runtim
     return None
 
 
+def resolve_layer_names(
+    module: nn.Module, layers: list[str], argument: str = "layers"
+) -> list[str]:
+    """Check the layers to tap, with timm's ``"intermediate:N"`` replaced by module names.
+
+    Raises
+    ------
+    ValueError
+        An unknown module name, a bad intermediate index, or two names for one module.
+    """
+    resolved = [
+        _timm.intermediate_module(module, layer, argument)
+        if layer.startswith(_timm.INTERMEDIATE)
+        else layer
+        for layer in layers
+    ]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"{argument}: {layers!r} name one module twice (they are {resolved!r})")
+    check_layer_names(module, resolved, argument)
+    return resolved
+
+
 def check_layer_names(module: nn.Module, layers: list[str], argument: str = "layers") -> None:
     """Raise a ValueError listing close matches for any unknown module name."""
     names = [name for name, _ in module.named_modules() if name]
     known = set(names)
+    special = [PENULTIMATE, LOGITS]
+    if isinstance(getattr(module, "feature_info", None), list):  # a timm model
+        special.append(_timm.INTERMEDIATE + "N")
     for layer in layers:
         if layer not in (PENULTIMATE, LOGITS) and layer not in known:
             close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
             raise ValueError(
                 f"{argument}: {layer!r} is not a module of the backbone; {hint}"
-                f"valid names are {PENULTIMATE!r}, {LOGITS!r} and module names such as "
-                f"{', '.join(map(repr, names[:3]))} ... {', '.join(map(repr, names[-3:]))} "
-                "(see dict(model.named_modules()))"
+                f"valid names are {', '.join(map(repr, special))} and module names such "
+                f"as {', '.join(map(repr, names[:3]))} ... "
+                f"{', '.join(map(repr, names[-3:]))} (see dict(model.named_modules()))"
             )

@@ -15,7 +15,7 @@ from ._compat import Interval, StrOptions, fit_context
 from ._labels import check_labels, unlabeled_rows
 from ._objectives import DivergencePenalty, Supervised, constant, ramp
 from ._taps import parse_layers
-from .backbones import LOGITS, PENULTIMATE, check_layer_names
+from .backbones import LOGITS, PENULTIMATE, resolve_layer_names
 from .fine_tuning import FINE_TUNE_CONSTRAINTS, FineTuneClassifier
 from .losses import KERNELS, linear_time_mmd, mmd
 
@@ -56,7 +56,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         for large batches, more variance).
     adapt_layers : tuple of str, default=("penultimate", "logits")
         Features the penalty applies to: ``"penultimate"`` (the head's input),
-        ``"logits"`` (the output), or module names (pooled by average).
+        ``"logits"`` (the output), or module names (and timm's ``"intermediate:N"``,
+        as in :class:`~skdeep.FeatureExtractor`), pooled by average.
     mmd_schedule : {"ramp", "constant"}, default="ramp"
         "ramp" grows the weight as ``2 / (1 + exp(-10 p)) - 1`` over training
         progress p (from 0 to 1), so that the penalty does not act on the random
@@ -256,7 +257,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         if self.mmd_weight == 0:
             return Supervised(criterion)
         layers = parse_layers(self.adapt_layers, "adapt_layers")
-        check_layer_names(self.model_, layers, argument="adapt_layers")
+        layers = resolve_layer_names(self.model_, layers, argument="adapt_layers")
         target_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
         generator = torch.Generator().manual_seed(int(target_rng.integers(2**31)))
         estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd

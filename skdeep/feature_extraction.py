@@ -20,7 +20,7 @@ from ._layouts import POOLINGS, check_pooling, layer_layout, pooled_names
 from ._preprocess import Preprocessing
 from ._taps import parse_layers, probe_layers
 from ._version import __version__
-from .backbones import PENULTIMATE, check_input_size, check_layer_names, load_backbone
+from .backbones import PENULTIMATE, check_input_size, load_backbone, resolve_layer_names
 from .dask import is_dask_array, transform_array
 
 
@@ -46,8 +46,12 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     layers : str, list of str or None, default=None
         Module names to tap (keys of ``dict(model.named_modules())``), or
         ``"penultimate"``: the input of the classifier head, i.e. the pooled features
-        the classifier sees. None means ``"penultimate"``. With several layers each
-        is pooled and the results are concatenated in the order given.
+        the classifier sees, or ``"logits"``: the network's output. timm models also
+        take ``"intermediate:N"``, the N-th of the intermediate features timm lists
+        in ``feature_info`` (transformer blocks, CNN stages; ``-1`` is the last), as
+        its ``forward_intermediates(indices=...)`` counts them. None means
+        ``"penultimate"``. With several layers each is pooled and the results are
+        concatenated in the order given.
     pooling : {"avg", "max", "avgmax", "cls", "mean", "cls+mean"} or None, default="avg"
         How each layer's output becomes rows, by its layout. Maps (channels-first or
         channels-last): global average ("avg" or "mean"), global max, or both
@@ -57,10 +61,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         None flattens the output. Outputs that are already rows (``"penultimate"``)
         are used as they are.
     layouts : dict or None, default=None
-        Layouts of tapped layers that skdeep cannot tell by itself, by layer name:
-        "channels_first" ``(N, C, H, W)``, "channels_last" ``(N, H, W, C)``,
-        "rows", "tokens", "tokens:N" (N leading class and register tokens) or
-        "tokens:N:cls" (the first of them a class token). skdeep knows the layouts of
+        Layouts of tapped layers that skdeep cannot tell by itself, keyed as in
+        ``layers``: "channels_first" ``(N, C, H, W)``, "channels_last"
+        ``(N, H, W, C)``, "rows", "tokens", "tokens:N" (N leading class and register
+        tokens) or "tokens:N:cls" (the first of them a class token). skdeep knows the layouts of
         torchvision's and timm's CNNs, Swin, ConvNeXt and ViT families, and raises an
         error naming the layer when it does not know one.
     image_size : int or None, default=None
@@ -106,7 +110,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     preprocessing_ : skdeep._preprocess.Preprocessing
         Resize, crop and normalization applied to every image.
     layers_ : list of str
-        The tapped layers, in output order.
+        The tapped layers, in output order, by module name (``"intermediate:N"``
+        resolved).
     layouts_ : dict of str
         The layout of each tapped layer (see ``layouts``), e.g. ``"tokens:1:cls"``.
     feature_names_out_ : ndarray of str
@@ -191,9 +196,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         if X is not None:
             self._image_source(X)
         self._resolve_hardware()
-        self.layers_ = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
+        requested = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
+        self.layers_ = requested
         self._random_weights = None
         model, self.preprocessing_ = self._load_network()
+        declared = self._declared_layouts(requested)
         crop = self.preprocessing_.crop_size
         probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
         try:
@@ -204,7 +211,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             raise
         names, self.layouts_ = [], {}
         for layer in self.layers_:
-            layout = layer_layout(model, layer, outputs[layer], self.layouts)
+            layout = layer_layout(model, layer, outputs[layer], declared)
             check_pooling(self.pooling, layout, layer)
             self.layouts_[layer] = str(layout)
             names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
@@ -214,6 +221,19 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
         return self
+
+    def _declared_layouts(self, requested: list[str]) -> dict:
+        """Key the ``layouts`` parameter by module name; reject keys of untapped layers."""
+        by_request = dict(zip(requested, self.layers_, strict=True))
+        declared = {}
+        for layer, layout in (self.layouts or {}).items():
+            if layer not in by_request and layer not in self.layers_:
+                raise ValueError(
+                    f"layouts: {layer!r} is not a tapped layer; the keys of layouts must be "
+                    f"among layers={requested!r}"
+                )
+            declared[by_request.get(layer, layer)] = layout
+        return declared
 
     def __sklearn_is_fitted__(self) -> bool:
         """Tell whether ``fit`` has worked out the feature layout."""
@@ -245,7 +265,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         elif self.weights is None and isinstance(self.backbone, str):
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         model = backbone.module.eval().requires_grad_(False)
-        check_layer_names(model, self.layers_)
+        # From here on layers_ holds module names ("intermediate:N" resolved).
+        self.layers_ = resolve_layer_names(model, self.layers_)
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )

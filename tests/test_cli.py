@@ -57,6 +57,20 @@ def test_extract_a_glob_and_a_npy_file(image_files, images, tmp_path):
     assert joblib.load(out)["features"].shape == (12, 512)
 
 
+def test_extract_with_a_timm_transformer_and_token_pooling(image_files, tmp_path):
+    """The timm names, intermediates and token poolings reach the extractor."""
+    pytest.importorskip("timm")
+    out = str(tmp_path / "vit.joblib")
+    command = ["extract", str(tmp_path / "photos"), "--backbone", "timm:vit_tiny_patch16_224"]
+    options = ["--weights", "none", "--image-size", "32", "--quiet", "--out", out]
+    pooled = ["--layers", "intermediate:-1", "--pooling", "cls+mean"]
+    assert main([*command, *options, *pooled]) == 0
+    dump = joblib.load(out)
+    assert dump["features"].shape == (12, 2 * 192)
+    assert dump["feature_names"][0] == "blocks.11_cls_0"
+    assert dump["feature_names"][-1] == "blocks.11_mean_191"
+
+
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     """Errors are reported without a traceback."""
     empty = tmp_path / "empty"

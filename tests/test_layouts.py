@@ -22,9 +22,14 @@ def photos():
     return np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
 
 
+def model_input(extractor: FeatureExtractor, images) -> torch.Tensor:
+    """Return the preprocessed batch the extractor's network sees for ``images``."""
+    return next(extractor._input_batches(as_image_source(images), dtype=torch.float32))
+
+
 def raw_output(extractor: FeatureExtractor, layer: str, images) -> torch.Tensor:
     """Return what ``layer`` of the fitted extractor's network outputs for ``images``."""
-    batch = next(extractor._input_batches(as_image_source(images), dtype=torch.float32))
+    batch = model_input(extractor, images)
     seen = []
     module = extractor.model_.get_submodule(layer)
     handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -184,6 +189,61 @@ def test_timm_networks_stop_after_the_deepest_tap(photos):
     assert not calls
 
 
+def test_timm_intermediates_are_those_of_forward_intermediates(photos):
+    """'intermediate:N' taps what timm's forward_intermediates(indices=[N]) returns."""
+    layers = ["intermediate:-1", "intermediate:2"]
+    extractor, features = extract("timm:vit_tiny_patch16_224", layers, "cls+mean", photos)
+    assert extractor.layers_ == ["blocks.11", "blocks.2"]
+    assert extractor.feature_names_out_[0] == "blocks.11_cls_0"
+    with torch.inference_mode():
+        prefix_and_patches = extractor.model_.forward_intermediates(
+            model_input(extractor, photos),
+            indices=[2, 11],
+            return_prefix_tokens=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+    expected = []
+    for patches, prefix in reversed(prefix_and_patches):  # timm's come in forward order
+        expected += [prefix[:, 0], patches.mean(1)]
+    np.testing.assert_allclose(features, torch.cat(expected, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_cnn_intermediates_are_its_stages(photos):
+    """A ConvNeXt's intermediates are its stages, pooled as channels-first maps."""
+    extractor, features = extract("timm:convnext_atto", "intermediate:1", "avgmax", photos)
+    assert extractor.layers_ == ["stages.1"] and features.shape == (4, 2 * 80)
+    with torch.inference_mode():
+        (stage,) = extractor.model_.forward_intermediates(
+            model_input(extractor, photos), indices=[1], intermediates_only=True
+        )
+    expected = torch.cat([stage.mean((2, 3)), stage.amax((2, 3))], 1)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_intermediate_errors_name_the_range(photos):
+    """Bad indices, non-timm backbones and double taps are clear errors."""
+    with pytest.raises(ValueError, match=r"layers: 'intermediate:4' is out of range.* -4 to 3"):
+        extract("timm:convnext_atto", "intermediate:4", "avg", photos)
+    with pytest.raises(ValueError, match=r"must end with an integer index.* got 'last'"):
+        extract("timm:convnext_atto", "intermediate:last", "avg", photos)
+    with pytest.raises(ValueError, match=r"this ResNet lists none; name a module"):
+        extract("resnet18", "intermediate:-1", "avg", photos)
+    with pytest.raises(ValueError, match=r"name one module twice"):
+        extract("timm:convnext_atto", ["stages.3", "intermediate:-1"], "avg", photos)
+
+
+def test_declared_layouts_must_name_a_tapped_layer(photos):
+    """A layouts key that is not tapped is an error, never silently ignored."""
+    with pytest.raises(ValueError, match=r"layouts: 'layer3' is not a tapped layer"):
+        extract("resnet18", "layer4", "avg", photos, layouts={"layer3": "channels_first"})
+    extractor, _ = extract(
+        "timm:convnext_atto", "intermediate:-1", "avg", photos,
+        layouts={"intermediate:-1": "channels_first"},
+    )  # fmt: skip
+    assert extractor.layouts_ == {"stages.3": "channels_first"}
+
+
 def test_timm_preprocessing_comes_from_its_data_configuration():
     """Resize ratio, interpolation, mean and std are timm's for the architecture."""
     extractor = FeatureExtractor("timm:vit_tiny_patch16_224", weights=None).fit()
@@ -223,6 +283,22 @@ def test_timm_backbones_fine_tune_with_timms_own_head(photos):
     assert clf.head_name_ == "head"
     assert clf.model_.head.out_features == 2 and set(clf.predict(photos)) <= {"a", "b"}
     assert clf.transform(photos).shape == (4, 192)
+
+
+def test_timm_backbones_adapt_domains_at_an_intermediate(photos):
+    """DomainAdaptedClassifier takes timm names, and intermediates as adapt_layers."""
+    from skdeep import DomainAdaptedClassifier
+
+    params = dict(weights=None, image_size=32, max_epochs=1, batch_size=2, random_state=0)
+    y = np.array(["a", "b"] * 2)
+    histories = []
+    for layer in ["intermediate:-2", "layer3"]:  # the same module of timm's ResNet
+        clf = DomainAdaptedClassifier("timm:resnet10t", adapt_layers=layer, **params)
+        histories.append(clf.fit(photos, y, X_target=255 - photos).history_)
+    assert histories[0][0]["mmd"] == histories[1][0]["mmd"] != 0
+    assert clf.predict(photos).shape == (4,)
+    with pytest.raises(ValueError, match=r"adapt_layers: 'intermediate:5' is out of range"):
+        clf.set_params(adapt_layers="intermediate:5").fit(photos, y, X_target=photos)
 
 
 def test_grid_search_tunes_timm_and_torchvision_backbones(photos):
