@@ -13,6 +13,7 @@ network is mobilenet_v2 (random weights: the speed is the same as ImageNet's).
    ``LocalCluster`` of single-threaded workers, one per core, started beforehand, and
    (c) ``python -m skdeep extract --workers N``, timed end to end (process start,
    cluster start and all). (b) and (c) write a zarr store; (a) returns an array.
+   (c)'s fixed cost is timed apart, on 64 files.
 2. Resident memory of (a) at its peak (it returns the whole array) and of the
    largest worker of (b), at rest and at its peak, at 20,000 and 100,000 images:
    a worker's must not grow with the number of images.
@@ -152,9 +153,13 @@ def command_line(folder: Path, image_size, workers: int, out: Path) -> float:
     return seconds
 
 
-def throughput_rows(client, workers, data: Path, work: Path, sizes) -> list[list[object]]:
-    """Images per second of (a), (b) and (c) for each input size."""
-    rows = []
+def throughput_rows(client, workers, data: Path, work: Path, sizes):
+    """Images per second of (a), (b) and (c) for each input size.
+
+    Returns the table's rows, and (label, images, seconds of (a), seconds of (c)) of
+    each size for :func:`fixed_cost_rows`.
+    """
+    rows, timings = [], []
     for label, image_size, n, large in sizes:
         folder = data / ("jpeg256" if large else "png28") / str(n)
         paths = write_files(folder, n, large)
@@ -167,6 +172,26 @@ def throughput_rows(client, workers, data: Path, work: Path, sizes) -> list[list
             (f"(c) CLI --workers {workers} (end to end)", c),
         ]:
             rows.append([label, n, method, n / seconds, f"{a / seconds:.2f}"])
+        timings.append((label, n, a, c))
+    return rows, timings
+
+
+def fixed_cost_rows(data: Path, work: Path, workers: int, timings) -> list[list[object]]:
+    """(c)'s fixed cost, timed on 64 small files, and (c) net of it for each size.
+
+    The fixed cost is what does not depend on the number of images: starting Python
+    and importing torch, starting the cluster, each worker importing torch and
+    building the network, and closing it all.
+    """
+    folder = data / "png28" / "64"
+    write_files(folder, 64, large=False)
+    fixed = statistics.median(
+        command_line(folder, 32, workers, work / "fixed.zarr") for _ in range(3)
+    )
+    rows = []
+    for label, n, a, c in timings:
+        rate = n / (c - fixed)
+        rows.append([label, n, c, fixed, rate, f"{a * rate / n:.2f}"])
     return rows
 
 
@@ -226,7 +251,7 @@ def main() -> None:
         work = Path(work_dir)
         cluster = skdeep_dask.local_cluster(workers)  # what --workers starts
         with cluster, Client(cluster) as client:
-            rows = throughput_rows(
+            rows, timings = throughput_rows(
                 client,
                 workers,
                 data,
@@ -240,6 +265,11 @@ def main() -> None:
                 f"Throughput, image files -> feature rows, mobilenet_v2 float32 ({machine()})",
                 ["input", "images", "method", "images/s", "x (a)"],
                 rows,
+            )
+            report.table(
+                "(c) net of its fixed cost (the same command on 64 files, median of 3)",
+                ["input", "images", "(c) seconds", "fixed cost, s", "net images/s", "x (a)"],
+                fixed_cost_rows(data, work, workers, timings),
             )
             report.table(
                 "Resident memory at 32 px, MiB: (a) the process at its peak, and its output "

@@ -36,15 +36,23 @@ def find_images(source: str) -> tuple[list[str], list[str] | None]:
     """Find the image files of a folder (recursive) or a glob pattern, and their labels.
 
     Labels are the names of the first-level sub-folders of a folder, when every
-    image lies in one; otherwise there are none.
+    image lies in one; otherwise there are none. Symbolic links to files count;
+    links to folders are not followed.
     """
     if os.path.isdir(source):
-        root = Path(source)
-        paths = sorted(
-            str(path) for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES
-        )
-        parts = [Path(path).relative_to(root).parts for path in paths]
-        labels = [p[0] for p in parts] if parts and all(len(p) > 1 for p in parts) else None
+        # os.walk rather than Path.rglob: a million files take seconds, not minutes.
+        found = []
+        for folder, _, names in os.walk(source):
+            relative = os.path.relpath(folder, source)
+            found += [
+                (os.path.join(folder, name), relative)
+                for name in names
+                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            ]
+        found.sort()
+        paths = [path for path, _ in found]
+        in_sub_folders = found and all(folder != os.curdir for _, folder in found)
+        labels = [folder.split(os.sep, 1)[0] for _, folder in found] if in_sub_folders else None
         return paths, labels
     paths = sorted(
         path

@@ -4,7 +4,7 @@ import joblib
 import numpy as np
 import pytest
 
-from skdeep.__main__ import main
+from skdeep.__main__ import find_images, main
 
 
 def test_extract_a_folder_with_labels_from_sub_folders(image_files, tmp_path, capsys):
@@ -69,6 +69,19 @@ def test_extract_with_a_timm_transformer_and_token_pooling(image_files, tmp_path
     assert dump["features"].shape == (12, 2 * 192)
     assert dump["feature_names"][0] == "blocks.11_cls_0"
     assert dump["feature_names"][-1] == "blocks.11_mean_191"
+
+
+def test_find_images_labels_by_first_level_folder(tmp_path):
+    """Nested files take their first-level folder as label; folders are never images."""
+    for relative in ["b/2.PNG", "a/deep/er/1.jpg", "a/0.png", "a/notes.txt", "b/fake.png/3.png"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).touch()
+    paths, labels = find_images(str(tmp_path))
+    relative = [path[len(str(tmp_path)) + 1 :] for path in paths]
+    assert relative == ["a/0.png", "a/deep/er/1.jpg", "b/2.PNG", "b/fake.png/3.png"]
+    assert labels == ["a", "a", "b", "b"]
+    (tmp_path / "loose.png").touch()
+    assert find_images(str(tmp_path)) == ([*paths, str(tmp_path / "loose.png")], None)
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
