@@ -64,9 +64,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         Layouts of tapped layers that skdeep cannot tell by itself, keyed as in
         ``layers``: "channels_first" ``(N, C, H, W)``, "channels_last"
         ``(N, H, W, C)``, "rows", "tokens", "tokens:N" (N leading class and register
-        tokens) or "tokens:N:cls" (the first of them a class token). skdeep knows the layouts of
-        torchvision's and timm's CNNs, Swin, ConvNeXt and ViT families, and raises an
-        error naming the layer when it does not know one.
+        tokens) or "tokens:N:cls" (the first of them a class token). skdeep knows the
+        layouts of torchvision's and timm's CNNs, Swin, ConvNeXt and ViT families, and
+        raises an error naming the layer when it does not know one; a key that names
+        no tapped layer is an error too.
     image_size : int or None, default=None
         Network input size. None follows the weights' own preprocessing (for
         ImageNet weights: shorter side resized to 256, center crop 224). An int
