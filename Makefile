@@ -31,6 +31,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_fine_tune.py
 	cd benchmarks && ../$(BIN)/python bench_domain_adaptation.py
 	cd benchmarks && ../$(BIN)/python bench_scale.py
+	cd benchmarks && ../$(BIN)/python bench_compile.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check skdeep tests benchmarks examples
