@@ -28,8 +28,8 @@ CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 TOKENS = "tokens"
 ROWS = "rows"
-MAP_POOLINGS = ("avg", "max", "avgmax", None)
-TOKEN_POOLINGS = ("cls", "mean", "cls+mean", "max", None)
+MAP_POOLINGS = ("avg", "mean", "max", "avgmax", None)
+TOKEN_POOLINGS = ("cls", "cls+mean", "mean", "avg", "max", "avgmax", None)
 POOLINGS = ("avg", "max", "avgmax", "cls", "mean", "cls+mean", None)
 _DECLARATION = re.compile(r"^(channels_first|channels_last|rows|tokens)(?::(\d+)(?::cls)?)?$")
 
@@ -224,20 +224,39 @@ def check_pooling(pooling: str | None, layout: Layout, layer: str) -> None:
     if layout.kind == ROWS:
         return
     if layout.kind == TOKENS:
-        allowed = ("cls", "cls+mean", "mean", "avg", "max", "avgmax", None)
+        allowed = TOKEN_POOLINGS
         if pooling in ("cls", "cls+mean") and not layout.class_token:
             raise ValueError(
                 f"pooling={pooling!r}: {layer!r} has no class token ({layout}); use "
                 "'mean', 'max' or None"
             )
     else:
-        allowed = ("avg", "mean", "max", "avgmax", None)
+        allowed = MAP_POOLINGS
     if pooling not in allowed:
         kind = "a token sequence" if layout.kind == TOKENS else "a map"
         raise ValueError(
             f"pooling={pooling!r} does not apply to {layer!r}, whose output is {kind}; "
             f"use one of {allowed}"
         )
+
+
+def describe_layouts(
+    model: nn.Module,
+    layers: list[str],
+    outputs: dict[str, torch.Tensor],
+    pooling: str | None,
+    declared: dict | None = None,
+) -> dict[str, Layout]:
+    """Work out the layout of each tapped layer, and check that ``pooling`` applies.
+
+    ``outputs`` holds one output of each layer; ``declared`` is as in
+    :func:`layer_layout`.
+    """
+    layouts = {}
+    for layer in layers:
+        layouts[layer] = layer_layout(model, layer, outputs[layer], declared)
+        check_pooling(pooling, layouts[layer], layer)
+    return layouts
 
 
 def pool(output: torch.Tensor, layout: Layout, pooling: str | None) -> torch.Tensor:

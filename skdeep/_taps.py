@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ._layouts import Layout, check_pooling, layer_layout, pool
+from ._layouts import Layout, describe_layouts, pool
 from .backbones import LOGITS, PENULTIMATE, find_head
 
 
@@ -168,18 +168,12 @@ class LayerFeatures(LayerTaps):
         """Run one forward pass; return each layer's pooled rows ``(B, D)`` by name."""
         outputs = self.run(inputs)
         if not self.layouts:
-            self.layouts = self.describe(outputs)
+            self.layouts = describe_layouts(
+                self.module, self.layers, outputs, self.pooling, self.declared
+            )
         return {
             layer: pool(outputs[layer], self.layouts[layer], self.pooling) for layer in self.layers
         }
-
-    def describe(self, outputs: dict[str, torch.Tensor]) -> dict[str, Layout]:
-        """Work out (and check against the pooling) the layout of every layer."""
-        layouts = {}
-        for layer in self.layers:
-            layouts[layer] = layer_layout(self.module, layer, outputs[layer], self.declared)
-            check_pooling(self.pooling, layouts[layer], layer)
-        return layouts
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run one forward pass; return the pooled rows of all layers, concatenated."""

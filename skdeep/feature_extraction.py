@@ -16,7 +16,7 @@ from ._compat import HasMethods, StrOptions, fit_context
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
-from ._layouts import POOLINGS, check_pooling, layer_layout, pooled_names
+from ._layouts import POOLINGS, describe_layouts, pooled_names
 from ._preprocess import Preprocessing
 from ._taps import parse_layers, probe_layers
 from ._version import __version__
@@ -210,11 +210,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         except RuntimeError:
             check_input_size(model, crop, self.device_)  # names image_size if too small
             raise
-        names, self.layouts_ = [], {}
-        for layer in self.layers_:
-            layout = layer_layout(model, layer, outputs[layer], declared)
-            check_pooling(self.pooling, layout, layer)
-            self.layouts_[layer] = str(layout)
+        layouts = describe_layouts(model, self.layers_, outputs, self.pooling, declared)
+        self.layouts_ = {layer: str(layout) for layer, layout in layouts.items()}
+        names = []
+        for layer, layout in layouts.items():
             names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
