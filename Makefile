@@ -22,11 +22,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-# Benchmarks compare against skorch, skada and img2vec_pytorch (installed here only);
+# Benchmarks compare against skorch, skada, img2vec_pytorch and torchao (installed here only);
 # each writes its tables to benchmarks/results/<name>.md, which the README quotes.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check skorch skada
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps img2vec_pytorch
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps img2vec_pytorch torchao
 	cd benchmarks && ../$(BIN)/python bench_extraction.py
 	cd benchmarks && ../$(BIN)/python bench_fine_tune.py
 	cd benchmarks && ../$(BIN)/python bench_domain_adaptation.py

@@ -1,45 +1,68 @@
-"""Feature extraction: throughput, reduced precision, timm backbones and memory.
+"""Feature extraction: throughput, reduced precision, int8, timm backbones and memory.
 
 Run:  .venv/bin/python benchmarks/bench_extraction.py [--quick] [--device cuda]
+      [--sections throughput timm precision int8 memory]
 (``make bench`` runs all benchmarks after installing the comparison packages; this one
-writes results/extraction.md.)
+writes results/extraction.md, or results/extraction_<sections>.md for some sections.)
 
-1. Images per second from uint8 arrays (n, 224, 224, 3) to feature rows, for
-   mobilenet_v2 and resnet18, against baselines measured in the same process:
+1. throughput: images per second from uint8 arrays (n, 224, 224, 3) to feature rows,
+   for mobilenet_v2 and resnet18, against baselines measured in the same process:
    - ceiling: skdeep's own network (batch norms folded) on ready, preprocessed
      tensors at the same precision, i.e. the model alone with no input pipeline;
    - torchvision model: the unmodified torchvision network on ready tensors;
    - naive loop: what most tutorials do (per-image PIL transforms, float32, batch 32);
    - img2vec_pytorch (resnet18 only, when installed; random weights are put in a
      temporary torch hub cache so that it runs offline).
-2. bfloat16 against float32 with the real ImageNet mobilenet_v2 weights: speed,
-   cosine similarity of the features and MNIST linear-probe accuracy.
-3. timm backbones (ConvNeXt-T and ViT-S/16, random weights) against timm's own
+2. timm: timm backbones (ConvNeXt-T and ViT-S/16, random weights) against timm's own
    ``forward_features`` + ``forward_head(pre_logits=True)`` on ready tensors.
-4. Peak memory while transforming 2,500 and 10,000 images (Fashion-MNIST when
+3. precision: bfloat16 against float32 with the real ImageNet mobilenet_v2 weights:
+   speed, cosine similarity of the features and MNIST linear-probe accuracy.
+4. int8 (CPU): speed against float32, end to end and network alone, with the
+   calibration cost; quality with the real mobilenet_v2 weights (cosine to float32,
+   ImageNet top-1 on the foolbox photos, MNIST linear probe). Baselines: PyTorch's FX
+   quantization with its x86 defaults, and torchao's PT2E flow compiled by inductor
+   (when torchao is installed). The CPU's instruction sets head the tables.
+5. memory: peak memory while transforming 2,500 and 10,000 images (Fashion-MNIST when
    installed): it must not grow with the number of images beyond the output array.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import os
 import tempfile
+import time
 
 import numpy as np
 import torch
 import torchvision
-from _common import PeakMemory, Report, cosine_similarity, machine, median_seconds, synchronize
+from _common import (
+    PeakMemory,
+    Report,
+    cosine_similarity,
+    cpu_summary,
+    machine,
+    median_seconds,
+    synchronize,
+)
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skdeep import FeatureExtractor
+from skdeep import FeatureExtractor, _quantize
 from skdeep._device import cpu_has_native_bfloat16
 from skdeep._images import as_image_source
-from skdeep.datasets import DatasetUnavailableError, load_fashion_mnist, load_mnist_5k
+from skdeep.backbones import LOGITS, PENULTIMATE, find_head, load_backbone, set_submodule
+from skdeep.datasets import (
+    DatasetUnavailableError,
+    load_fashion_mnist,
+    load_mnist_5k,
+    load_sample_photos,
+)
 
 
 def naive_loop(model_name: str, device: torch.device):
@@ -255,22 +278,255 @@ def memory(report: Report, device: torch.device, sizes: list[int]) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------
+# int8
+# ----------------------------------------------------------------------------------------
+
+
+def _padded_batches(extractor: FeatureExtractor, images, batch_size: int = 64):
+    """Yield (ready batch padded to ``batch_size``, rows to keep): one shape to compile."""
+    for batch in extractor._input_batches(as_image_source(images)):
+        count = len(batch)
+        if count < batch_size:
+            batch = torch.cat([batch, batch[-1:].expand(batch_size - count, -1, -1, -1)])
+        yield batch, count
+
+
+def _outputs(network, extractor: FeatureExtractor, images) -> dict[str, np.ndarray]:
+    """Run a network returning {layer: tensor} on images preprocessed by ``extractor``."""
+    parts: dict[str, list] = {}
+    with torch.inference_mode():
+        for batch, count in _padded_batches(extractor, images, extractor.batch_size):
+            for layer, value in network(batch).items():
+                parts.setdefault(layer, []).append(value[:count].float().numpy())
+    return {layer: np.concatenate(values) for layer, values in parts.items()}
+
+
+def has_torchao() -> bool:
+    """Whether torchao (for its PT2E quantization rows) is installed."""
+    return importlib.util.find_spec("torchao") is not None
+
+
+def fx_x86_defaults(model: torch.nn.Module, layers: list[str], calibration: torch.Tensor):
+    """PyTorch's FX quantization with its x86 defaults: the issue's naive try."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    graph = _quantize.tapped_graph(model, layers)
+    prepared = prepare_fx(graph.graph, get_default_qconfig_mapping("x86"), (calibration[:1],))
+    with torch.no_grad():
+        for start in range(0, len(calibration), 64):
+            prepared(calibration[start : start + 64].contiguous())
+    return _quantize.TappedGraph(convert_fx(prepared).eval(), graph.names)
+
+
+class _PenultimateAndLogits(torch.nn.Module):
+    """A torchvision classifier that returns its penultimate features and its logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        head_name, head = find_head(model)
+        self.body = copy.deepcopy(model)
+        for module in self.body.modules():  # in-place activations break the x86 quantizer's
+            if hasattr(module, "inplace"):  # pattern matching (torchvision's ResNets)
+                module.inplace = False
+        set_submodule(self.body, head_name, torch.nn.Identity())
+        self.head = head
+
+    def forward(self, x):
+        features = self.body(x)
+        return {PENULTIMATE: features, LOGITS: self.head(features)}
+
+
+def torchao_pt2e(model: torch.nn.Module, layers: list[str], calibration: torch.Tensor):
+    """Torchao's PT2E flow (X86InductorQuantizer defaults), compiled by inductor.
+
+    The network (penultimate features and logits of ``model``) is exported whole, as in
+    torchao's tutorial. The first call of what this returns compiles it (the warm-up).
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    network = _PenultimateAndLogits(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(
+        network, (calibration[:2],), dynamic_shapes=({0: batch},)
+    ).module()
+    quantizer = x86.X86InductorQuantizer().set_global(
+        x86.get_default_x86_inductor_quantization_config()
+    )
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for start in range(0, len(calibration), 64):
+            prepared(calibration[start : start + 64])
+    compiled = torch.compile(convert_pt2e(prepared))
+    return lambda batch: {layer: compiled(batch)[layer] for layer in layers}
+
+
+def int8_speed(report: Report, device: torch.device, n_images: int, repeats: int) -> None:
+    """int8 against float32 on the CPU, end to end from uint8 arrays and network alone."""
+    if device.type != "cpu":
+        report.note("(int8 runs on the CPU only: the int8 tables are skipped on CUDA)")
+        return
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
+    calibration_images = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    rows = []
+    for model_name in ["mobilenet_v2", "resnet18"]:
+        params = dict(backbone=model_name, weights=None, random_state=0)
+        float32 = FeatureExtractor(**params, precision="float32").fit()
+        start = time.perf_counter()
+        int8 = FeatureExtractor(**params, precision="int8").fit(calibration_images)
+        one_off = {"skdeep int8": time.perf_counter() - start}
+        ready = torch.cat([b for b, _ in _padded_batches(float32, images)])
+        runs = {
+            "skdeep float32": lambda e=float32: e.transform(images),
+            "skdeep int8": lambda e=int8: e.transform(images),
+            "float32 network alone (ready tensors)": model_alone(
+                float32.model_, ready, device, torch.float32
+            ),
+            "int8 network alone (ready tensors)": model_alone(
+                int8.model_, ready, device, torch.float32
+            ),
+        }
+        plain = torchvision.models.get_model(model_name).eval()
+        plain.load_state_dict(float32._random_weights)
+        calibration = torch.cat([b for b, _ in _padded_batches(float32, calibration_images)])
+        start = time.perf_counter()
+        label = "torchao PT2E + torch.compile alone (ready tensors)"
+        try:
+            if has_torchao():
+                pt2e = torchao_pt2e(plain, [PENULTIMATE], calibration)
+                model_alone(pt2e, ready[:64], device, torch.float32)()  # compiles
+                one_off[label] = time.perf_counter() - start
+                runs[label] = model_alone(pt2e, ready, device, torch.float32)
+        except Exception as exc:  # report what torchao cannot do rather than stop
+            report.note(f"torchao PT2E failed on {model_name}: {type(exc).__name__}: {exc}")
+        seconds = median_seconds(runs, repeats)
+        for label, value in seconds.items():
+            skdeep = label.startswith("skdeep")
+            base = "skdeep float32" if skdeep else "float32 network alone (ready tensors)"
+            cost = f"{one_off[label]:.1f}" if label in one_off else ""
+            rows.append([model_name, label, n_images / value, f"{seconds[base] / value:.2f}", cost])
+    report.table(
+        f"int8 against float32, uint8 arrays 224x224 -> penultimate features, {n_images} "
+        f"images, median of {repeats}, random weights ({cpu_summary()})",
+        ["backbone", "method", "images/s", "x float32 (same path)", "one-off s"],
+        rows,
+    )
+    report.note(
+        "One-off: skdeep's calibration in fit (64 images); for PT2E, export, calibration "
+        "(64 images), conversion and the first compiled call. Without VNNI, AVX2 sums "
+        "pairs of uint8 x int8 products in int16, so skdeep rounds weights to [-64, 64]; "
+        "CPUs with VNNI or AMX were not available to measure."
+    )
+
+
+def int8_quality(report: Report) -> None:
+    """Feature quality of int8 methods against float32, real mobilenet_v2 weights.
+
+    Each method is calibrated twice: on 10 of the foolbox photos (cosine to float32 on
+    the 10 others, top-1 on all 20) and on 256 MNIST training images (linear probe).
+    """
+    try:
+        paths, labels = load_sample_photos("imagenet")
+        mnist, mnist_labels = load_mnist_5k()
+    except DatasetUnavailableError as exc:
+        report.note(f"(int8 quality skipped: {exc})")
+        return
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    X_train, X_test, y_train, y_test = train_test_split(
+        mnist, mnist_labels, test_size=1000, stratify=mnist_labels, random_state=0
+    )
+    layers = [PENULTIMATE, LOGITS]
+    reference = FeatureExtractor(layers=layers, pooling=None, precision="float32").fit()
+    plain = load_backbone(reference.backbone, reference.weights).module.eval()
+    width = plain.classifier[1].in_features
+
+    def split(rows):
+        return np.split(rows, [width], axis=1)  # penultimate features, logits
+
+    def skdeep_int8(calibration_images):
+        extractor = FeatureExtractor(layers=layers, pooling=None, precision="int8")
+        extractor.fit(calibration_images)
+        return lambda images: split(extractor.transform(images))
+
+    def on_graph(build):
+        def calibrated(calibration_images):
+            ready = [b[:n] for b, n in _padded_batches(reference, calibration_images)]
+            network = build(plain, layers, torch.cat(ready))
+            return lambda images: [_outputs(network, reference, images)[k] for k in layers]
+
+        return calibrated
+
+    methods = {
+        "float32": lambda _: lambda images: split(reference.transform(images)),
+        "skdeep int8": skdeep_int8,
+        "PyTorch FX, its x86 defaults": on_graph(fx_x86_defaults),
+    }
+    if has_torchao():
+        methods["torchao PT2E + torch.compile"] = on_graph(torchao_pt2e)
+    rows, exact = [], {}
+    for name, calibrate in methods.items():
+        photo_features, photo_logits = calibrate(photos[:10])(photos)
+        run = calibrate(X_train[:256])
+        (train, _), (test, _) = run(X_train), run(X_test)
+        exact = exact or {"photos": photo_features[10:], "mnist": test}
+        photo_cosine = cosine_similarity(exact["photos"], photo_features[10:])
+        mnist_cosine = cosine_similarity(exact["mnist"], test)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+        rows.append(
+            [
+                name,
+                f"{photo_cosine.mean():.4f} / {photo_cosine.min():.4f}",
+                f"{int((photo_logits.argmax(1) == labels).sum())}/20",
+                100 * probe.fit(train, y_train).score(test, y_test),
+                f"{mnist_cosine.mean():.4f} / {mnist_cosine.min():.4f}",
+            ]
+        )
+    report.table(
+        "int8 quality, ImageNet mobilenet_v2 at 224 px: cosine to float32 of the penultimate "
+        "features of 10 held-out foolbox photos (calibrated on the 10 others), top-1 on all "
+        "20, MNIST 5k linear probe (4,000 train / 1,000 test, calibrated on 256 training "
+        "images)",
+        ["method", "photos cosine mean / min", "top-1", "MNIST probe %", "MNIST cosine mean / min"],
+        rows,
+    )
+
+
+SECTIONS = ("throughput", "timm", "precision", "int8", "memory")
+
+
 def main() -> None:
-    """Run the three tables and write results/extraction.md."""
+    """Run the tables and write results/extraction.md (or extraction_<sections>.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images, for a smoke run")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="tables to run"
+    )
     args = parser.parse_args()
     from skdeep._device import resolve_device
 
     device = resolve_device(args.device)
-    report = Report("extraction" + ("_quick" if args.quick else ""), device, ("img2vec_pytorch",))
-    throughput(report, device, n_images=64 if args.quick else 256, repeats=1 if args.quick else 3)
-    timm_throughput(
-        report, device, n_images=32 if args.quick else 128, repeats=1 if args.quick else 3
-    )
-    precision_quality(report, device)
-    memory(report, device, [500, 2000] if args.quick else [2500, 10000])
+    name = "extraction"
+    if tuple(args.sections) != SECTIONS:
+        name += "_" + "_".join(args.sections)
+    name += "_quick" if args.quick else ""
+    report = Report(name, device, ("img2vec_pytorch", "torchao"))
+    n_images, repeats = (64, 1) if args.quick else (256, 3)
+    if "throughput" in args.sections:
+        throughput(report, device, n_images, repeats)
+    if "timm" in args.sections:
+        timm_throughput(report, device, n_images // 2, repeats)
+    if "precision" in args.sections:
+        precision_quality(report, device)
+    if "int8" in args.sections:
+        int8_speed(report, device, n_images, repeats)
+        if device.type == "cpu":
+            int8_quality(report)
+    if "memory" in args.sections:
+        memory(report, device, [500, 2000] if args.quick else [2500, 10000])
     report.write()
 
 

@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from ._compat import Interval, StrOptions
-from ._device import PRECISIONS, autocast, resolve_hardware
+from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_batch
 from ._progress import Progress
@@ -135,7 +135,7 @@ class BackboneMixin:
             LayerFeatures(module, layers, pooling, stop_after, layouts) as features,
             torch.inference_mode(),
         ):
-            for batch in self._input_batches(source, indices, dtype=self.precision_):
+            for batch in self._input_batches(source, indices, dtype=input_dtype(self.precision_)):
                 with autocast(self.device_, self.precision_):
                     rows = features(batch).float()
                 if not torch.isfinite(rows).all():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 
 from ._compat import cpu_instruction_sets
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 # Below this input size, training in bfloat16 on a CPU is slower than in float32: on a
 # Xeon with AMX, a MobileNet-V2 step at 64 px took 1.3x longer (the bfloat16 backward of
 # depthwise convolutions), while at 224 px it was 1.7x faster. Inference gains at any size.
@@ -73,6 +74,24 @@ def resolve_precision(
         if device.type == "cpu" and cpu_has_native_bfloat16() and not small:
             return torch.bfloat16
         return torch.float32
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(
+                "precision='int8' runs on the CPU (PyTorch's x86 int8 kernels); use "
+                "device='cpu', or float16 on the GPU"
+            )
+        if importlib.util.find_spec("torch.ao.quantization.quantize_fx") is None:
+            raise ValueError(
+                f"precision='int8' uses torch.ao.quantization's FX mode, which PyTorch "
+                f"{torch.__version__} no longer has; use precision='float32'"
+            )
+        if "x86" not in torch.backends.quantized.supported_engines:
+            raise ValueError(
+                "precision='int8' runs on PyTorch's x86 int8 kernels, which this "
+                f"machine's PyTorch lacks (it has {torch.backends.quantized.supported_engines}); "
+                "use precision='float32'"
+            )
+        return torch.qint8
     if precision == "float16" and device.type == "cpu":
         raise ValueError(
             "precision='float16' needs a CUDA device; on the CPU use 'bfloat16' or 'float32'"
@@ -109,9 +128,14 @@ def resolve_hardware(
     return resolved, dtype
 
 
+def input_dtype(precision: torch.dtype) -> torch.dtype:
+    """Return the dtype of network input at ``precision`` (int8 networks take float32)."""
+    return torch.float32 if precision == torch.qint8 else precision
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Enter the mixed-precision context of ``dtype``; a no-op for float32."""
-    if dtype == torch.float32:
+    """Enter the mixed-precision context of ``dtype``; a no-op for float32 and int8."""
+    if dtype in (torch.float32, torch.qint8):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_memory
 
+from . import _quantize
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin, shared_network
-from ._compat import HasMethods, StrOptions, fit_context
+from ._compat import HasMethods, Interval, StrOptions, fit_context
 from ._device import autocast, fork_rng
 from ._feature_cache import FeatureCache
 from ._inference import optimize_for_inference
@@ -84,11 +86,19 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the network runs; "auto" picks CUDA when available. Resolved into
         ``device_``; outputs are always NumPy arrays.
-    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+    precision : {"auto", "float32", "bfloat16", "float16", "int8"}, default="auto"
         Compute precision (autocast). "auto" is float16 on CUDA, bfloat16 on a CPU
-        with AVX512-BF16 or AMX, float32 elsewhere.
+        with AVX512-BF16 or AMX, float32 elsewhere. "int8" (x86 CPUs only, opt-in:
+        it changes the features) quantizes the network after calibrating it in
+        ``fit`` on the images given there (PyTorch's post-training static
+        quantization, x86 backend, with bias correction; the first convolution stays
+        in float); see ``calibration_size``. Networks that torch.fx cannot trace
+        are refused with a clear error.
     num_workers : int, default=0
         Worker processes that decode image files (0: in the main process).
+    calibration_size : int, default=256
+        With ``precision="int8"``: at most this many of the images given to ``fit``
+        (spread evenly over them) calibrate the quantization.
     memory : str, joblib.Memory or None, default=None
         Folder (or ``joblib.Memory``) where each image's features are cached. With
         it, a grid search over a downstream classifier runs the backbone once per
@@ -140,6 +150,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         "pooling": [StrOptions(set(POOLINGS) - {None}), None],
         "layouts": [dict, None],
         "memory": [None, str, HasMethods(["cache"])],
+        "calibration_size": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -157,6 +168,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         precision="auto",
         num_workers=0,
         memory=None,
+        calibration_size=256,
         random_state=None,
         verbose=False,
     ):
@@ -173,6 +185,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.precision = precision
         self.num_workers = num_workers
         self.memory = memory
+        self.calibration_size = calibration_size
         self.random_state = random_state
         self.verbose = verbose
 
@@ -194,12 +207,17 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self : FeatureExtractor
             The fitted extractor.
         """
-        if X is not None:
-            self._image_source(X)
+        source = None if X is None else self._image_source(X)
         self._resolve_hardware()
+        if self.precision_ == torch.qint8 and source is None:
+            raise ValueError(
+                "precision='int8' needs calibration images: call fit(X) with images like "
+                "those you will transform (calibration_size bounds how many are used)"
+            )
         requested = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
         self.layers_ = requested
         self._random_weights = None
+        self._int8_statistics = None
         model, self.preprocessing_ = self._load_network()
         declared = self._declared_layouts(requested)
         crop = self.preprocessing_.crop_size
@@ -217,6 +235,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
+        if self.precision_ == torch.qint8:
+            self._int8_statistics, model = self._calibrate(model, source)
         self._model = model
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
@@ -255,6 +275,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
         On the first call (in ``fit``), random weights (``weights=None``) are kept in
         ``_random_weights``: they are the only weights the parameters cannot load again.
+        At int8, the network is quantized with the calibration statistics once ``fit``
+        has gathered them (before that, the float network is returned).
         """
         random_weights = self._random_weights
         with fork_rng(torch.device("cpu"), self._torch_seed()):
@@ -267,11 +289,42 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         model = backbone.module.eval().requires_grad_(False)
         # From here on layers_ holds module names ("intermediate:N" resolved).
         self.layers_ = resolve_layer_names(model, self.layers_)
+        preprocessing = backbone.preprocessing.with_image_size(self.image_size)
+        if self.precision_ == torch.qint8:  # PyTorch's quantization fuses on its own
+            if self._int8_statistics is not None:
+                model = self._quantized(model, preprocessing, self._int8_statistics)
+            return model, preprocessing
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )
         model = model.to(self.device_, memory_format=torch.channels_last)
-        return model, backbone.preprocessing.with_image_size(self.image_size)
+        return model, preprocessing
+
+    def _calibrate(self, model: torch.nn.Module, source) -> tuple[dict, torch.nn.Module]:
+        """Calibrate on up to ``calibration_size`` images of ``source``.
+
+        The images, spread evenly over ``source``, go through the float network with
+        observers; returns what calibration learned and the int8 network.
+        """
+        count = min(len(source), self.calibration_size)
+        indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int))
+        prepared = _quantize.prepare(
+            _quantize.tapped_graph(model, self.layers_), self._example_input()
+        )
+        batches = self._input_batches(source, indices, dtype=torch.float32)
+        # contiguous: the histogram observers are slower on channels_last tensors
+        calibration = _quantize.calibrate(prepared, (batch.contiguous() for batch in batches))
+        return calibration, _quantize.convert(prepared)
+
+    def _quantized(self, model, preprocessing, calibration) -> torch.nn.Module:
+        """Rebuild the int8 network from the float one and what calibration learned."""
+        graph = _quantize.tapped_graph(model, self.layers_)
+        example = self._example_input(preprocessing)
+        return _quantize.convert(_quantize.prepare(graph, example), calibration)
+
+    def _example_input(self, preprocessing=None) -> torch.Tensor:
+        crop = (preprocessing or self.preprocessing_).crop_size
+        return torch.zeros(1, 3, crop, crop)
 
     def transform(self, X):
         """Features of each image.
@@ -351,11 +404,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         return digest.hexdigest()
 
     def _weights_digest(self) -> str:
-        """Digest the network's weights (two random initialisations differ)."""
+        """Digest the network's weights (and, at int8, its calibration)."""
         digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.model_.state_dict().items():
+        for name, value in self.model_.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)
+            _digest_value(digest, value)
         return digest.hexdigest()
 
     def get_feature_names_out(self, input_features=None):
@@ -379,3 +432,22 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _digest_value(digest, value) -> None:
+    """Feed a state_dict value (a tensor, quantized or not, or a tuple of them) in."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:
+            scales = (
+                value.q_per_channel_scales()
+                if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                else torch.tensor([value.q_scale()])
+            )
+            _digest_value(digest, scales)
+            value = value.int_repr()
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _digest_value(digest, item)
+    else:
+        digest.update(repr(value).encode())

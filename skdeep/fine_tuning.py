@@ -19,7 +19,7 @@ from torch import nn
 from ._augment import AUGMENTATIONS, augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._compat import Interval, StrOptions, fit_context
-from ._device import fork_rng
+from ._device import PRECISIONS, fork_rng
 from ._inference import optimize_for_inference
 from ._labels import check_labels, encode_labels
 from ._layouts import ROWS, Layout, pooled_names
@@ -37,6 +37,7 @@ from .backbones import (
 
 FINE_TUNE_CONSTRAINTS = {
     **BACKBONE_CONSTRAINTS,
+    "precision": [StrOptions(set(PRECISIONS) - {"int8"})],  # int8 does not train
     "max_epochs": [Interval(Integral, 1, None, closed="left")],
     "lr": [Interval(Real, 0, None, closed="neither")],
     "backbone_lr": [Interval(Real, 0, None, closed="left"), None],
