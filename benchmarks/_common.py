@@ -147,6 +147,13 @@ def _format(value: object) -> str:
     return str(value)
 
 
+def ready_tensors(extractor, images, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All of ``images`` preprocessed by a fitted skdeep ``extractor``: network input."""
+    from skdeep._images import as_image_source
+
+    return torch.cat(list(extractor._input_batches(as_image_source(images), dtype=dtype)))
+
+
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Return the cosine similarity of each row of ``a`` with the same row of ``b``."""
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -34,11 +34,10 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="skdeep-bench-in
 
 import torch
 import torchvision
-from _common import Report, machine, median_seconds, synchronize
+from _common import Report, machine, median_seconds, ready_tensors, synchronize
 from bench_extraction import model_alone
 
 from skdeep import FeatureExtractor
-from skdeep._images import as_image_source
 
 BATCH_SIZE = 64
 
@@ -59,7 +58,7 @@ def compile_rows(model_name: str, device: torch.device, n_images: int, repeats: 
     extractor = FeatureExtractor(
         model_name, weights=None, precision="float32", device=str(device), random_state=0
     ).fit()
-    ready = torch.cat(list(extractor._input_batches(as_image_source(images), dtype=torch.float32)))
+    ready = ready_tensors(extractor, images)
     plain = torchvision.models.get_model(model_name).eval().requires_grad_(False)
     plain = plain.to(device, memory_format=torch.channels_last)
     networks = {
