@@ -104,11 +104,18 @@ def tapped_graph(model: nn.Module, layers: list[str]) -> TappedGraph:
 
 
 def _first_weighted_layer(graph: nn.Module) -> str | None:
-    """Name of the first convolution or linear layer the graph runs."""
-    modules = dict(graph.named_modules())
+    """Name of the first convolution or linear layer the graph runs.
+
+    Tracing keeps some blocks whole (torchvision's ``Conv2dNormActivation``), so the
+    layer may be inside the first module the graph calls; a block's layers are taken
+    to run in the order they were registered, as in ``nn.Sequential``.
+    """
     for node in graph.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], WEIGHTED_LAYERS):
-            return node.target
+        if node.op == "call_module":
+            block = graph.get_submodule(node.target)
+            for name, module in block.named_modules(prefix=node.target):
+                if isinstance(module, WEIGHTED_LAYERS):
+                    return name
     return None
 
 

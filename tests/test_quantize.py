@@ -118,6 +118,16 @@ def test_weights_have_7_bits_and_the_first_layer_stays_float(calibration):
     assert type(first) is torch.nn.Conv2d and first.weight.dtype == torch.float32
 
 
+def test_the_first_layer_stays_float_inside_blocks_traced_whole(calibration):
+    """The first conv inside a block traced whole (Conv2dNormActivation) stays float."""
+    train, _ = calibration
+    model = int8_extractor(backbone="mobilenet_v2").fit(train).model_
+    first = model.graph.get_submodule("features.0.0")
+    assert type(first) is torch.nn.Conv2d and first.weight.dtype == torch.float32
+    second = model.graph.get_submodule("features.1.conv.0.0")  # the next convolution
+    assert ".quantized." in type(second).__module__
+
+
 def test_bias_correction_removes_the_mean_error_of_rounded_weights(calibration, monkeypatch):
     """Held-out images: the mean int8 - float32 difference shrinks with the correction."""
     train, test = calibration
