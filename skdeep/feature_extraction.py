@@ -217,7 +217,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         requested = [PENULTIMATE] if self.layers is None else parse_layers(self.layers, "layers")
         self.layers_ = requested
         self._random_weights = None
-        self._int8_statistics = None
+        self._int8_calibration = None
         model, self.preprocessing_ = self._load_network()
         declared = self._declared_layouts(requested)
         crop = self.preprocessing_.crop_size
@@ -236,7 +236,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
         if self.precision_ == torch.qint8:
-            self._int8_statistics, model = self._calibrate(model, source)
+            self._int8_calibration, model = self._calibrate(model, source)
         self._model = model
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
@@ -291,8 +291,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.layers_ = resolve_layer_names(model, self.layers_)
         preprocessing = backbone.preprocessing.with_image_size(self.image_size)
         if self.precision_ == torch.qint8:  # PyTorch's quantization fuses on its own
-            if self._int8_statistics is not None:
-                model = self._quantized(model, preprocessing, self._int8_statistics)
+            if self._int8_calibration is not None:
+                model = self._quantized(model, preprocessing, self._int8_calibration)
             return model, preprocessing
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)

@@ -71,14 +71,16 @@ def test_calibration_size_bounds_the_images_observed(calibration):
 
 
 def test_pickles_hold_the_calibration_and_give_identical_features(calibration):
-    """A pickle stores the observer statistics, rebuilds lazily, and matches exactly."""
+    """A pickle stores what calibration learned, rebuilds lazily, and matches exactly."""
     train, test = calibration
     extractor = int8_extractor().fit(train)
     expected = extractor.transform(test)
     state = extractor.__getstate__()
-    assert "_int8_statistics" in state and "_model" not in state
-    statistics_bytes = sum(t.numel() * t.element_size() for t in state["_int8_statistics"].values())
-    assert statistics_bytes < 2_000_000
+    assert "_int8_calibration" in state and "_model" not in state
+    calibration_bytes = sum(
+        t.numel() * t.element_size() for t in state["_int8_calibration"].values()
+    )
+    assert calibration_bytes < 2_000_000
     builds = sum(NETWORK_BUILDS.values())
     restored = pickle.loads(pickle.dumps(extractor))
     assert sum(NETWORK_BUILDS.values()) == builds  # nothing built on loading
