@@ -130,6 +130,20 @@ def test_the_first_layer_stays_float_inside_blocks_traced_whole(calibration):
     assert ".quantized." in type(second).__module__
 
 
+def test_activation_histograms_sample_large_batches_but_keep_their_range(monkeypatch):
+    """At most HISTOGRAM_SAMPLE values (+ the two extremes) go into each histogram."""
+    monkeypatch.setattr(_quantize, "HISTOGRAM_SAMPLE", 1000)
+    observer = _quantize._sampled_histogram_observer()(reduce_range=False)
+    values = torch.rand(8, 4, 32, 32)
+    values[3, 2, 5, 7], values[5, 1, 9, 2] = -3.0, 7.0  # extremes off the sampling stride
+    assert observer(values) is values  # the network's activations pass through unchanged
+    assert observer.histogram.sum() <= 1000 + 2
+    assert (observer.min_val, observer.max_val) == (-3.0, 7.0)
+    small = _quantize._sampled_histogram_observer()(reduce_range=False)
+    small(values[0, 0, :10])  # 320 values: all of them
+    assert small.histogram.sum() == 320
+
+
 def test_bias_correction_removes_the_mean_error_of_rounded_weights(calibration, monkeypatch):
     """Held-out images: the mean int8 - float32 difference shrinks with the correction."""
     train, test = calibration
