@@ -137,9 +137,9 @@ def _sampled_histogram_observer() -> type:
 
     ``torch.histc`` was most of the calibration time. An evenly strided sample of each
     batch's activations, with their exact minimum and maximum, keeps the observed range
-    and gave MobileNet-V2 features as close to float32 as the full histograms did
-    (README, int8 section), in less time. Defined on first use:
-    importing ``torch.ao.quantization`` is left to the int8 path.
+    and gave MobileNet-V2 features at least as close to float32 as the full histograms
+    did (README, int8 section), in less time. Defined on first use, so that only the
+    int8 path imports ``torch.ao.quantization``.
     """
     from torch.ao.quantization import HistogramObserver
 
