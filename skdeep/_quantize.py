@@ -17,8 +17,9 @@ The choices, measured on MobileNet-V2 with ImageNet weights (README, int8 sectio
   are rounded per output channel to integers in [-64, 64], about 7 bits. CPUs without
   VNNI (AVX2, AVX-512 without VNNI) add pairs of uint8 x int8 products in int16 with
   saturation, and 2 * 255 * 64 stays below 2**15, so no CPU saturates and every CPU
-  computes the same features. PyTorch's default (7-bit activations, 8-bit weights) avoids saturation
-  too but loses more: activations are quantized per tensor, weights per channel.
+  computes the same features. PyTorch's default (7-bit activations, 8-bit weights)
+  avoids saturation too but loses more: activations are quantized per tensor, weights
+  per channel.
 - The first convolution (or linear layer) stays in float: it sees the raw normalized
   pixels, and quantizing it cost the most on images unlike the calibration ones.
 - Transposed convolutions stay in float (their int8 weights are per tensor and 8-bit).
