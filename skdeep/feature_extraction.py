@@ -308,9 +308,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         """
         count = min(len(source), self.calibration_size)
         indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(int))
-        prepared = _quantize.prepare(
-            _quantize.tapped_graph(model, self.layers_), self._example_input()
-        )
+        prepared = self._prepared(model, self.preprocessing_)
         batches = self._input_batches(source, indices, dtype=torch.float32)
         # contiguous: the histogram observers are slower on channels_last tensors
         calibration = _quantize.calibrate(prepared, (batch.contiguous() for batch in batches))
@@ -318,13 +316,13 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
     def _quantized(self, model, preprocessing, calibration) -> torch.nn.Module:
         """Rebuild the int8 network from the float one and what calibration learned."""
-        graph = _quantize.tapped_graph(model, self.layers_)
-        example = self._example_input(preprocessing)
-        return _quantize.convert(_quantize.prepare(graph, example), calibration)
+        return _quantize.convert(self._prepared(model, preprocessing), calibration)
 
-    def _example_input(self, preprocessing=None) -> torch.Tensor:
-        crop = (preprocessing or self.preprocessing_).crop_size
-        return torch.zeros(1, 3, crop, crop)
+    def _prepared(self, model, preprocessing) -> _quantize.QuantizableGraph:
+        """Return the float network's tapped graph with observers, for this input size."""
+        crop = preprocessing.crop_size
+        graph = _quantize.tapped_graph(model, self.layers_)
+        return _quantize.prepare(graph, torch.zeros(1, 3, crop, crop))
 
     def transform(self, X):
         """Features of each image.

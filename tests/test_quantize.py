@@ -164,7 +164,7 @@ def test_int8_imagenet_features_meet_the_quality_targets():
     """Real MobileNet-V2 weights, calibrated on 10 photos, compared on 10 others.
 
     Targets of the int8 issue: mean cosine to float32 >= 0.97, worst >= 0.93, and at
-    least 17 of the 20 photos classified as float32 does (18/20).
+    least 17 of the 20 photos classified right (float32: 19/20).
     """
     from PIL import Image
 
