@@ -40,8 +40,9 @@ from sklearn.preprocessing import StandardScaler
 from skdeep import DomainAdaptedClassifier, FeatureExtractor, FineTuneClassifier
 from skdeep._device import resolve_device
 from skdeep._images import as_image_source
+from skdeep._network import replace_head
 from skdeep._training import optimizer_of_groups, parameter_groups, warmup_cosine
-from skdeep.backbones import load_backbone, replace_head
+from skdeep.backbones import load_backbone
 from skdeep.datasets import load_digits_images, load_mnist_5k
 from skdeep.losses import mmd
 

@@ -57,7 +57,8 @@ from sklearn.preprocessing import StandardScaler
 from skdeep import FeatureExtractor, _quantize
 from skdeep._device import cpu_has_native_bfloat16
 from skdeep._images import as_image_source
-from skdeep.backbones import LOGITS, PENULTIMATE, find_head, load_backbone, set_submodule
+from skdeep._network import LOGITS, PENULTIMATE, find_head, set_submodule
+from skdeep.backbones import load_backbone
 from skdeep.datasets import (
     DatasetUnavailableError,
     load_fashion_mnist,

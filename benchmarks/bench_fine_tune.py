@@ -36,8 +36,9 @@ from sklearn.preprocessing import StandardScaler
 from skdeep import FeatureExtractor, FineTuneClassifier
 from skdeep._device import cpu_has_native_bfloat16, resolve_device
 from skdeep._images import as_image_source
+from skdeep._network import replace_head
 from skdeep._training import make_optimizer, recalibrate_batch_norm, warmup_cosine
-from skdeep.backbones import load_backbone, replace_head
+from skdeep.backbones import load_backbone
 from skdeep.datasets import DatasetUnavailableError, load_fashion_mnist, load_mnist_5k
 
 

@@ -8,7 +8,7 @@
 
 from ._store import load_features
 from ._version import __version__
-from .backbones import WeightsUnavailableError
+from ._weights import WeightsChangedError, WeightsUnavailableError
 from .domain_adaptation import DomainAdaptedClassifier
 from .feature_extraction import FeatureExtractor
 from .fine_tuning import FineTuneClassifier
@@ -17,6 +17,7 @@ __all__ = [
     "DomainAdaptedClassifier",
     "FeatureExtractor",
     "FineTuneClassifier",
+    "WeightsChangedError",
     "WeightsUnavailableError",
     "__version__",
     "load_features",

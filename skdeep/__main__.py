@@ -25,7 +25,7 @@ import numpy as np
 from ._feature_cache import FeatureCache
 from ._images import load_npy
 from ._layouts import POOLINGS
-from .backbones import WeightsUnavailableError
+from ._weights import WeightsChangedError, WeightsUnavailableError
 from .feature_extraction import FeatureExtractor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -276,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             print(cache(args))
             return 0
         written = extract(args)
-    except (ValueError, TypeError, OSError, ImportError, WeightsUnavailableError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        ImportError,
+        WeightsUnavailableError,
+        WeightsChangedError,
+    ) as exc:
         print(f"skdeep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

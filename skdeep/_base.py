@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from ._compat import Interval, StrOptions
-from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware
+from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware, resolve_loaded_hardware
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_batch
 from ._progress import Progress
@@ -56,9 +56,14 @@ class BackboneMixin:
         value_range = self.value_range
         if value_range is None:
             return
-        if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
+        try:
+            low, high = (float(value) for value in value_range)
+        except (TypeError, ValueError):
+            low = high = np.nan
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
             raise ValueError(
-                f"value_range must be (low, high) with low < high; got {value_range!r}"
+                "value_range must be (low, high), two finite numbers with low < high; "
+                f"got {value_range!r}"
             )
 
     def _image_source(self, X, argument: str = "X") -> ImageSource:
@@ -71,10 +76,10 @@ class BackboneMixin:
         """Input size the network trains at (None: it does not train)."""
         return None
 
-    def _resolve_hardware(self, loading: bool = False) -> None:
+    def _resolve_hardware(self) -> None:
         """Set ``device_`` and ``precision_`` from the parameters."""
         self.device_, self.precision_ = resolve_hardware(
-            self.device, self.precision, self._training_size(), loading=loading
+            self.device, self.precision, self._training_size()
         )
 
     def _torch_seed(self) -> int | None:
@@ -154,8 +159,10 @@ class BackboneMixin:
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        for key in ("device_", "precision_", *self._derived_state):
-            state.pop(key, None)  # resolved and rebuilt where the pickle is loaded
+        # The device is resolved where the pickle is loaded; the precision travels, so
+        # that a copy (a Dask worker) computes at the precision of the original.
+        for key in ("device_", *self._derived_state):
+            state.pop(key, None)
         if isinstance(state.get("model_"), nn.Module):
             state["model_"] = _on_cpu(state["model_"])
         return state
@@ -165,7 +172,9 @@ class BackboneMixin:
         for key in self._derived_state:
             setattr(self, key, None)
         if "preprocessing_" in state:  # fitted
-            self._resolve_hardware(loading=True)
+            self.device_, self.precision_ = resolve_loaded_hardware(
+                self.device, state.get("precision_"), self._training_size()
+            )
             if isinstance(state.get("model_"), nn.Module):
                 self.model_ = self.model_.to(self.device_)
 

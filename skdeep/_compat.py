@@ -20,6 +20,7 @@ __all__ = [
     "HasMethods",
     "Interval",
     "StrOptions",
+    "conv_forward",
     "convolution_pointwise",
     "cpu_instruction_sets",
     "fit_context",
@@ -34,6 +35,11 @@ statistics)."""
 def fit_context(estimator_fit):
     """Decorate ``fit``: validate the parameters once, skip nested validation."""
     return _fit_context(prefer_skip_nested_validation=True)(estimator_fit)
+
+
+def conv_forward(layer, x, weight, bias):
+    """Run a convolution layer's own computation (its padding mode) with other weights."""
+    return layer._conv_forward(x, weight, bias)
 
 
 def convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, activation, scalars):

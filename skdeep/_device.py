@@ -100,32 +100,49 @@ def resolve_precision(
 
 
 def resolve_hardware(
-    device: str | torch.device,
-    precision: str,
-    training_size: int | None = None,
-    loading: bool = False,
+    device: str | torch.device, precision: str, training_size: int | None = None
 ) -> tuple[torch.device, torch.dtype]:
     """Resolve the ``device`` and ``precision`` parameters to a device and dtype.
 
     The one place where estimators resolve them (see :func:`resolve_device` and
-    :func:`resolve_precision`). With ``loading`` (an estimator unpickled on another
-    machine), a device or precision this machine lacks falls back to the CPU and
-    ``"auto"`` precision with a RuntimeWarning instead of an error.
+    :func:`resolve_precision`).
+    """
+    resolved = resolve_device(device)
+    return resolved, resolve_precision(precision, resolved, training_size)
+
+
+def resolve_loaded_hardware(
+    device: str | torch.device, precision: torch.dtype | None, training_size: int | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """Resolve the device of an unpickled estimator, keeping the precision it was fitted at.
+
+    The precision resolved where the estimator was fitted travels with it: an
+    unpickled copy (a Dask worker) never resolves ``"auto"`` for itself. Where this
+    machine lacks the device or cannot compute at that precision (a GPU fit loaded on
+    a CPU), it falls back to the CPU and to what ``"auto"`` gives here, with a
+    RuntimeWarning that names both; feature stores refuse features of another
+    precision.
     """
     try:
         resolved = resolve_device(device)
     except ValueError as exc:
-        if not loading:
-            raise
         warnings.warn(f"{exc}. Loaded on the CPU instead.", RuntimeWarning, stacklevel=3)
         resolved = torch.device("cpu")
-    try:
-        dtype = resolve_precision(precision, resolved, training_size)
-    except ValueError:
-        if not loading:
-            raise
-        dtype = resolve_precision("auto", resolved, training_size)
-    return resolved, dtype
+    if precision is not None:
+        name = "int8" if precision == torch.qint8 else str(precision).removeprefix("torch.")
+        try:
+            return resolved, resolve_precision(name, resolved, training_size)
+        except ValueError as exc:
+            fallback = resolve_precision("auto", resolved, training_size)
+            warnings.warn(
+                f"this estimator was fitted to compute in {name}, which {resolved.type} "
+                f"cannot here ({exc}); it computes in {str(fallback).removeprefix('torch.')} "
+                "instead, so its outputs differ slightly from the original's",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return resolved, fallback
+    return resolved, resolve_precision("auto", resolved, training_size)
 
 
 def input_dtype(precision: torch.dtype) -> torch.dtype:

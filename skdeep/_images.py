@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ._identity import file_fingerprint
 from ._preprocess import Preprocessing, resize_and_crop
 
 UNIT_RANGE = (0.0, 1.0)
@@ -223,8 +224,7 @@ def _item_digest(item, value_range) -> bytes:
         return _digest(f"{item.mode}|{item.size}", item.tobytes())
     # Files are known by location, modification time and size; reading every file
     # to hash it would cost as much as decoding it.
-    stat = os.stat(item)
-    return _digest(f"{os.path.abspath(item)}|{stat.st_mtime_ns}|{stat.st_size}")
+    return file_fingerprint(item)
 
 
 def _digest(*parts) -> bytes:
@@ -300,6 +300,11 @@ def as_image_source(
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{expected}; got {type(X).__name__} ({exc})") from exc
     return _array_source(array, image_shape, value_range, argument)
+
+
+def is_dask_array(X) -> bool:
+    """Tell whether ``X`` is a ``dask.array.Array`` (without importing Dask)."""
+    return type(X).__module__.startswith("dask.array") and hasattr(X, "chunks")
 
 
 def _is_image_item(item) -> bool:

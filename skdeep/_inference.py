@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._compat import convolution_pointwise
-from .backbones import set_submodule
+from ._network import set_submodule
 
 # Activation modules oneDNN can apply inside a convolution: (attribute, scalars).
 _FUSABLE_ACTIVATIONS = {

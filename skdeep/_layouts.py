@@ -9,15 +9,27 @@ A tapped module returns one of four layouts:
   class token (when ``class_token``) and register tokens, the rest patch tokens;
 - ``rows`` ``(N, C)``.
 
-The layout comes from the model's family and the module, never from the shape alone
-(a ``(2, 7, 7, 768)`` output is a Swin stage's channels-last map, a ``(2, 768, 7, 7)``
-one a CNN's). Modules that skdeep cannot place (inside window attention, say, whose
-outputs are windows rather than images) raise an error that names the layer and says
-how to declare its layout with the ``layouts`` parameter.
+The shape alone cannot tell them apart (a ``(2, 7, 7, 768)`` output is a Swin stage's
+channels-last map, a ``(2, 768, 7, 7)`` one a CNN's, and a ``(2, 49, 448)`` one
+tokens), so a layout is never guessed from it. Two sources are joined instead:
+
+- what the model says: rules of the model family (torchvision's ViT, Swin, ConvNeXt;
+  timm's token models) and the model's own declarations (timm's ``output_fmt`` and
+  ``feature_info``), or the user's ``layouts`` parameter;
+- what a probe measures (:func:`measure_layout`): the network runs once on square
+  images and once on images twice as wide. The axes that change are spatial; the one
+  that does not holds the channels (where the width probe is refused, the channel count
+  the model declares places them); a token sequence's leading class and register tokens
+  are those that do not multiply with the patch grid.
+
+:func:`resolve_layouts` raises an error that names the layer and asks for the
+``layouts`` parameter when the two disagree or neither can tell (inside window
+attention, say, whose outputs are windows rather than images).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -42,19 +54,19 @@ class Layout:
     ----------
     kind : {"channels_first", "channels_last", "tokens", "rows"}
         See the module docstring.
-    prefix : int
+    prefix : int or None
         Tokens only: how many leading tokens are not patch tokens (class and
-        register tokens).
+        register tokens); None while a rule leaves the count to be measured.
     class_token : bool
         Tokens only: whether the first token is a class token.
     """
 
     kind: str
-    prefix: int = 0
+    prefix: int | None = 0
     class_token: bool = False
 
     def __str__(self) -> str:
-        if self.kind != TOKENS:
+        if self.kind != TOKENS or self.prefix is None:  # None: a count still to measure
             return self.kind
         return f"{TOKENS}:{self.prefix}" + (":cls" if self.class_token else "")
 
@@ -85,10 +97,10 @@ def parse_layout(value: str, layer: str) -> Layout:
 
 
 # ----------------------------------------------------------------------------------------
-# Family rules: which layout a module of a known model family returns
+# What the model says: rules by family, and the model's own declarations
 # ----------------------------------------------------------------------------------------
 
-_UNKNOWN = Layout("unknown")  # a family rule that knows the module cannot be placed
+_UNKNOWN = Layout("unknown")  # a rule that knows the module cannot be placed
 
 
 def _inside(name: str, prefixes) -> bool:
@@ -133,6 +145,16 @@ def _torchvision_rule(model: nn.Module, name: str, module: nn.Module) -> Layout 
     return None
 
 
+def _feature_info_entry(model: nn.Module, name: str) -> dict | None:
+    """Return the entry of timm's ``feature_info`` for module ``name``, if it lists one."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list):
+        for entry in info:
+            if isinstance(entry, dict) and entry.get("module") == name:
+                return entry
+    return None
+
+
 def _timm_rule(model: nn.Module, name: str, module: nn.Module) -> Layout | None:
     if not type(model).__module__.startswith("timm."):
         return None
@@ -143,16 +165,18 @@ def _timm_rule(model: nn.Module, name: str, module: nn.Module) -> Layout | None:
             flat = getattr(getattr(model, "patch_embed", None), "flatten", True)
             return Layout(TOKENS) if flat else Layout(CHANNELS_LAST)
         if _inside(name, ("blocks", "norm_pre", "norm", "pos_drop", "patch_drop")):
+            # How many tokens lead is measured: some of these models (CaiT, XCiT) add
+            # their class token only after the blocks.
             class_token = getattr(model, "cls_token", None) is not None
-            return Layout(TOKENS, prefix=int(model.num_prefix_tokens), class_token=class_token)
+            return Layout(TOKENS, prefix=None, class_token=class_token)
         return None
-    if getattr(model, "output_fmt", None) == "NHWC":  # Swin and its kin
+    if getattr(model, "output_fmt", None) == "NHWC":  # Swin, MambaOut, Sequencer, ...
         from timm.models import swin_transformer
 
         if _strict_descendant_of(model, name, (swin_transformer.WindowAttention,)):
             return _UNKNOWN
-        if _inside(name, ("patch_embed", "layers", "norm")):
-            return Layout(CHANNELS_LAST)
+        if _feature_info_entry(model, name) is not None:
+            return Layout(CHANNELS_LAST)  # the model declares its features channels-last
         return None
     from timm.models import convnext
 
@@ -165,53 +189,279 @@ def _timm_rule(model: nn.Module, name: str, module: nn.Module) -> Layout | None:
     return None
 
 
-def layer_layout(
-    model: nn.Module, name: str, output: torch.Tensor, declared: dict | None = None
+def stated_layout(model: nn.Module, name: str) -> Layout | None:
+    """Return what the model's family or declarations say ``name`` outputs (None: nothing)."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        return None  # "penultimate" and "logits": rows, measured
+    module = modules[name]
+    return _torchvision_rule(model, name, module) or _timm_rule(model, name, module)
+
+
+# ----------------------------------------------------------------------------------------
+# What a probe measures: which axes follow the input, where the channels are
+# ----------------------------------------------------------------------------------------
+
+PROBE_IMAGES = 2
+"""Images in each probe batch: the first axis of every tapped output must have as many."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The layout a probe shows (None: it cannot tell), and the evidence in words."""
+
+    layout: Layout | None
+    evidence: str
+
+
+def channel_count(model: nn.Module, name: str) -> int | None:
+    """Return the number of channels module ``name`` outputs, where the model says it.
+
+    timm's ``feature_info`` gives it for the modules it lists; otherwise it is the
+    output width of the module's last registered layer with one (a convolution, a
+    linear layer or a norm). None when neither tells.
+    """
+    entry = _feature_info_entry(model, name)
+    if entry is not None and isinstance(entry.get("num_chs"), int):
+        return entry["num_chs"]
+    modules = dict(model.named_modules())
+    if name not in modules:
+        return None
+    for layer in reversed(list(modules[name].modules())):
+        for attribute in ("out_channels", "out_features", "num_features", "num_channels"):
+            if isinstance(getattr(layer, attribute, None), int):
+                return getattr(layer, attribute)
+        if isinstance(layer, nn.LayerNorm):
+            return int(layer.normalized_shape[-1])
+    return None
+
+
+def patch_size(model: nn.Module, name: str) -> int | None:
+    """Return the pixels per token of module ``name``'s output, where the model says it."""
+    entry = _feature_info_entry(model, name)
+    if entry is not None and isinstance(entry.get("reduction"), int):
+        return entry["reduction"]
+    size = getattr(model, "patch_size", None)  # torchvision's ViT
+    if size is None:
+        size = getattr(getattr(model, "patch_embed", None), "patch_size", None)  # timm's
+    if isinstance(size, (tuple, list)) and len(set(size)) == 1:
+        size = size[0]
+    return size if isinstance(size, int) else None
+
+
+def _leading_tokens(tokens: int, wide_tokens: int | None, size: int, patch: int | None):
+    """Count the tokens that lead the patch tokens (class, register), or None.
+
+    From the probes: with the width doubled, an h x h patch grid becomes h x 2h while
+    leading tokens stay. From the model: a grid of ``size / patch`` patches a side.
+    Every estimate available must agree.
+    """
+    estimates = []
+    if wide_tokens is not None:
+        lead = 2 * tokens - wide_tokens
+        side = math.isqrt(max(tokens - lead, 0))
+        if 0 <= lead < tokens and side * side == tokens - lead and (wide_tokens - lead) % side == 0:
+            estimates.append({lead})
+    if patch:
+        grids = {size // patch, -(-size // patch)}
+        estimates.append({tokens - g * g for g in grids if tokens - g * g >= 0})
+    common = set.intersection(*estimates) if estimates else set()
+    return common.pop() if len(common) == 1 else None
+
+
+def measure_layout(
+    output: torch.Tensor,
+    wide: torch.Tensor | None,
+    size: int,
+    channels: int | None = None,
+    patch: int | None = None,
+) -> Measurement:
+    """Measure the layout of a tapped output from two probes.
+
+    Parameters
+    ----------
+    output : tensor
+        The output for :data:`PROBE_IMAGES` images of ``size`` x ``size`` pixels.
+    wide : tensor or None
+        The output for images of ``size`` x ``2 * size`` (None: the network refused
+        them). The axes that change with the image width are spatial; the channels
+        are the axis that does not.
+    size : int
+        The height (and width) of the square probe.
+    channels : int, optional
+        The channel count the model declares for this output (see
+        :func:`channel_count`), used where the width probe cannot tell.
+    patch : int, optional
+        Pixels per token (see :func:`patch_size`), to count leading tokens.
+    """
+    shape = tuple(output.shape)
+    if shape[0] != PROBE_IMAGES:
+        return Measurement(
+            None,
+            f"its first axis has {shape[0]} entries for {PROBE_IMAGES} images, so it does "
+            "not hold one entry per image (windows or partitions of images?)",
+        )
+    if output.ndim == 2:
+        return Measurement(Layout(ROWS), "it is 2-D")
+    if output.ndim not in (3, 4):
+        return Measurement(None, f"it has {output.ndim} dimensions")
+    changed = None
+    if wide is not None and wide.ndim == output.ndim and wide.shape[0] == shape[0]:
+        changed = [axis for axis in range(1, output.ndim) if wide.shape[axis] != shape[axis]]
+    if output.ndim == 4:
+        if changed == [3]:
+            return Measurement(Layout(CHANNELS_FIRST), "its last axis follows the image width")
+        if changed == [2]:
+            return Measurement(Layout(CHANNELS_LAST), "its third axis follows the image width")
+        if changed:
+            return Measurement(None, f"axes {changed} change with the image width")
+        # The width probe was refused, or the map does not follow the input (pooled).
+        at = [axis for axis in (1, 3) if shape[axis] == channels] if channels else []
+        if not channels and shape[2] == 1 and (shape[1] == 1) != (shape[3] == 1):
+            at = [1] if shape[3] == 1 else [3]  # (N, C, 1, 1) or (N, 1, 1, C)
+        if at == [1]:
+            return Measurement(Layout(CHANNELS_FIRST), f"its second axis holds {shape[1]} channels")
+        if at == [3]:
+            return Measurement(Layout(CHANNELS_LAST), f"its last axis holds {shape[3]} channels")
+        return Measurement(None, "neither the image width nor the channel count places its axes")
+    if changed is not None and changed not in ([1], []):
+        return Measurement(None, f"axes {changed} change with the image width")
+    if changed == [1] or (changed is None and channels and shape[2] == channels != shape[1]):
+        wide_tokens = None if changed is None else wide.shape[1]
+        lead = _leading_tokens(shape[1], wide_tokens, size, patch)
+        how = "its second axis follows the image size" if changed else "its last axis holds"
+        how += "" if changed else f" {shape[2]} channels"
+        return Measurement(Layout(TOKENS, prefix=lead), how)
+    return Measurement(None, "neither the image width nor the channel count places its axes")
+
+
+# ----------------------------------------------------------------------------------------
+# Both together
+# ----------------------------------------------------------------------------------------
+
+_DECLARE = (
+    "(or 'channels_last', 'rows', 'tokens', 'tokens:N' for N leading class or register "
+    "tokens, 'tokens:N:cls' when the first is a class token)"
+)
+
+
+def _cannot_tell(layer: str, shape: tuple, why: str) -> ValueError:
+    return ValueError(
+        f"layers: skdeep cannot tell the layout of {layer!r} (output of shape {shape}) for "
+        f"this backbone: {why}; tap another layer, or say which it is with "
+        f"layouts={{{layer!r}: 'channels_first'}} {_DECLARE}"
+    )
+
+
+def reconcile(
+    layer: str,
+    shape: tuple,
+    stated: Layout | None,
+    measured: Measurement,
+    declared: bool = False,
 ) -> Layout:
-    """Return the layout of the output of layer ``name`` of ``model``.
+    """Join what the model (or the user) states with what the probe measured.
+
+    Raises
+    ------
+    ValueError
+        They disagree, or neither can tell.
+    """
+    found = measured.layout
+    if stated is _UNKNOWN:
+        raise _cannot_tell(layer, shape, "it lies inside window or grid attention")
+    if stated is None and found is None:
+        raise _cannot_tell(layer, shape, measured.evidence)
+    disagree = stated is not None and found is not None and stated.kind != found.kind
+    if not disagree and stated is not None and found is not None and stated.kind == TOKENS:
+        disagree = None not in (stated.prefix, found.prefix) and stated.prefix != found.prefix
+    if disagree:
+        shown = "a probe shows " + str(found) + f" ({measured.evidence})"
+        if found.kind == TOKENS and found.prefix is not None and stated.kind == TOKENS:
+            shown = f"a probe counts {found.prefix} leading tokens ({measured.evidence})"
+        if declared:
+            raise ValueError(
+                f"layouts: {str(stated)!r} does not fit {layer!r} (output of shape {shape}): "
+                f"{shown}; fix the declaration"
+            )
+        raise ValueError(
+            f"layers: the layout of {layer!r} (output of shape {shape}) is uncertain: its "
+            f"model family says {stated}, but {shown}; say which it is with "
+            f"layouts={{{layer!r}: 'channels_first'}} {_DECLARE}"
+        )
+    kind = (stated or found).kind
+    if kind != TOKENS:
+        return Layout(kind)
+    prefix = next((x.prefix for x in (stated, found) if x and x.prefix is not None), None)
+    class_token = bool(stated and stated.class_token and prefix)
+    return Layout(TOKENS, prefix, class_token)
+
+
+def resolve_layouts(
+    model: nn.Module,
+    layers: list[str],
+    outputs: dict[str, torch.Tensor],
+    wide_outputs: dict[str, torch.Tensor] | None,
+    size: int,
+    pooling: str | None,
+    declared: dict | None = None,
+) -> dict[str, Layout]:
+    """Work out the layout of each tapped layer, verified, and check that ``pooling`` applies.
 
     Parameters
     ----------
     model : nn.Module
         The network as built (before inference rewrites).
-    name : str
-        The layer (a module name, ``"penultimate"`` or ``"logits"``).
-    output : tensor
-        One output of the layer, to check that the layout fits it.
+    layers : list of str
+        Module names, ``"penultimate"`` or ``"logits"``.
+    outputs, wide_outputs : dict of tensors
+        Each layer's output for :data:`PROBE_IMAGES` images of ``size`` x ``size`` and
+        of ``size`` x ``2 * size`` pixels (``wide_outputs`` None: refused).
+    size : int
+        The probe's height.
+    pooling : str or None
+        The pooling that will be applied.
     declared : dict, optional
-        The ``layouts`` parameter: layer name to declaration.
+        The ``layouts`` parameter, keyed by layer: trusted where the probe cannot tell,
+        checked where it can.
 
     Raises
     ------
     ValueError
-        skdeep cannot tell the layout and none was declared, or the declared layout
-        does not fit the output.
+        A layout the rule and the probe disagree on, that neither can tell, that needs
+        a count of leading tokens nobody knows, or that ``pooling`` does not apply to.
     """
-    if declared and name in declared:
-        layout = parse_layout(declared[name], name)
-    elif output.ndim == 2:
-        layout = Layout(ROWS)
-    else:
-        module = model.get_submodule(name) if name in dict(model.named_modules()) else None
-        layout = None
-        if module is not None:
-            layout = _torchvision_rule(model, name, module) or _timm_rule(model, name, module)
-        if layout is None and output.ndim == 4:
-            layout = Layout(CHANNELS_FIRST)  # PyTorch's convention for image maps
-        if layout is None or layout is _UNKNOWN:
-            raise ValueError(
-                f"layers: skdeep cannot tell the layout of {name!r} (output of shape "
-                f"{tuple(output.shape)}) for this backbone; tap another layer, or say "
-                f"which it is with layouts={{{name!r}: 'channels_first'}} (or "
-                "'channels_last', 'rows', 'tokens', 'tokens:N' for N leading class or "
-                "register tokens, 'tokens:N:cls' when the first is a class token)"
-            )
-    if output.ndim != layout.ndim:
-        raise ValueError(
-            f"layers: {name!r} gives an output of shape {tuple(output.shape)}, which is not "
-            f"{layout.kind} ({layout.ndim} dimensions)"
+    declared = declared or {}
+    layouts = {}
+    for layer in layers:
+        output = outputs[layer]
+        shape = tuple(output.shape)
+        wide = None if wide_outputs is None else wide_outputs.get(layer)
+        measured = measure_layout(
+            output, wide, size, channel_count(model, layer), patch_size(model, layer)
         )
-    return layout
+        if layer in declared:
+            stated = parse_layout(declared[layer], layer)
+        else:
+            stated = stated_layout(model, layer)
+        layout = reconcile(layer, shape, stated, measured, declared=layer in declared)
+        if layout.ndim != output.ndim:
+            raise ValueError(
+                f"layers: {layer!r} gives an output of shape {shape}, which is not "
+                f"{layout.kind} ({layout.ndim} dimensions)"
+            )
+        if layout.kind == TOKENS and layout.prefix is None:
+            if pooling is not None:
+                raise ValueError(
+                    f"layers: skdeep cannot count the class and register tokens that lead "
+                    f"the patch tokens of {layer!r} (output of shape {shape}); say how many "
+                    f"with layouts={{{layer!r}: 'tokens:N'}} ('tokens:N:cls' when the first "
+                    "is a class token)"
+                )
+            layout = Layout(TOKENS, 0)
+        check_pooling(pooling, layout, layer)
+        layouts[layer] = layout
+    return layouts
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,25 +488,6 @@ def check_pooling(pooling: str | None, layout: Layout, layer: str) -> None:
             f"pooling={pooling!r} does not apply to {layer!r}, whose output is {kind}; "
             f"use one of {allowed}"
         )
-
-
-def describe_layouts(
-    model: nn.Module,
-    layers: list[str],
-    outputs: dict[str, torch.Tensor],
-    pooling: str | None,
-    declared: dict | None = None,
-) -> dict[str, Layout]:
-    """Work out the layout of each tapped layer, and check that ``pooling`` applies.
-
-    ``outputs`` holds one output of each layer; ``declared`` is as in
-    :func:`layer_layout`.
-    """
-    layouts = {}
-    for layer in layers:
-        layouts[layer] = layer_layout(model, layer, outputs[layer], declared)
-        check_pooling(pooling, layouts[layer], layer)
-    return layouts
 
 
 def pool(output: torch.Tensor, layout: Layout, pooling: str | None) -> torch.Tensor:

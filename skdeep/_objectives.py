@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._network import LOGITS
 from ._taps import LayerFeatures
-from .backbones import LOGITS
 
 
 @dataclass
@@ -106,6 +106,9 @@ class DivergencePenalty(Supervised):
         :func:`skdeep.losses.mmd`.
     layers : list of str
         Layers compared: module names, ``"penultimate"`` or ``"logits"``.
+    layouts : dict, optional
+        The layout of each compared layer that is not rows (see
+        :func:`skdeep._taps.verified_layouts`).
     weight : float
         Weight of the penalty.
     schedule : callable
@@ -131,10 +134,12 @@ class DivergencePenalty(Supervised):
         target_batches: Iterator[torch.Tensor],
         calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
         name: str = "mmd",
+        layouts: dict | None = None,
     ):
         super().__init__(criterion)
         self.divergence = divergence
         self.layers = list(layers)
+        self.layouts = dict(layouts or {})
         self.weight = weight
         self.schedule = schedule
         self.target_batches = target_batches
@@ -145,7 +150,7 @@ class DivergencePenalty(Supervised):
     @contextlib.contextmanager
     def attach(self, model: nn.Module):
         """Tap the compared layers and the logits while training ``model``."""
-        with LayerFeatures(model, [*self.layers, LOGITS], "avg") as taps:
+        with LayerFeatures(model, [*self.layers, LOGITS], "avg", layouts=self.layouts) as taps:
             self._taps = taps
             try:
                 yield

@@ -35,6 +35,7 @@ what was measured and why this path was kept).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Iterable
@@ -42,7 +43,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .backbones import LOGITS, PENULTIMATE, find_head
+from ._compat import conv_forward
+from ._network import LOGITS, PENULTIMATE, find_head
 
 BACKEND = "x86"
 WEIGHT_RANGE = (-64, 64)  # see the module docstring
@@ -192,9 +194,8 @@ def prepare(graph: TappedGraph, example: torch.Tensor) -> QuantizableGraph:
     """Fold batch norms and insert observers (the model to calibrate)."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    torch.backends.quantized.engine = BACKEND
     float_layer = _first_weighted_layer(graph.graph)
-    with warnings.catch_warnings():
+    with quantized_engine(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices of torch.ao.quantization
         prepared = prepare_fx(graph.graph, _qconfig_mapping(float_layer), (example,))
     return QuantizableGraph(prepared, graph.names, float_layer)
@@ -246,7 +247,7 @@ class _WeightRoundingError:
         if isinstance(layer, nn.Linear):
             error = nn.functional.linear(inputs, self.weight_error)
         else:  # the convolution itself, with its padding mode, but these weights
-            error = layer._conv_forward(inputs, self.weight_error, None)
+            error = conv_forward(layer, inputs, self.weight_error, None)
         dims = [d for d in range(error.dim()) if d != self.channel_dim % error.dim()]
         self.total += error.sum(dims).double()
         self.count += error.numel() // error.shape[self.channel_dim]
@@ -256,7 +257,15 @@ class _WeightRoundingError:
 
 
 def convert(prepared: QuantizableGraph, calibration: dict | None = None) -> TappedGraph:
-    """Load a ``calibration`` (when given) and convert to int8 kernels."""
+    """Load a ``calibration`` (when given) and convert to int8 kernels.
+
+    Raises
+    ------
+    ValueError
+        The calibration does not fit the network, or an observer lacks its statistics
+        (it saw no data, or the calibration leaves it out): converting would quantize
+        that layer with a made-up range.
+    """
     from torch.ao.quantization.quantize_fx import convert_fx
 
     if calibration is not None:
@@ -266,7 +275,59 @@ def convert(prepared: QuantizableGraph, calibration: dict | None = None) -> Tapp
                 f"the int8 calibration does not fit this network: it has "
                 f"{result.unexpected_keys[:3]} that the network lacks"
             )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        expected = {key for key in prepared.graph.state_dict() if _is_calibrated(key, prepared)}
+        missing = sorted(expected - set(calibration))
+        if missing:
+            raise ValueError(
+                f"the int8 calibration is incomplete: it lacks {len(missing)} of the "
+                f"statistics the network needs ({missing[:3]}); fit the extractor again"
+            )
+    unobserved = [
+        name
+        for name, module in prepared.graph.named_modules()
+        if "activation_post_process" in name
+        and isinstance(getattr(module, "min_val", None), torch.Tensor)
+        and not bool(torch.isfinite(module.min_val).all() and module.min_val.numel())
+    ]
+    if unobserved:
+        raise ValueError(
+            f"int8 calibration: {len(unobserved)} observers saw no data ({unobserved[:3]}), "
+            "so their layers have no range to quantize with; calibrate on images that "
+            "reach every tapped layer"
+        )
+    with quantized_engine(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices of torch.ao.quantization
         quantized = convert_fx(prepared.graph)
-    return TappedGraph(quantized.eval(), prepared.names)
+    return QuantizedGraph(quantized.eval(), prepared.names)
+
+
+def _is_calibrated(key: str, prepared: QuantizableGraph) -> bool:
+    """Whether a state_dict entry is learned by calibration (observers, corrected biases)."""
+    return (
+        "activation_post_process" in key or key.removesuffix(".bias") in prepared.quantized_layers
+    )
+
+
+class QuantizedGraph(TappedGraph):
+    """An int8 tapped graph: runs its kernels on the x86 quantized engine."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the network; return each tapped layer's output by layer name."""
+        with quantized_engine():
+            return super().forward(x)
+
+
+@contextlib.contextmanager
+def quantized_engine():
+    """Select PyTorch's x86 quantized engine inside the block, and restore the previous one.
+
+    The engine is a process-wide setting (``torch.backends.quantized.engine``); skdeep
+    sets it only while it prepares, converts or runs an int8 network, so the caller's
+    own quantized models keep theirs.
+    """
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = BACKEND
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous

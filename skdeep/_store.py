@@ -4,46 +4,36 @@ Layout of ``features.zarr`` (a zarr v3 group, readable by zarr, Dask and xarray)
 
     features       float32 (n_images, n_features), chunks of ``partition_size`` rows
     paths          str (n_images,)      the image files (absent for array inputs)
+    fingerprints   uint8 (n_images, 16) path, size and modification time of each file
     labels         str (n_images,)      first-level sub-folder names (when known)
     feature_names  str (n_features,)
-    attributes     "skdeep": format version, extractor parameters, the settings that
-                   shape the features, and the identity of the input
+    attributes     "skdeep": format version, extractor parameters, the identity of the
+                   features (:func:`skdeep._identity.feature_identity`) and of the input
 
-Each chunk of ``features`` holds one partition and is written once, atomically (zarr
-writes a temporary file and renames it), so a chunk file that exists is complete. A
-run that stops (Ctrl-C, a killed process or worker) leaves the chunks it finished;
-the next run with the same settings computes only the missing ones. Missing chunks
-read as NaN (the fill value), which :func:`load_features` refuses.
+Each chunk of ``features`` holds one partition and is written once, atomically (zarr's
+local store writes a temporary file and renames it, from zarr 3.1.3 on), so a chunk
+file that exists is complete. A run that stops (Ctrl-C, a killed process or worker)
+leaves the chunks it finished; the next run with the same settings and input computes
+only the missing ones, and every worker checks that it computes the features the
+store holds before it writes. Missing chunks read as NaN (the fill value), which
+:func:`load_features` refuses.
 
 ``zarr`` comes with ``pip install "skdeep[dask]"``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ._compat import optional_import
+from ._identity import differences, feature_identity, file_fingerprint, input_identity
 
-FORMAT = "skdeep-features-1"
-# Extractor parameters that change the features; a store made with other values of
-# these cannot be resumed.
-SHAPING_PARAMETERS = (
-    "backbone",
-    "weights",
-    "layers",
-    "layouts",
-    "pooling",
-    "image_size",
-    "image_shape",
-    "value_range",
-    "precision",
-)
+FORMAT = "skdeep-features-2"
 
 
 def _zarr():
@@ -66,23 +56,15 @@ def describe_parameters(params: dict) -> dict:
     return described
 
 
-def input_digest(paths: list[str] | None, n_images: int) -> str:
-    """Identify the input: the list of files (or, for arrays, the number of images)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(n_images).encode())
-    for path in paths or ():
-        digest.update(path.encode() + b"\0")
-    return digest.hexdigest()
-
-
 @dataclass
 class FeatureStore:
-    """An open feature store: where it lives and how its rows are chunked."""
+    """An open feature store: where it lives, how its rows are chunked, what it holds."""
 
     path: Path
     n_images: int
     n_features: int
     partition_size: int
+    identity: dict = field(default_factory=dict)  # of the features it holds
 
     @property
     def n_chunks(self) -> int:
@@ -107,6 +89,22 @@ class FeatureStore:
         """List the chunks not written yet."""
         return [chunk for chunk in range(self.n_chunks) if not self.chunk_done(chunk)]
 
+    def check_extractor(self, extractor) -> None:
+        """Raise a ValueError unless ``extractor`` computes the features this store holds.
+
+        Every process that writes a chunk checks this first: a Dask worker that
+        rebuilt the network with other weights, or computes at another precision or on
+        another kind of device, never mixes its rows into the store.
+        """
+        current = feature_identity(extractor)
+        if current != self.identity:
+            changed = "; ".join(differences(self.identity, current))
+            raise ValueError(
+                f"out: this process would compute other features than "
+                f"{os.fspath(self.path)!r} holds ({changed}); give every worker the same "
+                "hardware and software, or extract into another store"
+            )
+
     def write_chunk(self, chunk: int, rows: np.ndarray) -> None:
         """Write the features of one partition (one chunk file, atomically)."""
         start, stop = self.rows(chunk)
@@ -130,8 +128,9 @@ def open_store(
     *,
     extractor,
     n_images: int,
-    paths: list[str] | None,
-    labels: list | None,
+    paths: list[str] | None = None,
+    npy: str | None = None,
+    labels: list | None = None,
     partition_size: int,
     overwrite: bool = False,
 ) -> FeatureStore:
@@ -145,7 +144,11 @@ def open_store(
         The fitted extractor whose features the store holds.
     n_images : int
         Rows of the store.
-    paths, labels : list or None
+    paths : list of str, optional
+        The image files (stored beside the features, with their fingerprints).
+    npy : str, optional
+        The ``.npy`` file of images, for array inputs.
+    labels : list, optional
         Stored beside the features.
     partition_size : int
         Rows per chunk.
@@ -160,7 +163,7 @@ def open_store(
     Raises
     ------
     ValueError
-        ``path`` holds something else than a store of these settings and input, and
+        ``path`` holds something else than a store of these features and input, and
         ``overwrite`` is False.
     OSError
         ``path`` cannot be written.
@@ -169,22 +172,15 @@ def open_store(
     path = Path(path)
     feature_names = [str(name) for name in extractor.feature_names_out_]
     described = describe_parameters(extractor.get_params())
-    settings = {key: described.get(key) for key in SHAPING_PARAMETERS}
-    # "auto" precision resolves per machine: record what computed the features.
-    settings["precision"] = str(extractor.precision_).removeprefix("torch.")
-    identity = {
-        "settings": settings,
-        "weights": extractor._weights_digest(),
-        "feature_names": hashlib.blake2b("\0".join(feature_names).encode()).hexdigest(),
-        "input": input_digest(paths, n_images),
-        "partition_size": int(partition_size),
-    }
+    identity = feature_identity(extractor)
+    inputs = input_identity(paths=paths, npy=npy, labels=labels)
+    store = FeatureStore(path, n_images, len(feature_names), int(partition_size), identity)
     if path.exists() and overwrite:
         _remove(path)
     if path.exists():
         existing = _read_info(path)
-        _check_same(path, existing, identity)
-        return FeatureStore(path, n_images, len(feature_names), int(partition_size))
+        _check_same(path, existing, identity, described, inputs, n_images, int(partition_size))
+        return store
     _check_writable(path)
     group = zarr.open_group(path, mode="w")
     group.create_array(
@@ -198,15 +194,26 @@ def open_store(
     _write_strings(group, "feature_names", list(feature_names), len(feature_names))
     if paths is not None:
         _write_strings(group, "paths", paths, partition_size)
+        fingerprints = group.create_array(
+            "fingerprints", shape=(n_images, 16), chunks=(partition_size, 16), dtype="uint8"
+        )
+        fingerprints[:] = _fingerprints(paths)
     if labels is not None:
         _write_strings(group, "labels", [str(label) for label in labels], partition_size)
     group.attrs["skdeep"] = {
         "format": FORMAT,
         "params": described,
         "complete": False,
-        **identity,
+        "identity": identity,
+        "input": inputs,
+        "n_images": int(n_images),
+        "partition_size": int(partition_size),
     }
-    return FeatureStore(path, n_images, len(feature_names), int(partition_size))
+    return store
+
+
+def _fingerprints(paths: list[str]) -> np.ndarray:
+    return np.frombuffer(b"".join(map(file_fingerprint, paths)), np.uint8).reshape(-1, 16)
 
 
 def _write_strings(group, name: str, values: list[str], chunk: int) -> None:
@@ -230,29 +237,60 @@ def _read_info(path: Path) -> dict:
     return info
 
 
-def _check_same(path: Path, existing: dict, identity: dict) -> None:
+def _check_same(
+    path: Path,
+    existing: dict,
+    identity: dict,
+    params: dict,
+    inputs: dict,
+    n_images: int,
+    partition_size: int,
+) -> None:
     """Raise a ValueError naming the first difference between a store and this run."""
     where = f"out: {os.fspath(path)!r} was made"
     advice = "; pass overwrite=True (--overwrite) to replace it, or choose another path"
-    for key, value in identity["settings"].items():
-        if existing["settings"].get(key) != value:
+    if existing["identity"] != identity:
+        changed = differences(existing["identity"], identity)
+        keys = [item.partition("=")[0] for item in changed]
+        if keys == ["weights"]:
             raise ValueError(
-                f"{where} with {key}={existing['settings'].get(key)!r}, not {value!r}{advice}"
+                f"{where} with other network weights (weights=None draws new random weights "
+                f"unless random_state is set){advice}"
             )
-    if existing["weights"] != identity["weights"]:
-        raise ValueError(
-            f"{where} with other network weights (weights=None draws new random weights "
-            f"unless random_state is set){advice}"
-        )
-    if existing["input"] != identity["input"]:
-        raise ValueError(f"{where} from other images (another list of files){advice}")
-    if existing["feature_names"] != identity["feature_names"]:
-        raise ValueError(f"{where} with other feature columns{advice}")
-    if existing["partition_size"] != identity["partition_size"]:
+        stored_params = existing.get("params", {})
+        named = differences({key: stored_params.get(key) for key in params}, params)
+        if named:  # the parameters behind the difference, as the user wrote them
+            raise ValueError(
+                f"{where} with {'; '.join(named)} (its features differ in "
+                f"{', '.join(keys)}){advice}"
+            )
+        raise ValueError(f"{where} with other features: {'; '.join(changed)}{advice}")
+    if existing["n_images"] != n_images or existing["input"]["files"] != inputs["files"]:
+        raise ValueError(f"{where} from other images{_changed_file(path, n_images)}{advice}")
+    if existing["input"]["npy"] != inputs["npy"]:
+        raise ValueError(f"{where} from another .npy file, or the file changed since{advice}")
+    if existing["input"]["labels"] != inputs["labels"]:
+        raise ValueError(f"{where} with other labels{advice}")
+    if existing["partition_size"] != partition_size:
         raise ValueError(
             f"{where} with partition_size={existing['partition_size']}, not "
-            f"{identity['partition_size']}{advice}"
+            f"{partition_size}{advice}"
         )
+
+
+def _changed_file(path: Path, n_images: int) -> str:
+    """Say which file differs from the one a store was made from, where it can."""
+    group = _zarr().open_group(path, mode="r")
+    if "paths" not in group or group["paths"].shape[0] != n_images:
+        return f" (another list of files: {n_images} now)"
+    stored = [str(value) for value in group["paths"][:].tolist()]
+    fingerprints = np.asarray(group["fingerprints"][:])
+    for index, stored_path in enumerate(stored):
+        exists = os.path.isfile(stored_path)
+        if not exists or fingerprints[index].tobytes() != file_fingerprint(stored_path):
+            state = "changed since" if exists else "missing"
+            return f" ({stored_path!r}, image {index}, is {state})"
+    return " (another list of files)"
 
 
 def _check_writable(path: Path) -> None:
@@ -300,7 +338,9 @@ def load_features(path: str | os.PathLike) -> dict:
     info = _read_info(path)
     group = zarr.open_group(path, mode="r")
     features = group["features"]
-    store = FeatureStore(path, features.shape[0], features.shape[1], features.chunks[0])
+    store = FeatureStore(
+        path, features.shape[0], features.shape[1], features.chunks[0], info["identity"]
+    )
     missing = store.missing_chunks() if not info.get("complete") else []
     if missing:
         raise ValueError(

@@ -9,13 +9,14 @@ domain-adaptation penalty compares during training.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from ._layouts import Layout, describe_layouts, pool
-from .backbones import LOGITS, PENULTIMATE, find_head
+from ._layouts import PROBE_IMAGES, ROWS, Layout, parse_layout, pool, resolve_layouts
+from ._network import LOGITS, PENULTIMATE, check_input_size, find_head
 
 
 def parse_layers(value, argument: str) -> list[str]:
@@ -47,7 +48,9 @@ class LayerTaps:
 
     Hooks are registered on entry and always removed on exit, so nothing is left on
     the module. ``"penultimate"`` taps the input of the classifier head and
-    ``"logits"`` is the network's own output.
+    ``"logits"`` is the network's own output. Each output is kept as it is when its
+    hook fires (a copy), so that an in-place operation later in the forward pass (a
+    ``ReLU(inplace=True)``, a residual ``+=``) cannot change it.
 
     Parameters
     ----------
@@ -103,10 +106,14 @@ class LayerTaps:
     def _record(self, layer: str, value: torch.Tensor) -> None:
         if layer not in self.outputs:
             self.order.append(layer)
-        self.outputs[layer] = value
+        self.outputs[layer] = self._keep(layer, value)
         self.calls[layer] += 1
         if layer == self.stop_after:
             raise _StopForward
+
+    def _keep(self, layer: str, value: torch.Tensor) -> torch.Tensor:
+        """Keep a copy of an output when its hook fires, safe from later in-place changes."""
+        return value.clone()
 
     def run(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward pass; returns the tapped outputs by layer name."""
@@ -114,7 +121,8 @@ class LayerTaps:
         self.calls.clear()
         self.order = []
         if getattr(self.module, "returns_layers", False):
-            self.outputs = self.module(inputs)
+            outputs = self.module(inputs)
+            self.outputs = {layer: self._keep(layer, outputs[layer]) for layer in self.layers}
             return self.outputs
         try:
             output = self.module(inputs)
@@ -135,8 +143,8 @@ class LayerTaps:
 class LayerFeatures(LayerTaps):
     """Pooled features of named layers: batch in, one row per image out.
 
-    Each layer is pooled according to its layout (see :mod:`skdeep._layouts`),
-    worked out from the model on the first batch unless declared.
+    Each layer is pooled according to its layout (see :mod:`skdeep._layouts`), which
+    :func:`verified_layouts` works out once per network, as soon as its hook fires.
 
     Parameters
     ----------
@@ -145,13 +153,16 @@ class LayerFeatures(LayerTaps):
     pooling : str or None
         How each layer's output becomes rows (see :func:`skdeep._layouts.pool`).
     layouts : dict, optional
-        Declared layouts by layer name (``"channels_last"``, ``"tokens:1:cls"``, ...).
+        The layout of each layer (a :class:`~skdeep._layouts.Layout` or its text, such
+        as ``"tokens:1:cls"``). Layers left out must give rows ``(B, D)``.
 
     Examples
     --------
     >>> import torch, torchvision
     >>> net = torchvision.models.resnet18().eval()
-    >>> with LayerFeatures(net, ["layer3", "penultimate"], "avg") as features:
+    >>> layers = ["layer3", "penultimate"]
+    >>> _, layouts = verified_layouts(net, layers, "avg", size=64)
+    >>> with LayerFeatures(net, layers, "avg", layouts=layouts) as features:
     ...     features(torch.zeros(2, 3, 64, 64)).shape
     torch.Size([2, 768])
     """
@@ -166,48 +177,116 @@ class LayerFeatures(LayerTaps):
     ):
         super().__init__(module, layers, stop_after)
         self.pooling = pooling
-        self.declared = dict(layouts or {})
-        self.layouts: dict[str, Layout] = {}
+        self.layouts = {
+            layer: layout if isinstance(layout, Layout) else parse_layout(layout, layer)
+            for layer, layout in (layouts or {}).items()
+        }
+
+    def _layout(self, layer: str, output: torch.Tensor) -> Layout:
+        if layer in self.layouts:
+            return self.layouts[layer]
+        if output.ndim != 2:
+            raise RuntimeError(
+                f"the layout of {layer!r} (output of shape {tuple(output.shape)}) was not "
+                "worked out: pass layouts from verified_layouts"
+            )
+        return Layout(ROWS)
+
+    def _keep(self, layer: str, value: torch.Tensor) -> torch.Tensor:
+        """Pool an output as soon as its hook fires, before anything later can change it."""
+        return pool(value, self._layout(layer, value), self.pooling)
 
     def pooled(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run one forward pass; return each layer's pooled rows ``(B, D)`` by name."""
+        """Run one forward pass; return each layer's pooled rows ``(B, D)`` by name, in order."""
         outputs = self.run(inputs)
-        if not self.layouts:
-            self.layouts = describe_layouts(
-                self.module, self.layers, outputs, self.pooling, self.declared
-            )
-        return {
-            layer: pool(outputs[layer], self.layouts[layer], self.pooling) for layer in self.layers
-        }
+        return {layer: outputs[layer] for layer in self.layers}
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run one forward pass; return the pooled rows of all layers, concatenated."""
         return torch.cat(list(self.pooled(inputs).values()), dim=1)
 
 
-def probe_layers(module: nn.Module, layers: list[str], inputs: torch.Tensor):
-    """Run once with every tap and find the deepest one.
+@dataclass
+class Probe:
+    """What the tapped layers output for probe images (see :func:`probe_layers`).
 
-    Returns
-    -------
+    Attributes
+    ----------
+    size : int
+        Height (and width) of the square probe images.
+    inputs : tensor
+        The square probe batch ``(2, 3, size, size)``.
     outputs : dict of tensors
+        Each layer's output for ``inputs``.
+    wide_outputs : dict of tensors or None
+        Each layer's output for the same images twice as wide (None: the network
+        refused them, as networks built for one input size do).
     deepest : str or None
         The tap that fires last: the forward pass can stop right after it (None when
         ``"logits"`` is tapped, which needs the whole network).
+    """
+
+    size: int
+    inputs: torch.Tensor
+    outputs: dict
+    wide_outputs: dict | None
+    deepest: str | None
+
+
+def probe_layers(
+    module: nn.Module, layers: list[str], size: int, device: torch.device | str = "cpu"
+) -> Probe:
+    """Run the network (in eval mode) on square and on wide probe images with every tap.
+
+    The images are random but always the same, so that a check on the outputs means
+    something (blank images make many maps constant).
 
     Raises
     ------
     ValueError
-        A tapped module runs more than once per forward pass (a reused activation,
-        say), so its output is ambiguous.
+        The network does not take ``size`` x ``size`` images (the error names
+        ``image_size``), or a tapped module runs more than once per forward pass (a
+        reused activation, say), so that its output is ambiguous.
     """
-    with LayerTaps(module, layers) as taps:
-        outputs = taps.run(inputs)
-    repeated = {layer: n for layer, n in taps.calls.items() if n > 1}
-    if repeated:
-        raise ValueError(
-            f"layers: {repeated} run several times in one forward pass (the module is "
-            "reused), so their output is ambiguous; tap the block that contains them"
-        )
-    deepest = taps.order[-1]
-    return outputs, None if deepest == LOGITS else deepest
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(PROBE_IMAGES, 3, size, size, generator=generator).to(device)
+    with torch.inference_mode():
+        try:
+            with LayerTaps(module, layers) as taps:
+                outputs = taps.run(inputs)
+        except RuntimeError:
+            check_input_size(module, size, device)  # names image_size if too small
+            raise
+        repeated = {layer: n for layer, n in taps.calls.items() if n > 1}
+        if repeated:
+            raise ValueError(
+                f"layers: {repeated} run several times in one forward pass (the module is "
+                "reused), so their output is ambiguous; tap the block that contains them"
+            )
+        deepest = None if taps.order[-1] == LOGITS else taps.order[-1]
+        try:
+            with LayerTaps(module, layers, stop_after=deepest) as taps:
+                wide_outputs = taps.run(torch.cat([inputs, inputs.flip(-1)], dim=-1))
+        except Exception:  # networks built for one input size refuse it: nothing to learn
+            wide_outputs = None
+    return Probe(size, inputs, outputs, wide_outputs, deepest)
+
+
+def verified_layouts(
+    module: nn.Module,
+    layers: list[str],
+    pooling: str | None,
+    declared: dict | None = None,
+    size: int = 224,
+    device: torch.device | str = "cpu",
+) -> tuple[Probe, dict[str, Layout]]:
+    """Probe the network and work out the verified layout of each tapped layer.
+
+    ``module`` must be in eval mode. See :func:`probe_layers` and
+    :func:`skdeep._layouts.resolve_layouts`.
+    """
+    probe = probe_layers(module, layers, size, device)
+    layouts = resolve_layouts(
+        module, layers, probe.outputs, probe.wide_outputs, size, pooling, declared
+    )
+    return probe, layouts

@@ -26,6 +26,7 @@ from torch import nn
 
 from ._compat import optional_import
 from ._preprocess import Preprocessing
+from ._weights import WeightsUnavailableError, load_weights_file, looks_like_path
 
 PREFIX = "timm:"
 PRETRAINED_NAMES = ("DEFAULT", "IMAGENET1K_V1")
@@ -48,8 +49,10 @@ def check_name(name: str) -> None:
         )
 
 
-def load(name: str, weights, image_size: int | None, is_path) -> tuple[nn.Module, Preprocessing]:
-    """Build the timm network ``name`` with ``weights``; return it and its preprocessing.
+def load(name: str, weights, image_size: int | None) -> tuple[nn.Module, Preprocessing, str]:
+    """Build the timm network ``name`` with ``weights``.
+
+    Returns the network, its preprocessing and where its weights came from.
 
     Raises
     ------
@@ -58,16 +61,16 @@ def load(name: str, weights, image_size: int | None, is_path) -> tuple[nn.Module
     WeightsUnavailableError
         The pretrained weights are neither cached nor downloadable.
     """
-    from .backbones import load_weights_file
-
     timm = _timm()
     check_name(name)
-    if weights is None or is_path(weights):
+    if weights is None or looks_like_path(weights):
         module = _create(timm, name, image_size, pretrained=False)
+        source = "random initialisation"
         if weights is not None:
             load_weights_file(module, weights, PREFIX + name)
+            source = f"the file {os.fspath(weights)!r}"
     elif weights in PRETRAINED_NAMES:
-        module = _pretrained(timm, name, image_size)
+        module, source = _pretrained(timm, name, image_size)
     else:
         raise ValueError(
             f"weights={weights!r} is not a file, and a timm backbone takes no weights "
@@ -75,7 +78,7 @@ def load(name: str, weights, image_size: int | None, is_path) -> tuple[nn.Module
             "weights='DEFAULT' for the tag's pretrained weights, a state_dict file, or None"
         )
     config = timm.data.resolve_data_config({}, model=module)
-    return module, preprocessing(config)
+    return module, preprocessing(config), source
 
 
 def _create(timm, name: str, image_size: int | None, pretrained: bool, **options) -> nn.Module:
@@ -88,14 +91,15 @@ def _create(timm, name: str, image_size: int | None, pretrained: bool, **options
     return timm.create_model(name, pretrained=pretrained, **options)
 
 
-def _pretrained(timm, name: str, image_size: int | None) -> nn.Module:
+def _pretrained(timm, name: str, image_size: int | None) -> tuple[nn.Module, str]:
     cached = _cached_file(timm, name)
     options = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
+    source = f"the pretrained weights of {PREFIX}{name} " + (
+        f"in {cached}" if cached else "from the Hugging Face hub"
+    )
     try:
-        return _create(timm, name, image_size, pretrained=True, **options)
+        return _create(timm, name, image_size, pretrained=True, **options), source
     except Exception as exc:  # huggingface_hub and urllib errors, timeouts, ...
-        from .backbones import WeightsUnavailableError
-
         raise WeightsUnavailableError(
             f"Could not load the pretrained weights of {PREFIX}{name}: they are not in the "
             f"Hugging Face cache ({_hub_cache()}) and the download failed "
@@ -179,7 +183,73 @@ def intermediate_module(module: nn.Module, layer: str, argument: str = "layers")
             f"{len(info)} intermediate features, so N runs from {-len(info)} to "
             f"{len(info) - 1} ({', '.join(entry['module'] for entry in info)})"
         )
-    return info[index]["module"]
+    name = info[index]["module"]
+    if name not in dict(module.named_modules()):
+        raise ValueError(
+            f"{argument}: {layer!r} is the module {name!r} in timm's feature_info of this "
+            f"{type(module).__name__}, but the model has no module of that name; tap a "
+            "module by its name instead (see dict(model.named_modules()))"
+        )
+    return name
+
+
+def check_intermediates(
+    model: nn.Module,
+    requested: list[str],
+    resolved: list[str],
+    pooled: dict,
+    probe_input,
+    argument: str = "layers",
+) -> None:
+    """Check that hooked ``"intermediate:N"`` taps are what ``forward_intermediates`` returns.
+
+    skdeep reads an intermediate through a hook on the module timm's ``feature_info``
+    names; timm's own ``forward_intermediates`` may transform that output (a norm, a
+    reshape). Their spatial means must agree on the probe input, else the tap would
+    not be the intermediate the user asked for.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The timm model (float32, eval mode).
+    requested, resolved : list of str
+        The layers as asked for and as module names, in the same order.
+    pooled : dict
+        The average-pooled rows ``(B, C)`` skdeep computes for each resolved layer on
+        ``probe_input``.
+    probe_input : tensor
+        The input those rows were computed on.
+
+    Raises
+    ------
+    ValueError
+        A tap disagrees with ``forward_intermediates``.
+    """
+    import torch
+
+    wanted = {
+        int(layer[len(INTERMEDIATE) :]) % len(model.feature_info): name
+        for layer, name in zip(requested, resolved, strict=True)
+        if layer.startswith(INTERMEDIATE)
+    }
+    if not wanted or not hasattr(model, "forward_intermediates"):
+        return
+    indices = sorted(wanted)
+    with torch.inference_mode():
+        outputs = model.forward_intermediates(probe_input, indices=indices, intermediates_only=True)
+    for index, output in zip(indices, outputs, strict=True):
+        name = wanted[index]
+        if isinstance(output, (tuple, list)) or output.ndim not in (3, 4):
+            continue  # nothing to compare a mean with
+        expected = output.float().mean((2, 3) if output.ndim == 4 else 1)
+        ours = pooled[name].float()
+        if ours.shape != expected.shape or not torch.allclose(ours, expected, 1e-3, 1e-4):
+            raise ValueError(
+                f"{argument}: 'intermediate:{index}' is the module {name!r} of timm's "
+                f"feature_info, but timm's forward_intermediates returns something else "
+                f"for it (a norm or another transform of that output), so skdeep cannot tap "
+                f"it with a hook; tap {name!r} by name for the module's own output"
+            )
 
 
 def replace_head(module: nn.Module, n_outputs: int) -> str | None:

@@ -44,11 +44,6 @@ from ._store import FeatureStore, open_store
 DEFAULT_PARTITION_SIZE = 1024
 
 
-def is_dask_array(X) -> bool:
-    """Tell whether ``X`` is a ``dask.array.Array`` (without importing Dask)."""
-    return type(X).__module__.startswith("dask.array") and hasattr(X, "chunks")
-
-
 def transform_array(extractor, X):
     """Return lazy features of a Dask array of images, with the row chunks of ``X``.
 
@@ -116,9 +111,15 @@ class _Partition:
 
 
 def _compute_partition(extractor, store: FeatureStore, chunk: int, partition: _Partition) -> int:
-    """Compute one chunk and write it; return the number of images computed."""
+    """Compute one chunk and write it; return the number of images computed.
+
+    The process first checks that it computes the features the store holds (the
+    precision and device type of the driver's extractor; rebuilding the network checks
+    its weights).
+    """
     if store.chunk_done(chunk):  # written by an earlier attempt of this task
         return 0
+    store.check_extractor(extractor)
     rows = extractor.transform(partition.load())
     store.write_chunk(chunk, rows)
     return len(rows)
@@ -196,6 +197,7 @@ def extract(
         extractor=extractor,
         n_images=n_images,
         paths=paths,
+        npy=None if paths is not None else os.fspath(images),
         labels=labels,
         partition_size=int(partition_size),
         overwrite=overwrite,

@@ -13,9 +13,9 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from ._augment import augment
 from ._compat import Interval, StrOptions, fit_context
 from ._labels import check_labels, unlabeled_rows
+from ._network import LOGITS, PENULTIMATE, resolve_layer_names
 from ._objectives import DivergencePenalty, Supervised, constant, ramp
-from ._taps import parse_layers
-from .backbones import LOGITS, PENULTIMATE, resolve_layer_names
+from ._taps import parse_layers, verified_layouts
 from .fine_tuning import FINE_TUNE_CONSTRAINTS, FineTuneClassifier
 from .losses import KERNELS, linear_time_mmd, mmd
 
@@ -258,6 +258,15 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             return Supervised(criterion)
         layers = parse_layers(self.adapt_layers, "adapt_layers")
         layers = resolve_layer_names(self.model_, layers, argument="adapt_layers")
+        was_training = self.model_.training
+        _, layouts = verified_layouts(
+            self.model_.eval(),
+            layers,
+            "avg",
+            size=self.preprocessing_.crop_size,
+            device=self.device_,
+        )
+        self.model_.train(was_training)
         target_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
         generator = torch.Generator().manual_seed(int(target_rng.integers(2**31)))
         estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
@@ -265,6 +274,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             criterion,
             partial(estimator, kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths),
             layers,
+            layouts=layouts,
             weight=self.mmd_weight,
             schedule=MMD_SCHEDULES[self.mmd_schedule],
             target_batches=self._target_batches(target, target_rows, target_rng, generator),

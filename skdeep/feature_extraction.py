@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from numbers import Integral
 from typing import ClassVar
@@ -12,18 +11,20 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from . import _quantize
+from . import _quantize, _timm
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin, shared_network
 from ._compat import HasMethods, Interval, StrOptions, fit_context
-from ._device import autocast, fork_rng
+from ._device import fork_rng
 from ._feature_cache import FeatureCache
+from ._identity import architecture_digest, feature_identity, identity_digest
+from ._images import is_dask_array
 from ._inference import optimize_for_inference
-from ._layouts import POOLINGS, describe_layouts, pooled_names
+from ._layouts import POOLINGS, pool, pooled_names
+from ._network import PENULTIMATE, resolve_layer_names
 from ._preprocess import Preprocessing
-from ._taps import parse_layers, probe_layers
-from ._version import __version__
-from .backbones import PENULTIMATE, check_input_size, load_backbone, resolve_layer_names
-from .dask import is_dask_array, transform_array
+from ._taps import parse_layers, verified_layouts
+from ._weights import WeightsChangedError, state_digest
+from .backbones import load_backbone
 
 
 class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
@@ -37,14 +38,20 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     ----------
     backbone : str or torch.nn.Module, default="mobilenet_v2"
         A torchvision classification model name (see
-        :func:`skdeep.backbones.classification_models`), or a module, which is
-        deep-copied and never changed.
+        :func:`skdeep.backbones.classification_models`); ``"timm:<name>"`` for a timm
+        model (``pip install "skdeep[timm]"``), optionally with a pretrained tag
+        (``"timm:convnext_tiny.fb_in22k"``; without one, timm's default tag); or a
+        module, which is deep-copied and never changed.
     weights : str, path or None, default="IMAGENET1K_V1"
-        Torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``, ...), the path
-        of a ``state_dict`` file, or None for random initialisation. Named weights
-        are looked for in the torch hub cache, then in offline weights packages,
-        then downloaded; if all fail an error says how to get them. For a module
-        backbone, a weights name keeps the module's own parameters.
+        For torchvision models, a weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``,
+        ...), looked for in the torch hub cache, then in offline weights packages,
+        then downloaded. For timm models, ``"DEFAULT"`` or ``"IMAGENET1K_V1"`` mean
+        the pretrained weights of the tag, looked for in the Hugging Face cache, then
+        downloaded. Either way: the path of a ``state_dict`` file, or None for random
+        initialisation (seeded by ``random_state``). Weights that cannot be found
+        raise :class:`~skdeep.WeightsUnavailableError` saying how to get them, never
+        random weights. For a module backbone, a weights name keeps the module's own
+        parameters.
     layers : str, list of str or None, default=None
         Module names to tap (keys of ``dict(model.named_modules())``), or
         ``"penultimate"``: the input of the classifier head, i.e. the pooled features
@@ -63,13 +70,15 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         None flattens the output. Outputs that are already rows (``"penultimate"``)
         are used as they are.
     layouts : dict or None, default=None
-        Layouts of tapped layers that skdeep cannot tell by itself, keyed as in
-        ``layers``: "channels_first" ``(N, C, H, W)``, "channels_last"
-        ``(N, H, W, C)``, "rows", "tokens", "tokens:N" (N leading class and register
-        tokens) or "tokens:N:cls" (the first of them a class token). skdeep knows the
-        layouts of torchvision's and timm's CNNs, Swin, ConvNeXt and ViT families, and
-        raises an error naming the layer when it does not know one; a key that names
-        no tapped layer is an error too.
+        Layouts of tapped layers, keyed as in ``layers``: "channels_first"
+        ``(N, C, H, W)``, "channels_last" ``(N, H, W, C)``, "rows", "tokens",
+        "tokens:N" (N leading class and register tokens) or "tokens:N:cls" (the first
+        of them a class token). ``fit`` works each layout out from what the model
+        family and the model itself declare, and checks it with a probe (the network
+        runs on images twice as wide: the axes that follow the width are spatial); it
+        raises an error naming the layer where the two disagree or neither can tell.
+        A declared layout is checked the same way; a key that names no tapped layer
+        is an error.
     image_size : int or None, default=None
         Network input size. None follows the weights' own preprocessing (for
         ImageNet weights: shorter side resized to 256, center crop 224). An int
@@ -79,10 +88,12 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         ``(H, W)`` or ``(H, W, C)`` of one image when ``X`` holds flat rows, e.g.
         ``(8, 8)`` for ``load_digits().data``.
     value_range : (float, float) or None, default=None
-        Pixel values that mean black and white. None: (0, 255) for integer images
-        and files, (0, 1) for float images. ``load_digits().data`` needs (0, 16).
+        Pixel values that mean black and white, two finite numbers. None: (0, 255)
+        for integer images and files, (0, 1) for float images.
+        ``load_digits().data`` needs (0, 16).
     batch_size : int, default=64
-        Images per forward pass.
+        Images per forward pass. Float results can differ in the last bits between
+        batch sizes, so feature stores and caches keep them apart.
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the network runs; "auto" picks CUDA when available. Resolved into
         ``device_``; outputs are always NumPy arrays.
@@ -117,7 +128,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     device_ : torch.device
         The device in use.
     precision_ : torch.dtype
-        The compute dtype in use.
+        The compute dtype in use. Pickles carry it: a copy computes at the precision
+        of the original, wherever it is loaded.
     preprocessing_ : skdeep._preprocess.Preprocessing
         Resize, crop and normalization applied to every image.
     layers_ : list of str
@@ -129,6 +141,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         Names of the output columns, e.g. ``layer4_avg_0``.
     n_features_out_ : int
         Number of output columns.
+    weights_digest_, architecture_digest_ : str
+        Digests of the network's weights and of how it computes (module settings
+        such as strides and flags), as fitted. A copy that rebuilds its network (an
+        unpickled extractor, a Dask worker) and finds other weights raises
+        :class:`~skdeep.WeightsChangedError` instead of computing other features.
 
     Examples
     --------
@@ -193,7 +210,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         """Load the backbone and work out the feature layout.
 
-        Nothing is learned from the data: ``X`` is only validated, when given.
+        Nothing is learned from the data: ``X`` is only validated, when given (and, at
+        ``precision="int8"``, calibrates the quantization).
 
         Parameters
         ----------
@@ -218,25 +236,31 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self.layers_ = requested
         self._random_weights = None
         self._int8_calibration = None
-        model, self.preprocessing_ = self._load_network()
+        self.weights_digest_ = self.architecture_digest_ = None  # recorded by this build
+        network, self.preprocessing_ = self._build_network()
         declared = self._declared_layouts(requested)
-        crop = self.preprocessing_.crop_size
-        probe_input = torch.zeros(2, 3, crop, crop, device=self.device_)
-        try:
-            with torch.inference_mode(), autocast(self.device_, self.precision_):
-                outputs, self._stop_layer = probe_layers(model, self.layers_, probe_input)
-        except RuntimeError:
-            check_input_size(model, crop, self.device_)  # names image_size if too small
-            raise
-        layouts = describe_layouts(model, self.layers_, outputs, self.pooling, declared)
+        probe, layouts = verified_layouts(
+            network,
+            self.layers_,
+            self.pooling,
+            declared,
+            self.preprocessing_.crop_size,
+            self.device_,
+        )
+        averaged = {layer: pool(probe.outputs[layer], layouts[layer], "avg") for layer in layouts}
+        _timm.check_intermediates(network, requested, self.layers_, averaged, probe.inputs)
+        self._stop_layer = probe.deepest
         self.layouts_ = {layer: str(layout) for layer, layout in layouts.items()}
         names = []
         for layer, layout in layouts.items():
-            names += pooled_names(layer, tuple(outputs[layer].shape), layout, self.pooling)
+            shape = tuple(probe.outputs[layer].shape)
+            names += pooled_names(layer, shape, layout, self.pooling)
         self.feature_names_out_ = np.asarray(names, dtype=object)
         self.n_features_out_ = len(names)
         if self.precision_ == torch.qint8:
-            self._int8_calibration, model = self._calibrate(model, source)
+            self._int8_calibration, model = self._calibrate(network, source)
+        else:
+            model = self._optimized(network, self.preprocessing_)
         self._model = model
         self._fit_token = uuid.uuid4().hex
         self._cache_key = None
@@ -267,16 +291,17 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             # Every unpickled copy of this fit shares one network per process: a Dask
             # worker builds it once, whatever number of tasks it runs.
             key = (self._fit_token, str(self.device_), str(self.precision_))
-            self._model = shared_network(key, lambda: self._load_network()[0])
+            self._model = shared_network(key, lambda: self._optimized(*self._build_network()))
         return self._model
 
-    def _load_network(self) -> tuple[torch.nn.Module, Preprocessing]:
-        """Load the backbone, freeze it and optimize it for inference.
+    def _build_network(self) -> tuple[torch.nn.Module, Preprocessing]:
+        """Load the backbone in float32, frozen, on ``device_``, and check its identity.
 
-        On the first call (in ``fit``), random weights (``weights=None``) are kept in
-        ``_random_weights``: they are the only weights the parameters cannot load again.
-        At int8, the network is quantized with the calibration statistics once ``fit``
-        has gathered them (before that, the float network is returned).
+        On the first call (in ``fit``), the digests of the network's architecture and
+        weights are recorded, and random weights (``weights=None``) are kept in
+        ``_random_weights``: they are the only weights the parameters cannot load
+        again. A later call (an unpickled copy, a Dask worker) that finds other
+        weights or another architecture raises :class:`WeightsChangedError`.
         """
         random_weights = self._random_weights
         with fork_rng(torch.device("cpu"), self._torch_seed()):
@@ -289,16 +314,43 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         model = backbone.module.eval().requires_grad_(False)
         # From here on layers_ holds module names ("intermediate:N" resolved).
         self.layers_ = resolve_layer_names(model, self.layers_)
+        self._check_network(model, backbone.source)
         preprocessing = backbone.preprocessing.with_image_size(self.image_size)
+        return model.to(self.device_), preprocessing
+
+    def _check_network(self, model: torch.nn.Module, source: str) -> None:
+        """Record the network's digests on the first build; verify them on later ones."""
+        weights, architecture = state_digest(model.state_dict()), architecture_digest(model)
+        if self.weights_digest_ is None:
+            self.weights_digest_, self.architecture_digest_ = weights, architecture
+            return
+        if weights != self.weights_digest_:
+            raise WeightsChangedError(
+                f"the weights of this fitted FeatureExtractor changed: {source} now holds "
+                f"weights of digest {weights}, but the extractor was fitted with weights of "
+                f"digest {self.weights_digest_}. Restore the weights it was fitted with, or "
+                "fit it again to use these (its features will change)"
+            )
+        if architecture != self.architecture_digest_:
+            raise WeightsChangedError(
+                f"the network of this fitted FeatureExtractor is built differently here "
+                f"(architecture digest {architecture}, fitted with "
+                f"{self.architecture_digest_}): another version of torchvision or timm? "
+                "Install the versions it was fitted with, or fit it again"
+            )
+
+    def _optimized(self, model: torch.nn.Module, preprocessing: Preprocessing) -> torch.nn.Module:
+        """Rewrite the float network for inference at ``precision_``.
+
+        At int8, the network is quantized with the calibration statistics once ``fit``
+        has gathered them.
+        """
         if self.precision_ == torch.qint8:  # PyTorch's quantization fuses on its own
-            if self._int8_calibration is not None:
-                model = self._quantized(model, preprocessing, self._int8_calibration)
-            return model, preprocessing
+            return self._quantized(model, preprocessing, self._int8_calibration)
         model = optimize_for_inference(
             model, self.device_, self.precision_, keep=frozenset(self.layers_)
         )
-        model = model.to(self.device_, memory_format=torch.channels_last)
-        return model, preprocessing
+        return model.to(self.device_, memory_format=torch.channels_last)
 
     def _calibrate(self, model: torch.nn.Module, source) -> tuple[dict, torch.nn.Module]:
         """Calibrate on up to ``calibration_size`` images of ``source``.
@@ -343,6 +395,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if is_dask_array(X):
+            from .dask import transform_array  # the scale-out module, only where it is used
+
             return transform_array(self, X)
         source = self._image_source(X)
         cache = self._feature_cache()
@@ -379,35 +433,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         if memory.location is None:
             return None
         if self._cache_key is None:
-            self._cache_key = self._settings_digest()
+            self._cache_key = identity_digest(feature_identity(self))
         return FeatureCache(memory.location, self._cache_key)
-
-    def _settings_digest(self) -> str:
-        """Digest everything that shapes the features.
-
-        Weights, layers, pooling, preprocessing, precision and device type.
-        """
-        digest = hashlib.blake2b(digest_size=16)
-        settings = (
-            __version__,
-            self.layers_,
-            self.layouts_,
-            self.pooling,
-            self.preprocessing_,
-            str(self.precision_),
-            self.device_.type,
-        )
-        digest.update(repr(settings).encode())
-        digest.update(self._weights_digest().encode())
-        return digest.hexdigest()
-
-    def _weights_digest(self) -> str:
-        """Digest the network's weights (and, at int8, its calibration)."""
-        digest = hashlib.blake2b(digest_size=16)
-        for name, value in self.model_.state_dict().items():
-            digest.update(name.encode())
-            _digest_value(digest, value)
-        return digest.hexdigest()
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``layer4_avg_0`` or ``penultimate_0``.
@@ -430,22 +457,3 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
-
-
-def _digest_value(digest, value) -> None:
-    """Feed a state_dict value (a tensor, quantized or not, or a tuple of them) in."""
-    if isinstance(value, torch.Tensor):
-        if value.is_quantized:
-            scales = (
-                value.q_per_channel_scales()
-                if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-                else torch.tensor([value.q_scale()])
-            )
-            _digest_value(digest, scales)
-            value = value.int_repr()
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _digest_value(digest, item)
-    else:
-        digest.update(repr(value).encode())

@@ -23,17 +23,17 @@ from ._device import PRECISIONS, fork_rng
 from ._inference import optimize_for_inference
 from ._labels import check_labels, encode_labels
 from ._layouts import ROWS, Layout, pooled_names
-from ._objectives import Supervised
-from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
-from .backbones import (
+from ._network import (
     LOGITS,
     PENULTIMATE,
     backbone_stages,
     check_input_size,
     check_layer_names,
-    load_backbone,
     replace_head,
 )
+from ._objectives import Supervised
+from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
+from .backbones import load_backbone
 
 FINE_TUNE_CONSTRAINTS = {
     **BACKBONE_CONSTRAINTS,
@@ -74,10 +74,12 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     backbone : str or torch.nn.Module, default="mobilenet_v2"
-        A torchvision classification model name, or a module (deep-copied, never
-        changed).
+        A torchvision classification model name, ``"timm:<name>[.<tag>]"`` for a timm
+        model (its head is replaced with timm's ``reset_classifier``), or a module
+        (deep-copied, never changed).
     weights : str, path or None, default="IMAGENET1K_V1"
-        Pretrained weights to start from: a torchvision weights name, a
+        Pretrained weights to start from: a torchvision weights name (for timm models,
+        ``"DEFAULT"`` or ``"IMAGENET1K_V1"``: the tag's pretrained weights), a
         ``state_dict`` file, or None for random initialisation (see
         :class:`~skdeep.FeatureExtractor`).
     image_size : int or None, default=None

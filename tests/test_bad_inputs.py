@@ -7,6 +7,7 @@ Add a row for every bad input found to slip through.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +18,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from skdeep import DomainAdaptedClassifier, FeatureExtractor, FineTuneClassifier
+from skdeep import (
+    DomainAdaptedClassifier,
+    FeatureExtractor,
+    FineTuneClassifier,
+    WeightsChangedError,
+)
 from skdeep.__main__ import build_parser, extract
+from skdeep._base import _shared_networks
 
 from .conftest import TinyNet, separable_images
 
@@ -61,6 +68,29 @@ def cli_with_object_array(tmp_path):
     np.save(path, np.array([{"not": "an image"}, None], dtype=object), allow_pickle=True)
     args = build_parser().parse_args(["extract", str(path), "--out", str(tmp_path / "f.joblib")])
     return extract(args)
+
+
+def weights_file_changed_after_fitting(tmp_path):
+    """Refit nothing, but replace the weights file an extractor was fitted with."""
+    path = tmp_path / "tiny.pth"
+    torch.save(TinyNet().state_dict(), path)
+    extractor = FeatureExtractor(TinyNet(), weights=str(path), image_size=16).fit()
+    data = pickle.dumps(extractor)
+    torch.save(TinyNet().state_dict(), path)
+    _shared_networks.clear()  # as in another process
+    return pickle.loads(data).transform(np.zeros((2, 16, 16), np.uint8))
+
+
+def store_of_another_npy_file(tmp_path):
+    """Resume a feature store with another .npy file of the same length."""
+    from skdeep.dask import extract as extract_store
+
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((4, 16, 16), np.uint8))
+    extractor = FeatureExtractor(TinyNet(), image_size=16).fit()
+    out = tmp_path / "f.zarr"
+    extract_store(extractor, str(tmp_path / "a.npy"), out, n_workers=0, verbose=False)
+    extract_store(extractor, str(tmp_path / "b.npy"), out, n_workers=0, verbose=False)
 
 
 X_SOURCE, Y_SOURCE = separable_images(n_per_class=8, size=24)
@@ -153,6 +183,37 @@ CATALOGUE = [
         cli_with_object_array,
         ValueError,
         r"INPUT: .*objects.npy holds Python objects .* expected a numeric array of images",
+    ),
+    BadInput(
+        "value_range that is not finite",
+        lambda tmp: random_resnet(value_range=(0, float("inf"))).fit_transform(np.zeros((2, 8, 8))),
+        ValueError,
+        r"value_range must be \(low, high\), two finite numbers .* got \(0, inf\)",
+    ),
+    BadInput(
+        "value_range upside down",
+        lambda tmp: random_resnet(value_range=(1, 0)).fit_transform(np.zeros((2, 8, 8))),
+        ValueError,
+        r"value_range must be .* low < high; got \(1, 0\)",
+    ),
+    BadInput(
+        "a declared layout that the network contradicts",
+        lambda tmp: random_resnet(layers="layer2", layouts={"layer2": "channels_last"}).fit(),
+        ValueError,
+        r"layouts: 'channels_last' does not fit 'layer2' .* a probe shows channels_first",
+    ),
+    BadInput(
+        "a weights file replaced after fitting",
+        weights_file_changed_after_fitting,
+        WeightsChangedError,
+        r"the weights of this fitted FeatureExtractor changed: the file '.*tiny.pth' now "
+        r"holds weights of digest \w+, but .* fitted with weights of digest \w+",
+    ),
+    BadInput(
+        "a feature store resumed with another .npy file",
+        store_of_another_npy_file,
+        ValueError,
+        r"out: '.*f.zarr' was made from another \.npy file",
     ),
     BadInput(
         "y shorter than X",

@@ -6,6 +6,7 @@ The clusters listen on 127.0.0.1 only and are closed by the fixtures.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from PIL import Image
 from skdeep import FeatureExtractor, load_features
 from skdeep import dask as skdeep_dask
 from skdeep.__main__ import main
+from skdeep._store import open_store
 
 from .conftest import InterruptingNet, SlowNet, TinyNet
 
@@ -214,6 +216,8 @@ def test_stores_of_other_settings_are_refused_and_replaced_on_request(photos, tm
         (small_extractor(image_size=40), photos, {}, r"with image_size=32, not 40"),
         (small_extractor(), photos[:-1], {}, "from other images"),
         (small_extractor(), photos, {"partition_size": 8}, "with partition_size=1024, not 8"),
+        (small_extractor(batch_size=8), photos, {}, r"with batch_size=4, not 8"),
+        (small_extractor(), photos, {"labels": ["a"] * 40}, "with other labels"),
     ]
     for extractor, images, options, message in cases:
         with pytest.raises(ValueError, match=f"out: '.*features.zarr' was made {message}"):
@@ -228,6 +232,52 @@ def test_stores_of_other_settings_are_refused_and_replaced_on_request(photos, tm
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OSError, match="out: cannot create the folder"):
         skdeep_dask.extract(small_extractor(), photos, tmp_path / "a_file" / "f.zarr", n_workers=0)
+
+
+def test_a_store_of_one_npy_file_is_not_taken_for_another(tmp_path):
+    """b.npy of the same length as a.npy is other input: never a's features."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "features.zarr"
+    skdeep_dask.extract(small_extractor(), str(tmp_path / "a.npy"), out, n_workers=0, verbose=False)
+    with pytest.raises(ValueError, match=r"was made from another \.npy file"):
+        skdeep_dask.extract(
+            small_extractor(), str(tmp_path / "b.npy"), out, n_workers=0, verbose=False
+        )
+
+
+def test_an_image_changed_in_place_is_named(photos, tmp_path):
+    """Rewriting one file of a finished store: resuming is refused and names the file."""
+    out = tmp_path / "features.zarr"
+    skdeep_dask.extract(small_extractor(), photos, out, n_workers=0, verbose=False)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(photos[7])
+    with pytest.raises(
+        ValueError,
+        match=rf"from other images \('.*{os.path.basename(photos[7])}', "
+        r"image 7, is changed since\)",
+    ):
+        skdeep_dask.extract(small_extractor(), photos, out, n_workers=0, verbose=False)
+
+
+def test_workers_check_that_they_compute_the_stores_features(photos, tmp_path):
+    """A worker that would compute at another precision refuses to write its chunk."""
+    import torch
+
+    out = tmp_path / "features.zarr"
+    extractor = small_extractor()
+    store = open_store(
+        out, extractor=extractor, n_images=len(photos), paths=photos, partition_size=8
+    )
+    worker = pickle.loads(pickle.dumps(extractor))
+    worker.precision_ = torch.bfloat16  # as a worker that fell back to another precision
+    with pytest.raises(
+        ValueError,
+        match=r"would compute other features .*precision='float32', "
+        r"not 'bfloat16'",
+    ):
+        skdeep_dask._compute_partition(worker, store, 0, skdeep_dask._Partition(tuple(photos[:8])))
+    assert store.missing_chunks() == list(range(5))
 
 
 def test_cli_writes_a_store_on_a_local_cluster_and_on_a_scheduler(client, photos, tmp_path, capsys):

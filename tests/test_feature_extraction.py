@@ -17,7 +17,7 @@ from torch import nn
 
 from skdeep import FeatureExtractor
 from skdeep._device import cpu_has_native_bfloat16
-from skdeep.backbones import weights_file_candidates
+from skdeep._weights import weights_file_candidates
 
 from .conftest import TinyNet, needs_foolbox, needs_offline_weights, separable_images
 from .estimator_checks import check_image_estimator, run_sklearn_checks
@@ -348,7 +348,7 @@ def test_default_extractor_has_real_imagenet_weights_offline(images):
     assert extractor.preprocessing_.crop_size == 224
     # The same features as torchvision's network holding the checkpoint file itself.
     enum = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-    checkpoint = next(path for path in weights_file_candidates(enum) if path.is_file())
+    checkpoint = next(path for path in weights_file_candidates(enum.url) if path.is_file())
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(torch.load(checkpoint, weights_only=True))
     reference.classifier = nn.Identity()

@@ -13,7 +13,7 @@ from torch import nn
 
 from skdeep import FeatureExtractor
 from skdeep._images import as_image_source
-from skdeep._layouts import Layout, parse_layout
+from skdeep._layouts import Layout, measure_layout, parse_layout, reconcile
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def raw_output(extractor: FeatureExtractor, layer: str, images) -> torch.Tensor:
     batch = model_input(extractor, images)
     seen = []
     module = extractor.model_.get_submodule(layer)
-    handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     with torch.inference_mode():
         extractor.model_(batch)
     handle.remove()
@@ -102,30 +102,101 @@ def test_rows_are_used_as_they_are(photos):
     assert extractor.layouts_ == {"penultimate": "rows"} and features.shape == (4, 512)
 
 
-def test_unknown_layouts_are_an_error_that_says_how_to_declare_them(photos):
-    """A 3-D output of an unknown family: name the layer and the layouts parameter."""
+class Tokenizer(nn.Module):
+    """Patch tokens of no known family: (N, T, C) after ``mix``, (N, C, T) after ``flat``."""
 
-    class Tokenizer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Conv2d(3, 8, 8, stride=8)
-            self.mix = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 2)
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.flat = nn.Flatten(2)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
 
-        def forward(self, x):
-            tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
-            return self.head(tokens.mean(1))
+    def forward(self, x):
+        """Embed, flatten, mix, and classify the mean token."""
+        tokens = self.mix(self.flat(self.embed(x)).transpose(1, 2))
+        return self.head(tokens.mean(1))
 
-    with pytest.raises(ValueError, match=r"cannot tell the layout of 'mix' .*layouts=\{'mix'"):
-        FeatureExtractor(Tokenizer(), layers="mix", image_size=32).fit()
-    declared = FeatureExtractor(Tokenizer(), layers="mix", layouts={"mix": "tokens"}, image_size=32)
-    features = declared.fit_transform(photos)
-    raw = raw_output(declared, "mix", photos)
+
+def test_layouts_of_unknown_families_are_measured(photos):
+    """No rule knows ``mix``: the probe sees tokens, whose count follows the image width."""
+    extractor, features = extract(Tokenizer(), "mix", "avg", photos, weights="DEFAULT")
+    assert extractor.layouts_ == {"mix": "tokens:0"}
+    raw = raw_output(extractor, "mix", photos)
     np.testing.assert_allclose(features, raw.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_layouts_are_an_error_that_says_how_to_declare_them(photos):
+    """A layout neither a rule nor the probe can place: name the layer and ``layouts``."""
+    with pytest.raises(ValueError, match=r"cannot tell the layout of 'flat' .*layouts=\{'flat'"):
+        FeatureExtractor(Tokenizer(), layers="flat", image_size=32).fit()
     with pytest.raises(ValueError, match=r"layouts: 'sideways' for layer 'mix' is not a layout"):
         FeatureExtractor(Tokenizer(), layers="mix", layouts={"mix": "sideways"}).fit()
     with pytest.raises(ValueError, match="'mix' has no class token"):
         FeatureExtractor(Tokenizer(), layers="mix", layouts={"mix": "tokens"}, pooling="cls").fit()
+
+
+def test_declared_layouts_that_the_probe_contradicts_are_refused(photos):
+    """A declaration the probe can check is checked: no silent wrong pooling."""
+    with pytest.raises(ValueError, match=r"layouts: 'tokens:1:cls' does not fit 'mix'.*counts 0"):
+        extract(Tokenizer(), "mix", "cls", photos, layouts={"mix": "tokens:1:cls"})
+    with pytest.raises(ValueError, match=r"layouts: 'channels_last' does not fit 'layer2'"):
+        extract("resnet18", "layer2", "avg", photos, layouts={"layer2": "channels_last"})
+
+
+def test_channels_last_maps_of_timm_declarations_are_verified(photos):
+    """MambaOut declares NHWC features under the name ``stages``: 2 columns were wrong."""
+    pytest.importorskip("timm")
+    extractor, features = extract(
+        "timm:mambaout_femto", "intermediate:-1", "avg", photos, image_size=64
+    )
+    assert extractor.layouts_ == {"stages.3": "channels_last"}
+    raw = raw_output(extractor, "stages.3", photos)
+    assert features.shape == (4, raw.shape[-1]) != (4, 2)
+    np.testing.assert_allclose(features, raw.mean((1, 2)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_measurements_from_the_two_probes():
+    """The axes that follow the image width are spatial; leading tokens do not multiply."""
+    maps, wide_maps = torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 4, 8)
+    assert measure_layout(maps, wide_maps, 64).layout == Layout("channels_first")
+    last = measure_layout(maps.permute(0, 2, 3, 1), wide_maps.permute(0, 2, 3, 1), 64)
+    assert last.layout == Layout("channels_last")
+    tokens, wide_tokens = torch.zeros(2, 1 + 16, 8), torch.zeros(2, 1 + 32, 8)
+    assert measure_layout(tokens, wide_tokens, 64).layout == Layout("tokens", 1)
+    assert measure_layout(tokens, None, 64, channels=8, patch=16).layout == Layout("tokens", 1)
+    # Refused width probe: the declared channel count places the axes, or nothing does.
+    assert measure_layout(maps, None, 64, channels=8).layout == Layout("channels_first")
+    assert measure_layout(torch.zeros(2, 4, 4, 4), None, 64, channels=4).layout is None
+    assert measure_layout(torch.zeros(2, 512, 1, 1), None, 64).layout == Layout("channels_first")
+    windows = measure_layout(torch.zeros(8, 7, 7, 96), torch.zeros(16, 7, 7, 96), 64)
+    assert windows.layout is None and "not hold one entry per image" in windows.evidence
+    assert measure_layout(torch.zeros(2, 8, 16), torch.zeros(2, 8, 32), 64).layout is None
+
+
+def test_rules_and_probes_must_agree():
+    """A rule that the probe contradicts is an error, never a silent choice of one."""
+    first = measure_layout(torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 4, 8), 64)
+    with pytest.raises(
+        ValueError,
+        match=r"'x' .* is uncertain: its model family says "
+        r"channels_last, but a probe shows channels_first",
+    ):
+        reconcile("x", (2, 8, 4, 4), Layout("channels_last"), first)
+    counted = measure_layout(torch.zeros(2, 17, 8), torch.zeros(2, 33, 8), 64)
+    assert reconcile("x", (2, 17, 8), Layout("tokens", None, True), counted) == Layout(
+        "tokens", 1, True
+    )
+    with pytest.raises(ValueError, match="a probe counts 1 leading tokens"):
+        reconcile("x", (2, 17, 8), Layout("tokens", 5, True), counted)
+
+
+def test_window_attention_internals_are_refused(photos):
+    """Windows of a Swin stage are not images: name the layer, ask for a declaration."""
+    pytest.importorskip("timm")
+    layer = "layers.0.blocks.0.attn"  # timm's WindowAttention: (windows x images, T, C)
+    with pytest.raises(ValueError, match=rf"cannot tell the layout of '{layer}'.* entries for 2"):
+        extract("timm:swin_tiny_patch4_window7_224", layer, "avg", photos[:2], image_size=224)
 
 
 def test_poolings_of_tokens_do_not_apply_to_maps(photos):
@@ -318,3 +389,116 @@ def test_grid_search_tunes_timm_and_torchvision_backbones(photos):
         cv=2,
     ).fit(X, y)
     assert len(search.cv_results_["params"]) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# Every family: pooled by skdeep = the model's own output pooled by hand, or a clear error
+# ----------------------------------------------------------------------------------------
+
+# The smallest model (by parameter count) of every timm module that defines
+# forward_intermediates, up to 30 M parameters, in timm 1.0; the larger ones (BEiT,
+# SAM, VGG, NASNet, ... base models) take too long to build for a test. Image sizes
+# other than 64 are those the network needs.
+TIMM_FAMILIES = {
+    "test_byobnet": 64, "cait_xxs24_224": 64, "convit_tiny": 64, "convmixer_768_32": 64,
+    "test_convnext": 64, "cpubone_nano": 64, "csatv2": 64, "cs3darknet_focus_s": 64,
+    "cspnext_tiny": 64, "davit_tiny": 64, "deit_tiny_patch16_224": 64, "densenet121": 64,
+    "dla46x_c": 64, "dpn48b": 64, "edgenext_xx_small": 64, "efficientformer_l1": 224,
+    "efficientformerv2_s0": 64, "test_efficientnet": 64, "efficientvit_b0": 64,
+    "efficientvit_m0": 64, "vit_tiny_patch16_dinov3_qkvb": 64, "fasternet_t0": 64,
+    "fastvit_t8": 64, "focalnet_tiny_srf": 64, "gcvit_xxtiny": 64, "ghostnet_050": 64,
+    "hgnetv2_b0": 64, "hiera_tiny_224": 64, "sam2_hiera_tiny": 64, "iformer_t": 64,
+    "inception_next_atto": 64, "inception_v3": 96, "lcnetv2_small": 64, "levit_128s": 64,
+    "lowformer_b0": 64, "test_mambaout": 64, "test_coatnet": 64, "poolformerv2_s12": 64,
+    "gmlp_ti16_224": 64, "mobilenetv3_small_050": 64, "nest_tiny": 64, "test_nfnet": 64,
+    "pvt_v2_b0": 64, "rdnet_tiny": 64, "regnetx_002": 64, "repghostnet_050": 64,
+    "repvit_m1": 64, "test_resnet": 64, "resnetv2_18": 64, "rexnet_100": 64,
+    "legacy_seresnet18": 64, "sequencer2d_s": 64, "shvit_s1": 64, "starnet_s050": 64,
+    "swiftformer_xs": 64, "swin_tiny_patch4_window7_224": 64,
+    "swinv2_tiny_window16_256": 64, "swinv2_cr_tiny_224": 64, "tiny_vit_5m_224": 64,
+    "visformer_tiny": 64, "test_vit": 64, "test_vit_relpos": 64, "volo_d1_224": 64,
+    "ese_vovnet19b_slim_dw": 64, "legacy_xception": 64, "xception41p": 64,
+    "xcit_nano_12_p8_224": 64,
+}  # fmt: skip
+# Families whose last intermediate cannot be tapped with a hook, and the error they give.
+TIMM_REFUSED = {
+    "coat_tiny": r"layers: \['parallel_blocks'\] never ran in the forward pass",
+    "crossvit_tiny_240": r"layers: 'blocks.2' returns a list, not a tensor",
+    "efficientvim_m1": r"layers: 'stages.2' returns a tuple, not a tensor",
+    "hrnet_w18_small": r"layers: 'stage4' returns a list, not a tensor",
+    "mvitv2_tiny": r"layers: 'intermediate:-1' is the module 'block.3' .* has no module",
+    "pit_ti_224": r"layers: 'transformers.2' returns a tuple, not a tensor",
+    "tnt_s_legacy_patch16_224": r"layers: 'blocks.11' returns a tuple, not a tensor",
+    "twins_svt_small": r"layers: 'intermediate:-1' is the module 'block.3' .* has no module",
+}
+
+
+def two_images(size: int) -> np.ndarray:
+    """Two random RGB images of ``size`` x ``size`` pixels."""
+    return np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+
+
+def test_the_timm_family_sweep_covers_enough_families():
+    """At least 30 timm families are swept, and each appears once."""
+    assert len(TIMM_FAMILIES) + len(TIMM_REFUSED) >= 30
+    assert not set(TIMM_FAMILIES) & set(TIMM_REFUSED)
+
+
+@pytest.mark.parametrize("name, size", sorted(TIMM_FAMILIES.items()))
+def test_timm_last_intermediates_pool_like_forward_intermediates(name, size):
+    """``intermediate:-1`` averaged by skdeep equals timm's own intermediate averaged."""
+    images = two_images(size)
+    extractor, features = extract(f"timm:{name}", "intermediate:-1", "avg", images, image_size=size)
+    with torch.inference_mode():
+        (own,) = extractor.model_.forward_intermediates(
+            model_input(extractor, images), indices=[-1], intermediates_only=True
+        )
+    assert own.ndim == 4  # (N, C, H, W), as timm returns intermediates by default
+    np.testing.assert_allclose(features, own.mean((2, 3)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, message", sorted(TIMM_REFUSED.items()))
+def test_timm_intermediates_that_hooks_cannot_read_are_clear_errors(name, message):
+    """Where a hook cannot read the last intermediate, fit says so and names it."""
+    size = 240 if name.startswith("crossvit") else 64  # CrossViT takes only its own size
+    with pytest.raises((ValueError, TypeError), match=message):
+        extract(f"timm:{name}", "intermediate:-1", "avg", two_images(size), image_size=size)
+
+
+def _cls_free_mean(tokens):
+    return tokens[:, 1:].mean(1)
+
+
+# One model of every torchvision classification family: its last stage, the true layout
+# (from torchvision's code), and the input size it needs.
+TORCHVISION_FAMILIES = {
+    "alexnet": ("features", lambda t: t.mean((2, 3)), 64),
+    "convnext_tiny": ("features", lambda t: t.mean((2, 3)), 64),
+    "densenet121": ("features", lambda t: t.mean((2, 3)), 64),
+    "efficientnet_b0": ("features", lambda t: t.mean((2, 3)), 64),
+    "efficientnet_v2_s": ("features", lambda t: t.mean((2, 3)), 64),
+    "googlenet": ("inception5b", lambda t: t.mean((2, 3)), 64),
+    "inception_v3": ("Mixed_7c", lambda t: t.mean((2, 3)), 96),
+    "maxvit_t": ("blocks.3", lambda t: t.mean((2, 3)), 224),
+    "mnasnet0_5": ("layers", lambda t: t.mean((2, 3)), 64),
+    "mobilenet_v2": ("features", lambda t: t.mean((2, 3)), 64),
+    "mobilenet_v3_small": ("features", lambda t: t.mean((2, 3)), 64),
+    "regnet_x_400mf": ("trunk_output", lambda t: t.mean((2, 3)), 64),
+    "resnet18": ("layer4", lambda t: t.mean((2, 3)), 64),
+    "shufflenet_v2_x0_5": ("conv5", lambda t: t.mean((2, 3)), 64),
+    "squeezenet1_1": ("features", lambda t: t.mean((2, 3)), 64),
+    "swin_t": ("norm", lambda t: t.mean((1, 2)), 64),
+    "swin_v2_t": ("norm", lambda t: t.mean((1, 2)), 64),
+    "vgg11": ("features", lambda t: t.mean((2, 3)), 64),
+    "vit_b_16": ("encoder", _cls_free_mean, 224),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_FAMILIES))
+def test_torchvision_last_stages_pool_like_their_true_layout(name):
+    """The last stage averaged by skdeep equals the raw output averaged over its true axes."""
+    layer, by_hand, size = TORCHVISION_FAMILIES[name]
+    images = two_images(size)
+    extractor, features = extract(name, layer, "avg", images, image_size=size)
+    raw = raw_output(extractor, layer, images)
+    np.testing.assert_allclose(features, by_hand(raw).numpy(), rtol=1e-4, atol=1e-4)

@@ -40,9 +40,21 @@ def test_int8_needs_calibration_images():
         int8_extractor().fit()
 
 
+def varied_images(n: int, size: int = 32) -> np.ndarray:
+    """Smooth random colour fields, unlike each other (random noise looks all alike)."""
+    low = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, 3, 4, 4))).float()
+    up = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic")
+    return up.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def test_int8_features_follow_float32_features_on_every_layer(calibration):
-    """Taps on intermediate layers and the penultimate one stay close to float32."""
-    train, test = calibration
+    """Each int8 row is nearest to its own float32 row among 80 images.
+
+    It is also much closer to it than unrelated images are to each other (their cosine
+    is already about 0.94, so a cosine floor alone would let permuted rows pass).
+    """
+    train, _ = calibration
+    test = varied_images(80)
     layers = ["layer2", "layer4", "penultimate"]
     quantized = int8_extractor(layers=layers, pooling="avgmax").fit(train)
     assert quantized.precision_ == torch.qint8
@@ -51,8 +63,56 @@ def test_int8_features_follow_float32_features_on_every_layer(calibration):
     int8, float32 = quantized.transform(test), exact.transform(test)
     assert int8.shape == float32.shape and int8.dtype == np.float32
     assert quantized.get_feature_names_out().tolist() == exact.get_feature_names_out().tolist()
-    assert cosine(int8, float32).min() > 0.9
     assert not np.array_equal(int8, float32)
+    similarity = cosine_matrix(int8, float32)
+    assert (similarity.argmax(1) == np.arange(len(test))).all()
+    unrelated = cosine_matrix(float32, float32)[~np.eye(len(test), dtype=bool)].mean()
+    assert 1 - np.diag(similarity).min() < 0.1 * (1 - unrelated)
+
+
+def cosine_matrix(a, b):
+    """Cosine similarity of every row of ``a`` with every row of ``b``."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    return a @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+
+
+def test_half_calibrated_networks_are_refused(calibration):
+    """A calibration that lacks a statistic, or an observer that saw nothing, is an error."""
+    train, _ = calibration
+    extractor = int8_extractor().fit(train)
+    prepared = extractor._prepared(extractor._build_network()[0], extractor.preprocessing_)
+    complete = extractor._int8_calibration
+    observer = next(key for key in complete if key.endswith("activation_post_process_3.min_val"))
+    partial = {key: value for key, value in complete.items() if key != observer}
+    with pytest.raises(
+        ValueError,
+        match=r"int8 calibration is incomplete: it lacks 1 .*"
+        r"activation_post_process_3\.min_val",
+    ):
+        _quantize.convert(prepared, partial)
+    blank = dict(complete, **{observer: torch.tensor(float("inf"))})
+    prepared = extractor._prepared(extractor._build_network()[0], extractor.preprocessing_)
+    with pytest.raises(
+        ValueError, match=r"1 observers saw no data \(\['activation_post_process_3'"
+    ):
+        _quantize.convert(prepared, blank)
+
+
+def test_int8_leaves_the_process_wide_quantized_engine_as_it_was(calibration):
+    """The x86 engine is selected only while skdeep builds or runs an int8 network."""
+    train, test = calibration
+    before = torch.backends.quantized.engine
+    candidates = [e for e in torch.backends.quantized.supported_engines if e not in ("x86", before)]
+    if not candidates:
+        pytest.skip("this PyTorch has no other quantized engine to select")
+    torch.backends.quantized.engine = candidates[0]
+    try:
+        extractor = int8_extractor().fit(train)
+        assert torch.backends.quantized.engine == candidates[0]
+        extractor.transform(test)
+        assert torch.backends.quantized.engine == candidates[0]
+    finally:
+        torch.backends.quantized.engine = before
 
 
 def test_calibration_size_bounds_the_images_observed(calibration):
@@ -92,7 +152,7 @@ def test_the_feature_cache_keeps_calibrations_apart(calibration, tmp_path):
     train, test = calibration
     first = int8_extractor(memory=str(tmp_path)).fit(train[:20])
     second = int8_extractor(memory=str(tmp_path)).fit(255 - train[20:])
-    assert first._settings_digest() != second._settings_digest()
+    assert first._feature_cache().settings_key != second._feature_cache().settings_key
     np.testing.assert_array_equal(first.transform(test), first.transform(test))
     assert not np.array_equal(first.transform(test), second.transform(test))
 

@@ -1,0 +1,159 @@
+"""Surgery on a built network: its head, its stages, its layer names and input size.
+
+No weights are loaded here (see :mod:`skdeep._weights`) and no registry is consulted
+(see :mod:`skdeep.backbones`): these functions take a module as it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from . import _timm
+
+PENULTIMATE = "penultimate"
+"""Layer name of the features the classifier head receives (its input)."""
+LOGITS = "logits"
+"""Layer name of the network's output (the class scores)."""
+
+
+def find_head(module: nn.Module) -> tuple[str, nn.Module]:
+    """Find the classifier head: the last ``nn.Linear`` (or else ``nn.Conv2d``)."""
+    for kind in (nn.Linear, nn.Conv2d):
+        heads = [(name, child) for name, child in module.named_modules() if isinstance(child, kind)]
+        if heads:
+            return heads[-1]
+    raise ValueError(
+        f"backbone {type(module).__name__} has no nn.Linear or nn.Conv2d layer to use as "
+        "the classifier head"
+    )
+
+
+def replace_head(module: nn.Module, n_outputs: int) -> str:
+    """Swap the classifier head for a fresh one with ``n_outputs`` outputs; return its name.
+
+    timm models get theirs from timm's own ``reset_classifier``.
+    """
+    timm_head = _timm.replace_head(module, n_outputs)
+    if timm_head is not None:
+        return timm_head
+    name, head = find_head(module)
+    if isinstance(head, nn.Linear):
+        new_head = nn.Linear(head.in_features, n_outputs)
+    else:
+        new_head = nn.Conv2d(head.in_channels, n_outputs, head.kernel_size, head.stride)
+    set_submodule(module, name, new_head)
+    return name
+
+
+def backbone_stages(module: nn.Module) -> list[str]:
+    """List the backbone's blocks in forward order: what ``freeze=N`` counts.
+
+    These are the top-level children that hold parameters, with each top-level
+    ``nn.Sequential`` (such as torchvision's ``features``) counted by its children.
+    The classifier head is never a stage; the other layers of its container (VGG's
+    fully connected layers, say) are.
+    """
+    head_name, _ = find_head(module)
+    stages = []
+    for name, child in module.named_children():
+        inside_head = head_name == name or head_name.startswith(name + ".")
+        if inside_head or (isinstance(child, nn.Sequential) and len(child) > 1):
+            parts = [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            parts = [(name, child)]
+        for part_name, part in parts:
+            holds_head = head_name == part_name or head_name.startswith(part_name + ".")
+            if not holds_head and any(True for _ in part.parameters()):
+                stages.append(part_name)
+    return stages
+
+
+def set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name``."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, child_name, new)
+
+
+def check_input_size(module: nn.Module, size: int, device: torch.device) -> None:
+    """Check that the network (float32 weights) takes ``size`` x ``size`` images.
+
+    Raises a ValueError naming ``image_size`` and the smallest size that works when
+    it does not (too many poolings, say).
+    """
+    error = _forward_error(module, size, device)
+    if error is None:
+        return
+    larger = [candidate for candidate in (2**k for k in range(1, 12)) if candidate > size]
+    working = next((c for c in larger if _forward_error(module, c, device) is None), None)
+    if working is None:  # not a question of size
+        raise error
+    low, high = size, working  # low fails, high works: bisect
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _forward_error(module, middle, device) is None:
+            high = middle
+        else:
+            low = middle
+    raise ValueError(
+        f"image_size: the network input of {size}x{size} pixels is too small for this "
+        f"backbone (the smallest size that works is {high}); pass image_size={high} or more"
+    ) from error
+
+
+def _forward_error(module: nn.Module, size: int, device: torch.device) -> RuntimeError | None:
+    """Return the error of one forward pass of two blank images, if any."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(2, 3, size, size, device=device))
+    except RuntimeError as exc:
+        return exc
+    finally:
+        module.train(was_training)
+    return None
+
+
+def resolve_layer_names(
+    module: nn.Module, layers: list[str], argument: str = "layers"
+) -> list[str]:
+    """Check the layers to tap, with timm's ``"intermediate:N"`` replaced by module names.
+
+    Raises
+    ------
+    ValueError
+        An unknown module name, a bad intermediate index, or two names for one module.
+    """
+    resolved = [
+        _timm.intermediate_module(module, layer, argument)
+        if layer.startswith(_timm.INTERMEDIATE)
+        else layer
+        for layer in layers
+    ]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"{argument}: {layers!r} name one module twice (they are {resolved!r})")
+    check_layer_names(module, resolved, argument)
+    return resolved
+
+
+def check_layer_names(module: nn.Module, layers: list[str], argument: str = "layers") -> None:
+    """Raise a ValueError listing close matches for any unknown module name."""
+    names = [name for name, _ in module.named_modules() if name]
+    known = set(names)
+    special = [PENULTIMATE, LOGITS]
+    if isinstance(getattr(module, "feature_info", None), list):  # a timm model
+        special.append(_timm.INTERMEDIATE + "N")
+    for layer in layers:
+        if layer not in (PENULTIMATE, LOGITS) and layer not in known:
+            close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+            raise ValueError(
+                f"{argument}: {layer!r} is not a module of the backbone; {hint}"
+                f"valid names are {', '.join(map(repr, special))} and module names such "
+                f"as {', '.join(map(repr, names[:3]))} ... "
+                f"{', '.join(map(repr, names[-3:]))} (see dict(model.named_modules()))"
+            )
