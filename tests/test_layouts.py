@@ -199,6 +199,20 @@ def test_window_attention_internals_are_refused(photos):
         extract("timm:swin_tiny_patch4_window7_224", layer, "avg", photos[:2], image_size=224)
 
 
+def test_maxxvit_partitions_are_refused_and_its_blocks_placed(photos):
+    """MaxViT's partitioned attention holds windows; the blocks around it hold NHWC maps."""
+    pytest.importorskip("timm")
+    block = "stages.1.blocks.0"
+    with pytest.raises(ValueError, match=r"cannot tell .*attn_block.attn.* has 32 entries for 2"):
+        extract("timm:test_maxvit", f"{block}.attn_block.attn", "avg", photos[:2], image_size=64)
+    extractor, features = extract(
+        "timm:test_maxvit", f"{block}.attn_block.mlp", "avg", photos[:2], image_size=64
+    )
+    assert extractor.layouts_ == {f"{block}.attn_block.mlp": "channels_last"}
+    raw = raw_output(extractor, f"{block}.attn_block.mlp", photos[:2])
+    np.testing.assert_allclose(features, raw.mean((1, 2)).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_poolings_of_tokens_do_not_apply_to_maps(photos):
     """pooling='cls' on a CNN map names the layer and the poolings that apply."""
     with pytest.raises(ValueError, match=r"pooling='cls' does not apply to 'layer2'.* a map"):
