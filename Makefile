@@ -12,7 +12,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,dask,timm]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,dask,timm,plot]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(OFFLINE_PACKAGES)
 	touch $(STAMP)
 

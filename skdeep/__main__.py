@@ -19,15 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-import joblib
-import numpy as np
-
+# Imported without torch, so that --help and `cache` answer at once; extraction imports
+# torch, scikit-learn and the network when it starts (see extract).
 from ._feature_cache import FeatureCache
-from ._images import load_npy
-from ._layouts import POOLINGS
-from ._weights import WeightsChangedError, WeightsUnavailableError
-from .feature_extraction import FeatureExtractor
 
+# The poolings of skdeep._layouts.POOLINGS (a test keeps the two equal), with None as "none".
+POOLING_CHOICES = ("avg", "max", "avgmax", "cls", "mean", "cls+mean", "none")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 STORE_SUFFIX = ".zarr"
 
@@ -124,7 +121,7 @@ def _add_extract(commands) -> None:
     extract.add_argument(
         "--pooling",
         default="avg",
-        choices=[str(pooling).lower() for pooling in POOLINGS],
+        choices=POOLING_CHOICES,
         help="how each layer becomes columns: avg, max, avgmax for maps; cls, mean, cls+mean "
         "for the tokens of transformers; none flattens",
     )
@@ -176,6 +173,12 @@ def extract(args: argparse.Namespace) -> dict:
     dict
         What was written: ``n_images``, ``n_features`` and, for joblib dumps, the dump.
     """
+    import joblib
+    import numpy as np
+
+    from ._images import load_npy
+    from .feature_extraction import FeatureExtractor
+
     if args.input.endswith(".npy"):
         images = load_npy(args.input)
         paths, labels = None, None
@@ -224,6 +227,7 @@ def extract(args: argparse.Namespace) -> dict:
 
 def _extract_to_store(args, extractor, paths, labels) -> dict:
     from . import dask as skdeep_dask
+    from ._images import load_npy
 
     # Fitted on the images: int8 calibrates on them. The store's progress bar counts.
     extractor.set_params(verbose=False).fit(paths if paths is not None else load_npy(args.input))
@@ -268,6 +272,15 @@ def cache(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _is_user_error(error: Exception) -> bool:
+    """Whether ``error`` is one a user can cause and fix (printed without a traceback)."""
+    kinds: tuple[type, ...] = (ValueError, TypeError, OSError, ImportError)
+    weights = sys.modules.get("skdeep._weights")  # imported only if a network was built
+    if weights is not None:
+        kinds += (weights.WeightsUnavailableError, weights.WeightsChangedError)
+    return isinstance(error, kinds)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
@@ -276,14 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             print(cache(args))
             return 0
         written = extract(args)
-    except (
-        ValueError,
-        TypeError,
-        OSError,
-        ImportError,
-        WeightsUnavailableError,
-        WeightsChangedError,
-    ) as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"skdeep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

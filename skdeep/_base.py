@@ -23,7 +23,7 @@ from ._compat import Interval, StrOptions
 from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware, resolve_loaded_hardware
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_batch
-from ._progress import Progress
+from ._progress import progress_bar
 from ._taps import LayerFeatures
 
 BACKBONE_CONSTRAINTS = {
@@ -93,10 +93,14 @@ class BackboneMixin:
         source: ImageSource,
         indices=None,
         dtype: torch.dtype = torch.float32,
+        batch_size: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Network-ready batches (normalized, channels_last, on ``device_``)."""
+        """Network-ready batches (normalized, channels_last, on ``device_``).
+
+        Of ``batch_size`` images (default: the ``batch_size`` parameter).
+        """
         raw_batches = source.batches(
-            self.batch_size,
+            batch_size or self.batch_size,
             self.preprocessing_,
             indices=indices,
             num_workers=self.num_workers,
@@ -133,7 +137,7 @@ class BackboneMixin:
         out = None
         start = 0
         enabled = bool(self.verbose) and show_progress
-        progress = Progress(n, type(self).__name__, enabled=enabled)
+        progress = progress_bar(n, type(self).__name__, enabled=enabled)
         with (
             progress,
             network_lock(module),

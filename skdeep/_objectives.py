@@ -58,14 +58,38 @@ class Supervised:
     ----------
     criterion : nn.Module
         Called as ``criterion(logits, labels)``; logits arrive in float32.
+    calibration_target_batches : callable, optional
+        Returns unaugmented target batches, one for each source batch of the
+        batch-norm recalibration pass after training (None: the source alone).
+    calibrate_on : {"both", "target"}, default="both"
+        With target batches: take the recalibration statistics from source and target
+        batches together, or from the target batches alone (the statistics the
+        network then predicts the target with, as AdaBN does).
     """
 
-    def __init__(self, criterion: nn.Module):
+    def __init__(
+        self,
+        criterion: nn.Module,
+        calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+        calibrate_on: str = "both",
+    ):
+        if calibrate_on not in ("both", "target"):
+            raise ValueError(f"calibrate_on must be 'both' or 'target'; got {calibrate_on!r}")
         self.criterion = criterion
+        self.calibration_target_batches = calibration_target_batches
+        self.calibrate_on = calibrate_on
 
-    def attach(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Context held while training ``model`` (where objectives register taps)."""
+    def attach(self, model: nn.Module, forward=None) -> contextlib.AbstractContextManager:
+        """Context held while training ``model`` (where objectives register taps).
+
+        ``forward`` is what batches run through, when not ``model`` itself (a
+        DistributedDataParallel wrapper of it).
+        """
         return contextlib.nullcontext()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the objective itself, which the optimizer adds."""
+        return []
 
     def batches(self, source_batches: Iterable) -> Iterable:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""
@@ -81,76 +105,89 @@ class Supervised:
         loss = self.criterion(logits, labels)
         return StepResult(loss, (logits.argmax(1) == labels).sum(), len(labels))
 
-    def calibration_batches(self, images: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-        """Input batches for batch-norm recalibration, from the training images."""
-        return images
+    def calibration_batches(self, images: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Input batches for batch-norm recalibration, from the source training images."""
+        if self.calibration_target_batches is None:
+            yield from images
+        elif self.calibrate_on == "target":
+            yield from self.calibration_target_batches()
+        else:
+            for source, target in zip(images, self.calibration_target_batches(), strict=False):
+                yield torch.cat([source, target])
 
 
-class DivergencePenalty(Supervised):
-    """Supervised loss plus a penalty that pulls source and target features together.
+class DomainAlignment(Supervised):
+    """Supervised loss on source batches plus a term that aligns the domains' features.
 
-    This is Deep Domain Confusion and the Deep Adaptation Network::
-
-        loss = criterion(source) + weight * schedule(progress) * sum over layers of
-               divergence(source features, target features)
-
-    Each step runs a source batch and a target batch of the same size through the
-    network together; the features of each layer are average-pooled.
+    Each step draws a batch of unlabeled target images of the size of the labeled
+    source batch, taps ``layers`` of the network (average-pooled) for both, and adds
+    :meth:`alignment` to the criterion of the source images. Subclasses say what the
+    alignment is: a divergence (:class:`DivergencePenalty`) or a domain classifier
+    (:class:`AdversarialPenalty`).
 
     Parameters
     ----------
     criterion : nn.Module
         Loss of the labeled source images.
-    divergence : callable
-        ``divergence(source_rows, target_rows)``: a differentiable scalar, such as
-        :func:`skdeep.losses.mmd`.
     layers : list of str
-        Layers compared: module names, ``"penultimate"`` or ``"logits"``.
-    layouts : dict, optional
-        The layout of each compared layer that is not rows (see
-        :func:`skdeep._taps.verified_layouts`).
+        Layers whose features are aligned: module names, ``"penultimate"`` or
+        ``"logits"``.
     weight : float
-        Weight of the penalty.
+        Weight of the alignment.
     schedule : callable
         Factor of the weight at training progress p in [0, 1] (:func:`ramp`,
         :func:`constant`).
     target_batches : iterator of tensors
         Endless network-ready target batches (augmented like the source).
-    calibration_target_batches : callable, optional
-        Returns unaugmented target batches, one for each source batch of the
-        recalibration pass: batch-norm statistics then see both domains, as in
-        training.
-    name : str, default="mmd"
-        Name of the penalty in the training history.
+    layouts : dict, optional
+        The layout of each layer that is not rows (see
+        :func:`skdeep._taps.verified_layouts`).
+    separate_passes : bool, default=False
+        Run source and target batches through the network apart, so that batch norms
+        normalize each domain with its own statistics (as AdaBN does at test time),
+        instead of together.
+    calibration_target_batches, calibrate_on
+        As in :class:`Supervised`.
+    gather : callable, optional
+        In data-parallel training, concatenates every rank's rows (with gradients),
+        so that the alignment compares the global batches of both domains, as one
+        process would.
+    name : str
+        Name of the alignment in the training history.
     """
+
+    name = "alignment"
 
     def __init__(
         self,
         criterion: nn.Module,
-        divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         layers: list[str],
         weight: float,
         schedule: Callable[[float], float],
         target_batches: Iterator[torch.Tensor],
-        calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
-        name: str = "mmd",
         layouts: dict | None = None,
+        separate_passes: bool = False,
+        calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+        calibrate_on: str = "both",
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        name: str | None = None,
     ):
-        super().__init__(criterion)
-        self.divergence = divergence
+        super().__init__(criterion, calibration_target_batches, calibrate_on)
+        self.gather = gather
         self.layers = list(layers)
-        self.layouts = dict(layouts or {})
         self.weight = weight
         self.schedule = schedule
         self.target_batches = target_batches
-        self.calibration_target_batches = calibration_target_batches
-        self.name = name
+        self.layouts = dict(layouts or {})
+        self.separate_passes = separate_passes
+        self.name = name or self.name
         self._taps: LayerFeatures | None = None
 
     @contextlib.contextmanager
-    def attach(self, model: nn.Module):
-        """Tap the compared layers and the logits while training ``model``."""
-        with LayerFeatures(model, [*self.layers, LOGITS], "avg", layouts=self.layouts) as taps:
+    def attach(self, model: nn.Module, forward=None):
+        """Tap the aligned layers and the logits while training ``model``."""
+        layers = [*self.layers, LOGITS]
+        with LayerFeatures(model, layers, "avg", layouts=self.layouts, forward=forward) as taps:
             self._taps = taps
             try:
                 yield
@@ -162,27 +199,147 @@ class DivergencePenalty(Supervised):
         for images, labels in source_batches:
             yield images, labels, next(self.target_batches)[: len(images)]
 
-    def step(self, model: nn.Module, batch, progress: float) -> StepResult:
+    def features(self, images, target_images) -> tuple[dict, dict]:
+        """Pooled rows of every tapped layer for the source and the target images."""
         if self._taps is None:
-            raise RuntimeError("DivergencePenalty.step needs attach(model) around training")
-        images, labels, target_images = batch
+            raise RuntimeError(f"{type(self).__name__}.step needs attach(model) around training")
+        if self.separate_passes:
+            return self._taps.pooled(images), self._taps.pooled(target_images)
         n = len(images)
         rows = self._taps.pooled(torch.cat([images, target_images]))
-        penalty = sum(
-            self.divergence(rows[layer][:n].float(), rows[layer][n:].float())
-            for layer in self.layers
-        )
-        result = self._classification(rows[LOGITS][:n].float(), labels)
-        result.loss = result.loss + self.weight * self.schedule(progress) * penalty
-        result.metrics[self.name] = penalty
+        return {k: v[:n] for k, v in rows.items()}, {k: v[n:] for k, v in rows.items()}
+
+    def step(self, model: nn.Module, batch, progress: float) -> StepResult:
+        images, labels, target_images = batch
+        source, target = self.features(images, target_images)
+        result = self._classification(source[LOGITS].float(), labels)
+        if self.gather is not None:  # the alignment sees every rank's rows
+            source = {layer: self.gather(source[layer]) for layer in self.layers}
+            target = {layer: self.gather(target[layer]) for layer in self.layers}
+        loss, measured = self.alignment(source, target, self.weight * self.schedule(progress))
+        result.loss = result.loss + loss
+        result.metrics[self.name] = measured
         return result
 
-    def calibration_batches(self, images: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        if self.calibration_target_batches is None:
-            yield from images
-            return
-        for source, target in zip(images, self.calibration_target_batches(), strict=False):
-            yield torch.cat([source, target])
+    def alignment(self, source: dict, target: dict, weight: float):
+        """Return the term added to the loss and the discrepancy to record.
+
+        ``source`` and ``target`` hold each tapped layer's pooled rows; ``weight`` is
+        the weight at this step of training.
+        """
+        raise NotImplementedError
+
+
+class DivergencePenalty(DomainAlignment):
+    """A divergence between source and target features, added to the supervised loss.
+
+    Deep Domain Confusion, the Deep Adaptation Network (MMD) and Deep CORAL::
+
+        loss = criterion(source) + weight * schedule(progress) * sum over layers of
+               divergence(source features, target features)
+
+    Parameters
+    ----------
+    criterion : nn.Module
+        Loss of the labeled source images.
+    divergence : callable
+        ``divergence(source_rows, target_rows)``: a differentiable scalar, such as
+        :func:`skdeep.losses.mmd` or :func:`skdeep.losses.coral`.
+    layers, weight, schedule, target_batches, **options
+        As in :class:`DomainAlignment`.
+    """
+
+    name = "mmd"
+
+    def __init__(self, criterion, divergence, layers, weight, schedule, target_batches, **options):
+        super().__init__(criterion, layers, weight, schedule, target_batches, **options)
+        self.divergence = divergence
+
+    def alignment(self, source: dict, target: dict, weight: float):
+        penalty = sum(
+            self.divergence(source[layer].float(), target[layer].float()) for layer in self.layers
+        )
+        return weight * penalty, penalty
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``-coefficient`` backward."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, coefficient: float) -> torch.Tensor:
+        ctx.coefficient = coefficient
+        return inputs.view_as(inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coefficient * grad, None
+
+
+def domain_classifier(width: int, hidden: int = 1024) -> nn.Module:
+    """DANN's domain classifier: two hidden layers of ``hidden`` units with dropout."""
+    return nn.Sequential(
+        nn.Linear(width, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, 1),
+    )
+
+
+class AdversarialPenalty(DomainAlignment):
+    """Domain-adversarial training (DANN, Ganin et al. 2016).
+
+    A domain classifier learns to tell source features (label 0) from target features
+    (label 1) with a binary cross-entropy; between it and the network, a gradient
+    reversal layer turns that loss into one the network maximises, so that the
+    features become indistinguishable::
+
+        loss = criterion(source) + domain_loss(classifier(reverse(features, w)))
+
+    where ``reverse`` is the identity forward and multiplies gradients by
+    ``-w = -weight * schedule(progress)`` backward (DANN's usual schedule is
+    :func:`ramp`). The features of all ``layers`` are concatenated. The history
+    records the domain loss: ln 2 = 0.69 when the classifier can no longer tell.
+
+    Parameters
+    ----------
+    criterion, layers, weight, schedule, target_batches, **options
+        As in :class:`DomainAlignment`.
+    classifier : nn.Module
+        The domain classifier (see :func:`domain_classifier`): rows in, one logit out.
+        Trained along with the network (see :meth:`parameters`).
+    """
+
+    name = "adversarial"
+
+    def __init__(self, criterion, classifier, layers, weight, schedule, target_batches, **options):
+        super().__init__(criterion, layers, weight, schedule, target_batches, **options)
+        self.classifier = classifier
+
+    @contextlib.contextmanager
+    def attach(self, model: nn.Module, forward=None):
+        """Train the domain classifier along with ``model``."""
+        self.classifier.train()
+        with super().attach(model, forward):
+            yield
+        self.classifier.eval()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Return the domain classifier's parameters: the optimizer trains them too."""
+        return list(self.classifier.parameters())
+
+    def alignment(self, source: dict, target: dict, weight: float):
+        rows = torch.cat(
+            [torch.cat([source[layer], target[layer]]).float() for layer in self.layers],
+            dim=1,
+        )
+        logits = self.classifier(GradientReversal.apply(rows, weight)).squeeze(1)
+        n = len(source[self.layers[0]])
+        domains = torch.cat([torch.zeros(n), torch.ones(len(rows) - n)]).to(logits.device)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, domains)
+        return loss, loss
 
 
 def ramp(progress: float) -> float:

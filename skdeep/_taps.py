@@ -62,10 +62,20 @@ class LayerTaps:
     stop_after : str, optional
         Abort the forward pass as soon as this layer has fired (the deepest tap), so
         later layers are never computed.
+    forward : callable, optional
+        What the batches run through, when not ``module`` itself (a
+        DistributedDataParallel wrapper of it, whose forward calls ``module``'s).
     """
 
-    def __init__(self, module: nn.Module, layers: list[str], stop_after: str | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: list[str],
+        stop_after: str | None = None,
+        forward=None,
+    ):
         self.module = module
+        self.forward = module if forward is None else forward
         self.layers = list(dict.fromkeys(layers))
         self.stop_after = stop_after
         self.outputs: dict[str, torch.Tensor] = {}
@@ -125,7 +135,7 @@ class LayerTaps:
             self.outputs = {layer: self._keep(layer, outputs[layer]) for layer in self.layers}
             return self.outputs
         try:
-            output = self.module(inputs)
+            output = self.forward(inputs)
         except _StopForward:
             pass
         else:
@@ -148,7 +158,7 @@ class LayerFeatures(LayerTaps):
 
     Parameters
     ----------
-    module, layers, stop_after
+    module, layers, stop_after, forward
         As in :class:`LayerTaps`.
     pooling : str or None
         How each layer's output becomes rows (see :func:`skdeep._layouts.pool`).
@@ -174,8 +184,9 @@ class LayerFeatures(LayerTaps):
         pooling: str | None = "avg",
         stop_after: str | None = None,
         layouts: dict | None = None,
+        forward=None,
     ):
-        super().__init__(module, layers, stop_after)
+        super().__init__(module, layers, stop_after, forward)
         self.pooling = pooling
         self.layouts = {
             layer: layout if isinstance(layout, Layout) else parse_layout(layout, layer)

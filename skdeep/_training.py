@@ -21,7 +21,7 @@ from torch import nn
 from ._compat import BatchNorm
 from ._device import autocast
 from ._objectives import StepResult, Supervised
-from ._progress import Progress
+from ._progress import progress_bar
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", None)
@@ -48,15 +48,17 @@ def make_optimizer(
     lr: float,
     backbone_lr: float,
     weight_decay: float,
+    extra: list[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """Make an optimizer with discriminative learning rates.
 
-    ``lr`` for the new head, ``backbone_lr`` for the pretrained layers. Frozen
-    parameters are left out; biases and normalization weights (1-D parameters) get no
-    weight decay.
+    ``lr`` for the new head and for ``extra`` parameters (those of a training
+    objective, such as a domain classifier), ``backbone_lr`` for the pretrained
+    layers. Frozen parameters are left out; biases and normalization weights (1-D
+    parameters) get no weight decay.
     """
     head_ids = {id(p) for p in head.parameters()}
-    head_params = [p for p in head.parameters() if p.requires_grad]
+    head_params = [p for p in head.parameters() if p.requires_grad] + list(extra)
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = parameter_groups(head_params, lr, weight_decay)
     groups += parameter_groups(body_params, backbone_lr, weight_decay)
@@ -147,9 +149,16 @@ class Trainer:
         Modules kept in eval mode while training (their batch-norm statistics and
         dropout stay as they are).
     verbose : bool
-        A progress bar per epoch and a line per epoch.
+        A progress bar per epoch, with the running loss, then the epoch's numbers.
     name : str
         Label of the progress bar.
+    forward_model : nn.Module, optional
+        What the objective runs batches through, when it is not ``model`` itself:
+        ``model`` wrapped in DistributedDataParallel, which averages the gradients
+        of the ranks.
+    context : DistributedContext, optional
+        The ranks training together: the epoch's totals are summed over them, and
+        only rank 0 shows progress.
     """
 
     model: nn.Module
@@ -165,6 +174,8 @@ class Trainer:
     frozen: list = field(default_factory=list)
     verbose: bool = False
     name: str = "fit"
+    forward_model: nn.Module | None = None
+    context: object = None
 
     def fit(
         self,
@@ -196,18 +207,21 @@ class Trainer:
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self._steps_done = 0
         self._best = (math.inf, None)  # validation loss and weights of the best epoch
+        self._forward = self.forward_model or self.model
+        self._shows = self.verbose and (self.context is None or self.context.is_main)
         try:
-            with objective.attach(self.model):
+            with objective.attach(self.model, self._forward):
                 for epoch in range(1, self.max_epochs + 1):
                     batches = objective.batches(epoch_batches(epoch))
-                    record = self._train_epoch(objective, batches, epoch, n_samples)
-                    if validate is not None:
-                        record["valid_loss"], record["valid_accuracy"] = validate()
+                    description = f"{self.name} epoch {epoch}/{self.max_epochs}"
+                    with progress_bar(n_samples, description, self._shows) as bar:
+                        record = self._train_epoch(objective, batches, epoch, bar)
+                        if validate is not None:
+                            record["valid_loss"], record["valid_accuracy"] = validate()
+                        bar.set_postfix(_summary(record), refresh=True)
                     record["lr"] = self.optimizer.param_groups[0]["lr"]
                     record["seconds"] = time.perf_counter() - record.pop("start")
                     result.history.append(record)
-                    if self.verbose:
-                        print(_describe(record), flush=True)
                     if self._should_stop(record, result, validated=validate is not None):
                         break
         except KeyboardInterrupt:
@@ -223,28 +237,30 @@ class Trainer:
         self.model.eval()
         return result
 
-    def _train_epoch(self, objective, batches: Iterable, epoch: int, n_samples: int) -> dict:
-        """One pass over ``batches``; returns the epoch's record (losses, metrics)."""
+    def _train_epoch(self, objective, batches: Iterable, epoch: int, bar) -> dict:
+        """One pass over ``batches``; returns the epoch's record (losses, metrics).
+
+        ``bar`` counts the images (of every rank) and shows the running loss.
+        """
         start = time.perf_counter()
         self.model.train()
         for module in self.frozen:
             module.eval()
         totals = _EpochTotals(self.device)
-        description = f"{self.name} epoch {epoch}/{self.max_epochs}"
-        with Progress(n_samples, description, enabled=bool(self.verbose)) as progress:
-            for batch in batches:
-                out = self._optimizer_step(objective, batch)
-                totals.add(out)
-                postfix = f"loss {totals.mean_loss():.4f}" if self.verbose else None
-                progress.update(out.n_labeled, postfix)
-        record = {"epoch": epoch, **totals.summary(epoch), "start": start}
-        return record
+        world = 1 if self.context is None else self.context.world_size
+        for batch in batches:
+            out = self._optimizer_step(objective, batch)
+            totals.add(out)
+            if self._shows:
+                bar.set_postfix(loss=f"{totals.mean_loss():.4f}", refresh=False)
+                bar.update(out.n_labeled * world)
+        return {"epoch": epoch, **totals.summary(epoch, self.context), "start": start}
 
     def _optimizer_step(self, objective, batch) -> StepResult:
         """Forward, backward and update for one batch (with mixed precision)."""
         progress = self._steps_done / (self.max_epochs * max(1, self.steps_per_epoch))
         with autocast(self.device, self.dtype):
-            out = objective.step(self.model, batch, progress)
+            out = objective.step(self._forward, batch, progress)
         self.optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(out.loss).backward()
         self._scaler.step(self.optimizer)
@@ -287,7 +303,15 @@ class _EpochTotals:
     def mean_loss(self) -> float:
         return self.loss.item() / max(self.labeled, 1)
 
-    def summary(self, epoch: int) -> dict:
+    def summary(self, epoch: int, context=None) -> dict:
+        """Return the epoch's means, over every rank's images when ``context`` is given."""
+        if context is not None:
+            totals = context.sum(
+                torch.stack([self.loss, self.correct.float(), torch.tensor(float(self.labeled))])
+            )
+            self.loss, self.correct, self.labeled = totals[0], totals[1], int(totals[2].item())
+            for key, value in self.metrics.items():  # averaged over the ranks
+                self.metrics[key] = context.sum(torch.as_tensor(value)) / context.world_size
         loss = self.loss.item()
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -309,6 +333,7 @@ def recalibrate_batch_norm(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
+    world_size: int = 1,
 ) -> None:
     """Recompute the running statistics of the trained batch norms over ``batches``.
 
@@ -316,7 +341,8 @@ def recalibrate_batch_norm(
     their running averages (used for prediction) trail behind the changing weights;
     after few optimizer steps the two disagree and predictions suffer. One forward
     pass with exact (cumulative) averages makes them agree. Batch norms inside
-    ``frozen`` modules keep their statistics.
+    ``frozen`` modules keep their statistics. With ``world_size`` ranks, each batch is
+    one rank's part of a global batch (synchronized batch norms see the whole).
     """
     frozen_ids = {id(inner) for module in frozen for inner in module.modules()}
     norms = [
@@ -336,7 +362,7 @@ def recalibrate_batch_norm(
         norm.train()
     with torch.no_grad(), autocast(device, dtype):
         for images in batches:
-            if len(images) > 1:  # batch norm cannot take statistics of one image
+            if len(images) * world_size > 1:  # no statistics from one image
                 model(images)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
@@ -347,9 +373,10 @@ def _snapshot(model: nn.Module) -> dict:
     return copy.deepcopy(model.state_dict())
 
 
-def _describe(record: dict) -> str:
-    parts = [f"epoch {record['epoch']}"]
-    for key, value in record.items():
-        if key != "epoch":
-            parts.append(f"{key} {value:.4g}")
-    return "  ".join(parts)
+def _summary(record: dict) -> dict:
+    """Return an epoch's numbers, shortened for a progress bar's postfix."""
+    return {
+        key.replace("accuracy", "acc"): f"{value:.4g}"
+        for key, value in record.items()
+        if key not in ("epoch", "start")
+    }

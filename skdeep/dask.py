@@ -31,6 +31,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import load_npy
-from ._progress import Progress
+from ._progress import progress_bar
 from ._store import FeatureStore, open_store
 
 DEFAULT_PARTITION_SIZE = 1024
@@ -170,7 +171,8 @@ def extract(
         Replace whatever is at ``out``. Without it, an existing store is resumed when
         it was made with the same settings and images, and refused otherwise.
     verbose : bool, default=True
-        Show a progress bar that counts images across the cluster.
+        Show one progress bar for the whole job (the images of finished chunks, from
+        every worker), or say that the store is already complete.
 
     Returns
     -------
@@ -203,8 +205,14 @@ def extract(
         overwrite=overwrite,
     )
     missing = store.missing_chunks()
-    total = sum(stop - start for start, stop in map(store.rows, missing))
-    with Progress(total, "skdeep extract", enabled=verbose) as progress:
+    to_compute = sum(stop - start for start, stop in map(store.rows, missing))
+    if not missing:
+        if verbose:
+            print(f"{n_images}/{n_images} already in {os.fspath(out)}", file=sys.stderr)
+        store.mark_complete()
+        return store
+    done = n_images - to_compute  # by an earlier run
+    with progress_bar(n_images, "skdeep extract", verbose, initial=done) as progress:
         if n_workers == 0 and client is None:
             for chunk in missing:
                 progress.update(_compute_partition(extractor, store, chunk, partitions[chunk]))

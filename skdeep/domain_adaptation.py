@@ -1,4 +1,4 @@
-"""DomainAdaptedClassifier: fine-tuning with an MMD penalty towards unlabeled target images."""
+"""DomainAdaptedClassifier: fine-tuning that carries over to unlabeled target images."""
 
 from __future__ import annotations
 
@@ -13,65 +13,103 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from ._augment import augment
 from ._compat import Interval, StrOptions, fit_context
 from ._labels import check_labels, unlabeled_rows
+from ._layouts import pooled_names
 from ._network import LOGITS, PENULTIMATE, resolve_layer_names
-from ._objectives import DivergencePenalty, Supervised, constant, ramp
+from ._objectives import (
+    AdversarialPenalty,
+    DivergencePenalty,
+    Supervised,
+    constant,
+    domain_classifier,
+    ramp,
+)
 from ._taps import parse_layers, verified_layouts
 from .fine_tuning import FINE_TUNE_CONSTRAINTS, FineTuneClassifier
-from .losses import KERNELS, linear_time_mmd, mmd
+from .losses import KERNELS, coral, linear_time_mmd, mmd
 
-MMD_SCHEDULES = {"ramp": ramp, "constant": constant}
+SCHEDULES = {"ramp": ramp, "constant": constant}
+DIVERGENCES = ("mmd", "coral", "adversarial")
 
 
 class DomainAdaptedClassifier(FineTuneClassifier):
-    """Fine-tuning that carries over to an unlabeled target domain (DDC / DAN).
+    """Fine-tuning that carries over to an unlabeled target domain (DAN, Deep CORAL, DANN).
 
-    Trains like :class:`FineTuneClassifier` on the labeled source images while an MMD
-    penalty pulls the features of source and target images together::
+    Trains like :class:`FineTuneClassifier` on the labeled source images while a
+    divergence pulls the features of source and target images together::
 
-        loss = cross_entropy(source) + mmd_weight * ramp(progress) * sum of
-               MMD(source features, target features) over adapt_layers
+        loss = cross_entropy(source) + divergence_weight * ramp(progress) * sum of
+               divergence(source features, target features) over adapt_layers
 
-    Each step draws a source batch and a target batch of the same size and runs them
-    through the network together. With ``adapt_layers=("penultimate",)`` and a linear
-    kernel this is Deep Domain Confusion; the default Gaussian multi-kernel on the
-    penultimate features and the logits is the Deep Adaptation Network.
+    Each step draws a source batch and a target batch of the same size. The
+    divergence is the Deep Adaptation Network's multi-kernel MMD by default (a linear
+    kernel gives Deep Domain Confusion), Deep CORAL's covariance distance, or DANN's
+    domain classifier behind a gradient reversal layer. After training, batch norms
+    take their statistics from the target images, which the network then predicts.
 
     Target images travel with the source images, row-aligned, so that pipelines and
     cross-validation keep them together: ``y == -1`` marks unlabeled (target) rows,
     and ``sample_domain`` (>= 0 source, < 0 target) is needed only for target rows
     that carry labels. Labels of target rows are never used for training; ``score``
-    uses every labeled row and ignores unlabeled ones.
+    uses every labeled row and ignores unlabeled ones. To choose settings without
+    target labels, see :mod:`skdeep.metrics`.
 
     Parameters
     ----------
-    mmd_weight : float, default=1.0
-        Weight of the MMD penalty. 0 trains exactly like :class:`FineTuneClassifier`
-        (the target images are not used).
+    divergence : {"mmd", "coral", "adversarial"} or callable, default="mmd"
+        How the domains are compared: "mmd" (see the ``mmd_*`` parameters and
+        :func:`skdeep.losses.mmd`), "coral" (:func:`skdeep.losses.coral`),
+        "adversarial" (DANN: a domain classifier with two hidden layers of 1024
+        units, trained with the network at ``lr``, behind a gradient reversal layer
+        whose coefficient is the scheduled weight), or a callable
+        ``divergence(source_rows, target_rows)`` returning a differentiable scalar.
+    divergence_weight : float, default=1.0
+        Weight of the divergence. 0 trains exactly like :class:`FineTuneClassifier`
+        (the target images are used only to recalibrate batch norms).
+    divergence_schedule : {"ramp", "constant"}, default="ramp"
+        "ramp" grows the weight as ``2 / (1 + exp(-10 p)) - 1`` over training
+        progress p (from 0 to 1), as DANN does, so that the divergence does not act
+        on the random early features of the new head; "constant" applies it fully
+        from the start.
+    adapt_layers : str or tuple of str, default=("penultimate",)
+        Features compared: ``"penultimate"`` (the head's input), ``"logits"`` (the
+        output), or module names (and timm's ``"intermediate:N"``, as in
+        :class:`~skdeep.FeatureExtractor`), pooled by average. DANN's domain
+        classifier sees them concatenated.
+    batch_norm : {"joint", "per_domain"}, default="joint"
+        During training, run each source batch and its target batch through the
+        network together ("joint": batch norms normalize both with their mixed
+        statistics) or apart ("per_domain": each with its own statistics).
+    recalibrate_bn : {"target", "both"} or bool, default="target"
+        After training, recompute the statistics of the trained batch norms in one
+        pass over the target images ("target", AdaBN: the network then predicts
+        target images with their own statistics), over source and target batches
+        together ("both", or True), or not at all (False).
     mmd_kernel : {"gaussian", "linear"}, default="gaussian"
-        Kernel of the MMD (see :func:`skdeep.losses.mmd`).
+        Kernel of the MMD (``divergence="mmd"`` only).
     mmd_bandwidths : None, "median", float or list of floats, default=None
-        Gaussian bandwidths; None is DAN's five kernels around the median distance.
+        Gaussian bandwidths; None is DAN's five kernels around the median distance
+        (``divergence="mmd"`` only).
     mmd_estimator : {"unbiased", "linear_time"}, default="unbiased"
         The quadratic-time unbiased estimate, or the linear-time one (less memory
-        for large batches, more variance).
-    adapt_layers : tuple of str, default=("penultimate", "logits")
-        Features the penalty applies to: ``"penultimate"`` (the head's input),
-        ``"logits"`` (the output), or module names (and timm's ``"intermediate:N"``,
-        as in :class:`~skdeep.FeatureExtractor`), pooled by average.
-    mmd_schedule : {"ramp", "constant"}, default="ramp"
-        "ramp" grows the weight as ``2 / (1 + exp(-10 p)) - 1`` over training
-        progress p (from 0 to 1), so that the penalty does not act on the random
-        early features of the new head; "constant" applies it fully from the start.
+        for large batches, more variance; ``divergence="mmd"`` only).
+    augment : bool or {"crop", "flip", "crop+flip"}, default="crop"
+        As in :class:`FineTuneClassifier`, applied to source and target batches
+        alike. Random crops are on by default here: they shift the framing of both
+        domains, which much of a shift between image sets often is (flips, which
+        are wrong for digits and text, are not).
     **fine_tune_params
-        Everything :class:`FineTuneClassifier` takes (backbone, weights, image_size,
-        max_epochs, batch_size, lr, freeze, augment, ...), with the same meaning.
+        Everything else :class:`FineTuneClassifier` takes (backbone, weights,
+        image_size, max_epochs, batch_size, lr, freeze, ...), with the same meaning.
         ``early_stopping`` holds out labeled source rows.
 
     Attributes
     ----------
     classes_, model_, history_, n_epochs_, best_epoch_, head_name_, frozen_modules_
-        As in :class:`FineTuneClassifier`. Each ``history_`` record also holds
-        ``mmd``: the mean penalty (before weighting) over the epoch.
+        As in :class:`FineTuneClassifier`. Each ``history_`` record also holds the
+        epoch's mean divergence (before weighting) under the divergence's name
+        (``"mmd"``, ``"coral"``; ``"adversarial"``: the domain classifier's
+        cross-entropy, ln 2 = 0.69 when it cannot tell the domains apart;
+        ``"divergence"`` for a callable).
 
     Examples
     --------
@@ -89,7 +127,12 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     _parameter_constraints: ClassVar[dict] = {
         **FINE_TUNE_CONSTRAINTS,
-        "mmd_weight": [Interval(Real, 0, None, closed="left")],
+        "divergence": [StrOptions(set(DIVERGENCES)), callable],
+        "divergence_weight": [Interval(Real, 0, None, closed="left")],
+        "divergence_schedule": [StrOptions(set(SCHEDULES))],
+        "adapt_layers": [str, list, tuple],
+        "batch_norm": [StrOptions({"joint", "per_domain"})],
+        "recalibrate_bn": ["boolean", StrOptions({"target", "both"})],
         "mmd_kernel": [StrOptions(set(KERNELS))],
         "mmd_bandwidths": [
             None,
@@ -99,8 +142,6 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             tuple,
         ],
         "mmd_estimator": [StrOptions({"unbiased", "linear_time"})],
-        "adapt_layers": [str, list, tuple],
-        "mmd_schedule": [StrOptions({"ramp", "constant"})],
     }
 
     def __init__(
@@ -118,26 +159,29 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         weight_decay=1e-4,
         scheduler="cosine",
         freeze=None,
-        augment=False,
+        augment="crop",
         label_smoothing=0.0,
         class_weight=None,
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=3,
         tol=1e-4,
-        recalibrate_bn=True,
-        mmd_weight=1.0,
+        recalibrate_bn="target",
+        divergence="mmd",
+        divergence_weight=1.0,
+        divergence_schedule="ramp",
+        adapt_layers=(PENULTIMATE,),
+        batch_norm="joint",
         mmd_kernel="gaussian",
         mmd_bandwidths=None,
         mmd_estimator="unbiased",
-        adapt_layers=(PENULTIMATE, LOGITS),
-        mmd_schedule="ramp",
         random_state=None,
         device="auto",
         precision="auto",
         num_workers=0,
         verbose=False,
         warm_start=False,
+        devices=None,
     ):
         super().__init__(
             backbone=backbone,
@@ -167,13 +211,16 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             num_workers=num_workers,
             verbose=verbose,
             warm_start=warm_start,
+            devices=devices,
         )
-        self.mmd_weight = mmd_weight
+        self.divergence = divergence
+        self.divergence_weight = divergence_weight
+        self.divergence_schedule = divergence_schedule
+        self.adapt_layers = adapt_layers
+        self.batch_norm = batch_norm
         self.mmd_kernel = mmd_kernel
         self.mmd_bandwidths = mmd_bandwidths
         self.mmd_estimator = mmd_estimator
-        self.adapt_layers = adapt_layers
-        self.mmd_schedule = mmd_schedule
 
     # --- fitting --------------------------------------------------------------------------
 
@@ -205,6 +252,10 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         """
         source = self._image_source(X)
         y = check_labels(y, len(source))
+        processes = self._processes_to_spawn()
+        if processes is not None:
+            arguments = dict(X=X, y=y, sample_domain=sample_domain, X_target=X_target)
+            return self._fit_in_processes(processes, **arguments)
         unlabeled = unlabeled_rows(y)
         domains = self._check_domains(sample_domain, unlabeled, len(source), X_target)
         labeled_source = (domains >= 0) & ~unlabeled
@@ -248,18 +299,20 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         return domains
 
     def _objective(self, target, target_rows, n_source, criterion, rng: np.random.Generator):
-        """Make the MMD penalty objective (plain supervised training for ``mmd_weight=0``).
+        """Make the training objective of ``divergence`` (supervised at weight 0).
 
         The target side draws from its own random generators, seeded from ``rng``
         without consuming it, so that the source side draws exactly what
-        FineTuneClassifier would: with ``mmd_weight=0`` the two train alike.
+        FineTuneClassifier would: with ``divergence_weight=0`` the two train alike.
         """
-        if self.mmd_weight == 0:
-            return Supervised(criterion)
+        calibration = self._calibration_target(target, target_rows, n_source)
+        calibrate_on = "target" if self.recalibrate_bn == "target" else "both"
+        if self.divergence_weight == 0:
+            return Supervised(criterion, calibration, calibrate_on)
         layers = parse_layers(self.adapt_layers, "adapt_layers")
         layers = resolve_layer_names(self.model_, layers, argument="adapt_layers")
         was_training = self.model_.training
-        _, layouts = verified_layouts(
+        probe, layouts = verified_layouts(
             self.model_.eval(),
             layers,
             "avg",
@@ -269,30 +322,81 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         self.model_.train(was_training)
         target_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
         generator = torch.Generator().manual_seed(int(target_rng.integers(2**31)))
-        estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
+        options = dict(
+            layouts=layouts,
+            separate_passes=self.batch_norm == "per_domain",
+            calibration_target_batches=calibration,
+            calibrate_on=calibrate_on,
+        )
+        schedule = SCHEDULES[self.divergence_schedule]
+        batches = self._target_batches(target, target_rows, target_rng, generator)
+        if self.divergence == "adversarial":
+            width = sum(
+                len(pooled_names(layer, tuple(probe.outputs[layer].shape), layouts[layer], "avg"))
+                for layer in layers
+            )
+            classifier = domain_classifier(width).to(self.device_)
+            return AdversarialPenalty(
+                criterion, classifier, layers, self.divergence_weight, schedule, batches, **options
+            )
         return DivergencePenalty(
             criterion,
-            partial(estimator, kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths),
+            self._divergence_function(),
             layers,
-            layouts=layouts,
-            weight=self.mmd_weight,
-            schedule=MMD_SCHEDULES[self.mmd_schedule],
-            target_batches=self._target_batches(target, target_rows, target_rng, generator),
-            # As many target images as source images, in the same batches.
-            calibration_target_batches=lambda: self._input_batches(
-                target, np.resize(target_rows, n_source)
-            ),
+            self.divergence_weight,
+            schedule,
+            batches,
+            name=self.divergence if isinstance(self.divergence, str) else "divergence",
+            **options,
         )
 
+    def _divergence_function(self):
+        """Return the divergence between pooled source and target rows that ``divergence`` names."""
+        mmd_options = {
+            "mmd_kernel": "gaussian",
+            "mmd_bandwidths": None,
+            "mmd_estimator": "unbiased",
+        }
+        if self.divergence != "mmd":
+            changed = [key for key, default in mmd_options.items() if getattr(self, key) != default]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]}={getattr(self, changed[0])!r} applies to divergence='mmd' "
+                    f"only; got divergence={self.divergence!r}"
+                )
+            return coral if self.divergence == "coral" else self.divergence
+        estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
+        return partial(estimator, kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths)
+
+    def _calibration_target(self, target, target_rows, n_source):
+        """Unaugmented target batches for the recalibration pass (None: source only).
+
+        As many target images as source images, in batches like theirs, so that "both"
+        mixes the domains in the same proportion as training.
+        """
+        if self.recalibrate_bn not in ("target", "both", True):
+            return None
+
+        def batches():
+            rows, _, part = self._parts(np.resize(target_rows, n_source))
+            return self._input_batches(target, rows, batch_size=part)
+
+        return batches
+
     def _target_batches(self, target, rows, rng: np.random.Generator, generator):
-        """Endless target batches of ``batch_size`` images, reshuffled after each pass."""
+        """Endless target batches of ``batch_size`` images, reshuffled after each pass.
+
+        In data-parallel training, this process's part of each.
+        """
         augmentations = self._check_augment()
         while True:
             order = rng.permutation(rows)
             usable = len(order) - len(order) % self.batch_size
-            order = order[:usable] if usable else order
-            for images in self._input_batches(target, order):
-                yield augment(images, augmentations, generator)
+            local, sizes, part = self._parts(order[:usable] if usable else order)
+            batches = self._input_batches(target, local, batch_size=part)
+            for size, images in zip(sizes, batches, strict=True):
+                share = None if self._context is None else self._context.part(size)
+                yield augment(images, augmentations, generator, share, size)
 
     # --- scoring --------------------------------------------------------------------------
 

@@ -16,10 +16,11 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from . import _distributed
 from ._augment import AUGMENTATIONS, augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._compat import Interval, StrOptions, fit_context
-from ._device import PRECISIONS, fork_rng
+from ._device import PRECISIONS, fork_rng, resolve_device
 from ._inference import optimize_for_inference
 from ._labels import check_labels, encode_labels
 from ._layouts import ROWS, Layout, pooled_names
@@ -31,7 +32,7 @@ from ._network import (
     check_layer_names,
     replace_head,
 )
-from ._objectives import Supervised
+from ._objectives import DomainAlignment, Supervised
 from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
 from .backbones import load_backbone
 
@@ -60,6 +61,7 @@ FINE_TUNE_CONSTRAINTS = {
     "tol": [Interval(Real, 0, None, closed="left")],
     "recalibrate_bn": ["boolean"],
     "warm_start": ["boolean"],
+    "devices": [None, Interval(Integral, 1, None, closed="left"), list, tuple],
 }
 
 
@@ -155,6 +157,20 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     warm_start : bool, default=False
         Continue training the fitted network on the next ``fit`` instead of
         starting again from the pretrained weights.
+    devices : None, int or list of int, default=None
+        Data-parallel training on ``torch.distributed``: None or 1 trains in this
+        process; an int ``n`` trains with ``n`` processes, one per GPU on CUDA
+        (NCCL) or ``n`` CPU processes (gloo) sharing the cores; a list of CUDA device
+        indices picks the GPUs. ``fit`` starts the processes itself (the calling
+        script needs ``if __name__ == "__main__":``), or, under ``torchrun``, joins
+        the process group torchrun made (then ``devices`` must equal its number of
+        processes). ``batch_size`` stays the global batch: each process takes an
+        equal part of every batch (it must divide ``batch_size``), batch norms are
+        synchronized across the processes and DistributedDataParallel averages the
+        gradients, so the steps are those of one process with that batch, and the
+        fitted estimator is an ordinary one. An epoch's last batch is dropped when
+        it does not split evenly. Arrays are shared with the processes through a
+        memory-mapped file; image files are decoded by each process for its part.
 
     Attributes
     ----------
@@ -220,6 +236,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         num_workers=0,
         verbose=False,
         warm_start=False,
+        devices=None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -248,8 +265,9 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self.num_workers = num_workers
         self.verbose = verbose
         self.warm_start = warm_start
+        self.devices = devices
 
-    _derived_state = ("_predictor_model",)
+    _derived_state = ("_predictor_model", "_context")
 
     # --- fitting --------------------------------------------------------------------------
 
@@ -271,9 +289,76 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """
         source = self._image_source(X)
         y = check_labels(y, len(source))
+        processes = self._processes_to_spawn()
+        if processes is not None:
+            return self._fit_in_processes(processes, X=X, y=y)
         codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
         self._train(source, codes)
         return self
+
+    # --- data-parallel training -----------------------------------------------------------
+
+    def _processes_to_spawn(self):
+        """Return the processes ``fit`` must start (None: it trains here, alone or as a rank)."""
+        processes = _distributed.check_devices(self.devices, resolve_device(self.device))
+        if processes is None or _distributed.in_process_group():
+            return None
+        return processes
+
+    def _fit_in_processes(self, processes, **arguments):
+        """Fit in data-parallel processes; take rank 0's fitted state as this estimator's."""
+        payload = copy.deepcopy(self)
+        if payload.random_state is None:  # every rank must draw the same batches
+            payload.random_state = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+        fitted = _distributed.spawn_fit(payload, _fit_in_rank, arguments, processes)
+        parameters = self.get_params(deep=False)
+        for key, value in vars(fitted).items():
+            if key not in parameters:
+                setattr(self, key, value)
+        return self
+
+    def _data_parallel_context(self):
+        """Join the ranks this fit trains with, and take this rank's device (None: alone)."""
+        context = _distributed.active_context(self.devices)
+        if context is None:
+            return None
+        if self.batch_size % context.world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of the {context.world_size} "
+                f"processes of devices={self.devices!r}: it is the global batch, which the "
+                "processes share out equally"
+            )
+        if getattr(self, "batch_norm", "joint") == "per_domain":
+            raise ValueError(
+                "batch_norm='per_domain' runs source and target through the network apart, "
+                "which DistributedDataParallel does not allow within one step; use "
+                "batch_norm='joint' with devices"
+            )
+        self.device_ = context.device
+        return context
+
+    def _parts(self, order: np.ndarray) -> tuple[np.ndarray, list[int], int]:
+        """Return this process's rows of the global batches of ``order``.
+
+        Returns the rows, the size of each global batch, and the size of this
+        process's part of a full one. Alone, every row; in data-parallel training,
+        each global batch's equal part (the last batch is dropped when it does not
+        split evenly).
+        """
+        sizes = [
+            min(self.batch_size, len(order) - s) for s in range(0, len(order), self.batch_size)
+        ]
+        context = self._context
+        if context is None:
+            return order, sizes, self.batch_size
+        if sizes and sizes[-1] % context.world_size:
+            sizes.pop()
+        parts = [
+            order[start : start + size][context.part(size)]
+            for start, size in zip(range(0, len(order), self.batch_size), sizes, strict=False)
+        ]
+        local = np.concatenate(parts) if parts else order[:0]
+        return local, sizes, self.batch_size // context.world_size
 
     def _encode_labels(self, y: np.ndarray, labeled: np.ndarray) -> np.ndarray:
         """Set ``classes_`` and return integer codes (-1 for rows not ``labeled``)."""
@@ -304,44 +389,70 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             with fork_rng(torch.device("cpu"), seed):  # the new head's initialisation
                 self.model_, self.head_name_, self.preprocessing_ = self._build_network()
         self._resolve_hardware()
+        context = self._context = self._data_parallel_context()
         model = self.model_ = self.model_.to(self.device_, memory_format=torch.channels_last)
         if not hasattr(self, "history_"):  # a new network (warm starts trained already)
             check_input_size(model, self.preprocessing_.crop_size, self.device_)
-        with fork_rng(self.device_, seed):  # dropout
-            frozen = self._freeze(model)
-            trainer = self._trainer(model, frozen, len(train_rows))
-            criterion = self._loss_function(codes[train_rows])
-            objective = (make_objective or (lambda c, r: Supervised(c)))(criterion, rng)
-            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            result = trainer.fit(
-                objective,
-                epoch_batches=lambda epoch: self._epoch_batches(
-                    source, codes, train_rows, rng, generator, augmentations
-                ),
-                n_samples=len(train_rows),
-                validate=(
-                    (lambda: self._evaluate(source, codes, valid_rows)) if len(valid_rows) else None
-                ),
-            )
-            if self.recalibrate_bn and not result.interrupted:
-                recalibrate_batch_norm(
-                    model,
-                    trainer.frozen,
-                    objective.calibration_batches(self._input_batches(source, train_rows)),
-                    self.device_,
-                    self.precision_,
+        try:
+            with fork_rng(self.device_, seed):  # dropout, and the objective's own layers
+                frozen = self._freeze(model)
+                criterion = self._loss_function(codes[train_rows])
+                objective = (make_objective or (lambda c, r: Supervised(c)))(criterion, rng)
+                forward_model = None
+                if context is not None:
+                    _distributed.synchronize_batch_norms(model, context)
+                    forward_model = context.wrap(model)
+                    if isinstance(objective, DomainAlignment):
+                        objective.gather = context.gather
+                trainer = self._trainer(
+                    model, frozen, len(train_rows), objective.parameters(), forward_model
                 )
+                generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+                result = trainer.fit(
+                    objective,
+                    epoch_batches=lambda epoch: self._epoch_batches(
+                        source, codes, train_rows, rng, generator, augmentations
+                    ),
+                    n_samples=len(train_rows),
+                    validate=(
+                        (lambda: self._evaluate(source, codes, valid_rows))
+                        if len(valid_rows)
+                        else None
+                    ),
+                )
+                if self.recalibrate_bn and not result.interrupted:
+                    rows, _, part = self._parts(train_rows)
+                    recalibrate_batch_norm(
+                        model,
+                        trainer.frozen,
+                        objective.calibration_batches(
+                            self._input_batches(source, rows, batch_size=part)
+                        ),
+                        self.device_,
+                        self.precision_,
+                        1 if context is None else context.world_size,
+                    )
+        finally:
+            if context is not None:
+                _distributed.unsynchronize_batch_norms(model)
+            self._context = None
         self.frozen_modules_ = frozen
         self.history_ = (getattr(self, "history_", []) if self.warm_start else []) + result.history
         self.n_epochs_ = len(result.history)
         self.best_epoch_ = result.best_epoch
 
-    def _trainer(self, model: nn.Module, frozen: list[str], n_train: int) -> Trainer:
-        """Make the training loop with this estimator's optimizer, schedule and stopping."""
+    def _trainer(
+        self, model: nn.Module, frozen: list[str], n_train: int, extra=(), forward_model=None
+    ) -> Trainer:
+        """Make the training loop with this estimator's optimizer, schedule and stopping.
+
+        ``extra`` parameters (a training objective's own) learn at the head's rate;
+        ``forward_model`` is the DistributedDataParallel wrapper in data-parallel fits.
+        """
         head = model.get_submodule(self.head_name_)
         backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
         optimizer = make_optimizer(
-            self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay
+            self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay, extra
         )
         steps_per_epoch = self._steps_per_epoch(n_train)
         return Trainer(
@@ -358,6 +469,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             frozen=[model.get_submodule(name) for name in frozen],
             verbose=bool(self.verbose),
             name=type(self).__name__,
+            forward_model=forward_model,
+            context=self._context,
         )
 
     def _build_network(self):
@@ -458,27 +571,48 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     def _steps_per_epoch(self, n_train: int) -> int:
         full, rest = divmod(n_train, self.batch_size)
-        return full + (rest > 1)
+        world = 1 if self._context is None else self._context.world_size
+        return full + (rest > 1 and rest % world == 0)
 
     def _epoch_batches(self, source, codes, rows, rng, generator, augmentations):
-        """Shuffled, augmented training batches: (images, label codes) on the device."""
+        """Shuffled, augmented training batches: (images, label codes) on the device.
+
+        In data-parallel training, this process's part of each global batch, augmented
+        with the random draws of the whole batch.
+        """
         order = rng.permutation(rows)
         if len(order) % self.batch_size == 1:
             order = order[:-1]  # batch norm cannot train on a batch of one
-        labels = torch.as_tensor(codes[order], device=self.device_)
-        batches = self._input_batches(source, order)
-        for start, images in zip(range(0, len(order), self.batch_size), batches, strict=True):
-            images = augment(images, augmentations, generator)
-            yield images, labels[start : start + self.batch_size]
+        local, sizes, part = self._parts(order)
+        labels = torch.as_tensor(codes[local], device=self.device_)
+        batches = self._input_batches(source, local, batch_size=part)
+        start = 0
+        for size, images in zip(sizes, batches, strict=True):
+            share = None if self._context is None else self._context.part(size)
+            images = augment(images, augmentations, generator, share, size)
+            yield images, labels[start : start + len(images)]
+            start += len(images)
 
     def _evaluate(self, source, codes, rows) -> tuple[float, float]:
-        """Compute the validation loss (cross-entropy) and accuracy of the training network."""
+        """Compute the validation loss (cross-entropy) and accuracy of the training network.
+
+        In data-parallel training, each process scores its share of the rows and the
+        sums are added up.
+        """
         self.model_.eval()
-        logits = self._pooled_features(source, self.model_, [LOGITS], None, rows, None, False)
-        targets = torch.as_tensor(codes[rows])
-        loss = F.cross_entropy(torch.from_numpy(logits), targets).item()
-        accuracy = float((logits.argmax(1) == codes[rows]).mean())
-        return loss, accuracy
+        context = self._context
+        if context is not None:
+            rows = np.array_split(rows, context.world_size)[context.rank]
+        loss, correct = torch.zeros(()), torch.zeros(())
+        if len(rows):
+            logits = self._pooled_features(source, self.model_, [LOGITS], None, rows, None, False)
+            targets = torch.as_tensor(codes[rows])
+            loss = F.cross_entropy(torch.from_numpy(logits), targets, reduction="sum")
+            correct = torch.tensor(float((logits.argmax(1) == codes[rows]).sum()))
+        totals = torch.stack([loss, correct, torch.tensor(float(len(rows)))])
+        if context is not None:
+            totals = context.sum(totals).cpu()
+        return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
     # --- prediction -----------------------------------------------------------------------
 
@@ -597,3 +731,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.non_deterministic = False
         return tags
+
+
+def _fit_in_rank(estimator, **arguments):
+    """Fit ``estimator`` in one data-parallel process (see :mod:`skdeep._distributed`)."""
+    return estimator.fit(**arguments)

@@ -1,9 +1,11 @@
-"""Maximum mean discrepancy (MMD) between two samples of features, in torch.
+"""Divergences between two samples of features, in torch.
 
-MMD measures how far apart two distributions are through the mean of a kernel:
-``MMD^2 = E k(s, s') + E k(t, t') - 2 E k(s, t)``. Deep Domain Confusion (Tzeng et
-al., 2014) and the Deep Adaptation Network (Long et al., 2015) add it to the
-classification loss so that source and target features become indistinguishable.
+- Maximum mean discrepancy (:func:`mmd`, :func:`linear_time_mmd`) measures how far apart
+  two distributions are through the mean of a kernel:
+  ``MMD^2 = E k(s, s') + E k(t, t') - 2 E k(s, t)``. Deep Domain Confusion (Tzeng et
+  al., 2014) and the Deep Adaptation Network (Long et al., 2015) add it to the
+  classification loss so that source and target features become indistinguishable.
+- :func:`coral` compares second-order statistics (Deep CORAL, Sun and Saenko, 2016).
 
 All functions are differentiable. Bandwidths computed from the data (the median
 heuristic) are treated as constants: no gradient flows through them.
@@ -70,7 +72,7 @@ def _check_samples(source: torch.Tensor, target: torch.Tensor, minimum: int) -> 
         )
     if len(source) < minimum or len(target) < minimum:
         raise ValueError(
-            f"MMD needs at least {minimum} samples on each side; "
+            f"the divergence needs at least {minimum} samples on each side; "
             f"got {len(source)} and {len(target)}"
         )
 
@@ -159,3 +161,23 @@ def linear_time_mmd(
         sigmas = _resolve_bandwidths(bandwidths, torch.cat(squared))
         values = [gaussian_kernel(d, sigmas) for d in squared]
     return (values[0] + values[1] - values[2] - values[3]).mean()
+
+
+def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Deep CORAL's loss: the distance between the two samples' feature covariances.
+
+    ``||C_s - C_t||_F^2 / (4 d^2)`` with ``C`` the unbiased covariance of the ``d``
+    features (Sun and Saenko, 2016).
+
+    Parameters
+    ----------
+    source, target : tensors of shape (m, d) and (n, d)
+
+    Returns
+    -------
+    scalar tensor
+    """
+    _check_samples(source, target, 2)
+    width = source.shape[1]
+    gap = torch.cov(source.T) - torch.cov(target.T)
+    return gap.pow(2).sum() / (4 * width * width)

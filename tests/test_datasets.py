@@ -65,3 +65,21 @@ def test_cifar10_offline_is_a_clear_error(tmp_path):
     """Cifar10 offline is a clear error."""
     with pytest.raises(DatasetUnavailableError, match="CIFAR-10 is not in"):
         datasets.load_cifar10(tmp_path, download=False)
+
+
+@needs_mnist
+@needs_foolbox
+def test_mnist_m_like_blends_digits_into_photo_patches():
+    """Deterministic from the seed; a digit's pixels invert the patch where it is white."""
+    digits, labels = datasets.load_mnist_5k()
+    load_mnist_m_like = datasets.load_mnist_m_like
+    images, same_labels = load_mnist_m_like(digits[:50], labels[:50], seed=3)
+    assert images.shape == (50, 28, 28, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(same_labels, labels[:50])
+    np.testing.assert_array_equal(load_mnist_m_like(digits[:50], labels[:50], seed=3)[0], images)
+    assert not np.array_equal(load_mnist_m_like(digits[:50], labels[:50], seed=4)[0], images)
+    # Where the digit is black (0), the patch shows as it is: colours, not grey.
+    background = images[digits[:50] == 0]
+    assert np.abs(background[:, 0].astype(int) - background[:, 1]).mean() > 5
+    with pytest.raises(ValueError, match="grey uint8 digits"):
+        load_mnist_m_like(digits[:5, :, :, None], labels[:5])

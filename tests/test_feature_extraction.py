@@ -330,7 +330,10 @@ def test_unfitted_feature_names_raise():
 def test_verbose_draws_a_progress_bar(images, capsys):
     """Verbose draws a progress bar."""
     small_extractor(verbose=True).fit_transform(images)
-    assert "FeatureExtractor: 100% 12/12" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FeatureExtractor: 100%" in err and "12/12" in err and "img/s" in err
+    small_extractor(verbose=False).fit_transform(images)
+    assert capsys.readouterr().err == ""
 
 
 def test_file_decoding_workers(image_files):

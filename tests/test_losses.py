@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from skdeep.losses import BANDWIDTH_MULTIPLIERS, linear_time_mmd, mmd
+from skdeep.losses import BANDWIDTH_MULTIPLIERS, coral, linear_time_mmd, mmd
 
 
 def numpy_kernel(a, b, kernel, sigmas):
@@ -144,3 +144,24 @@ def test_bad_inputs():
         mmd(x, x, bandwidths=[1.0, -1.0])
     with pytest.raises(ValueError, match="'median'"):
         mmd(x, x, bandwidths="mean")
+
+
+def numpy_coral(x, y):
+    """Deep CORAL by the textbook formula: covariances with n - 1, Frobenius norm."""
+
+    def covariance(z):
+        centred = z - z.mean(0)
+        return centred.T @ centred / (len(z) - 1)
+
+    d = x.shape[1]
+    return ((covariance(x) - covariance(y)) ** 2).sum() / (4 * d * d)
+
+
+def test_coral_matches_the_numpy_reference(samples):
+    """CORAL equals the textbook formula, is zero for equal samples, and has gradients."""
+    x, y = (torch.from_numpy(sample) for sample in samples)
+    torch.testing.assert_close(coral(x, y).item(), numpy_coral(*samples))
+    assert coral(x, x).item() == 0
+    assert torch.autograd.gradcheck(coral, (x.requires_grad_(), y.requires_grad_()))
+    with pytest.raises(ValueError, match="at least 2 samples on each side; got 1 and"):
+        coral(x[:1], y)

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from skdeep._objectives import DivergencePenalty, Supervised, constant, ramp
+from skdeep._objectives import (
+    AdversarialPenalty,
+    DivergencePenalty,
+    GradientReversal,
+    Supervised,
+    constant,
+    domain_classifier,
+    ramp,
+)
 from skdeep._training import Trainer, make_optimizer
 
 CPU = torch.device("cpu")
@@ -93,14 +101,110 @@ def test_a_new_method_is_one_objective():
     assert history[-1]["coral"] < 0.5 * history[0]["coral"]
 
 
-def test_calibration_batches_mix_the_domains():
-    """Calibration batches mix the domains."""
+def test_calibration_batches_mix_the_domains_or_take_the_target():
+    """Calibration batches mix the domains, or hold the target alone."""
     objective = DivergencePenalty(
         nn.CrossEntropyLoss(), mean_gap, ["logits"], 1.0, constant, iter([]),
         calibration_target_batches=lambda: iter([torch.ones(2, 4), torch.ones(2, 4)]),
     )  # fmt: skip
     mixed = list(objective.calibration_batches([torch.zeros(2, 4), torch.zeros(1, 4)]))
     assert [len(batch) for batch in mixed] == [4, 3]
+    objective.calibrate_on = "target"
+    target_only = list(objective.calibration_batches([torch.zeros(2, 4)]))
+    assert [batch.sum().item() for batch in target_only] == [8, 8]
     plain = Supervised(nn.CrossEntropyLoss())
     source = [torch.zeros(2, 4)]
     assert list(plain.calibration_batches(source)) == source
+
+
+def batch_norm_model():
+    """Return a seeded perceptron with a batch norm between its layers."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_separate_passes_normalize_each_domain_with_its_own_statistics():
+    """With separate passes, batch norm sees each domain alone (no joint statistics)."""
+    model = batch_norm_model().train()
+    images, _ = labeled_batch()
+    target = torch.randn(16, 4) * 4 + 3
+    for separate in (False, True):
+        objective = DivergencePenalty(
+            nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, constant, iter([]),
+            separate_passes=separate,
+        )  # fmt: skip
+        with objective.attach(model):
+            source_rows, target_rows = objective.features(images, target)
+        normalized = source_rows["1"]
+        # Per-domain statistics: the source rows have zero mean, whatever the target.
+        assert torch.allclose(normalized.mean(0), torch.zeros(8), atol=1e-5) is separate
+        assert target_rows["1"].shape == (16, 8)
+
+
+def test_gradient_reversal_is_the_identity_forward_and_flips_gradients():
+    """GRL: the same values forward, ``-coefficient`` times the gradient backward."""
+    x = torch.randn(5, 3, requires_grad=True)
+    y = GradientReversal.apply(x, 0.7)
+    torch.testing.assert_close(y, x)
+    (y * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.7 * torch.arange(3.0).expand(5, 3))
+
+
+def test_adversarial_loss_is_the_domain_cross_entropy_behind_a_reversal():
+    """The loss is CE + BCE(domain) behind a gradient reversal.
+
+    The network gets the reversed gradient, the domain classifier the plain one (a
+    closed-form check on a linear classifier).
+    """
+    model = small_model()
+    images, labels = labeled_batch()
+    target = torch.randn(16, 4) + 2
+    classifier = nn.Linear(8, 1)
+    objective = AdversarialPenalty(
+        nn.CrossEntropyLoss(), classifier, ["1"], weight=0.5, schedule=constant,
+        target_batches=iter([]),
+    )  # fmt: skip
+    with objective.attach(model):
+        out = objective.step(model, (images, labels, target), progress=0.0)
+    hidden = model[1](model[0](torch.cat([images, target])))
+    domains = torch.cat([torch.zeros(16), torch.ones(16)])
+    logit = classifier(hidden).squeeze(1)
+    bce = nn.functional.binary_cross_entropy_with_logits(logit, domains)
+    expected = nn.functional.cross_entropy(model[2](hidden[:16]), labels) + bce
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.metrics["adversarial"], bce)
+    out.loss.backward()
+    # d BCE / d logit = (sigmoid(logit) - domain) / 32; the classifier's weight gradient:
+    residual = (torch.sigmoid(logit) - domains).detach() / 32
+    torch.testing.assert_close(classifier.weight.grad[0], residual @ hidden.detach())
+    assert objective.parameters() == list(classifier.parameters())
+
+
+def test_adversarial_training_shrinks_what_tells_the_domains_apart():
+    """Features trained against a domain classifier are harder to tell apart."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    def train(weight):
+        model = small_model()
+        classifier = domain_classifier(8, hidden=16)
+        generator = torch.Generator().manual_seed(1)
+        targets = (torch.randn(16, 4, generator=generator) + 1.5 for _ in itertools.count())
+        objective = AdversarialPenalty(
+            nn.CrossEntropyLoss(), classifier, ["1"], weight, constant, targets
+        )
+        optimizer = make_optimizer(
+            "adamw", model, model[2], 0.01, 0.01, 0.0, objective.parameters()
+        )
+        trainer = Trainer(model, optimizer, None, CPU, torch.float32, max_epochs=30,
+                          steps_per_epoch=4)  # fmt: skip
+        trainer.fit(objective, lambda epoch: (labeled_batch(100 * epoch + s) for s in range(4)), 64)
+        with torch.no_grad():
+            source = model[1](model[0](torch.randn(200, 4)))
+            target = model[1](model[0](torch.randn(200, 4) + 1.5))
+        features = torch.cat([source, target]).numpy()
+        domains = [0] * 200 + [1] * 200
+        return cross_val_score(LogisticRegression(max_iter=500), features, domains).mean()
+
+    without, weak, strong = train(0.0), train(1.0), train(3.0)
+    assert strong < weak < without and strong < without - 0.1

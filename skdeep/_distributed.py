@@ -1,0 +1,453 @@
+"""Data-parallel training on torch.distributed: ranks spawned by ``fit``, or torchrun's.
+
+``FineTuneClassifier(devices=n).fit`` trains with ``n`` processes (one per GPU on
+CUDA, with NCCL; ``n`` CPU processes with gloo). Two ways in:
+
+- from a plain Python process, ``fit`` spawns the ranks itself (:func:`spawn_fit`,
+  spawn start method, rendezvous on 127.0.0.1), and rank 0 hands the fitted state
+  back;
+- under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set), ``fit`` joins the
+  process group that exists (:func:`active_context`) and every rank ends fitted.
+
+PyTorch does the work: DistributedDataParallel averages gradients, and collectives
+reduce the metrics and gather the features of a domain-adaptation penalty. skdeep only
+decides which rows each rank takes: every global batch of ``batch_size`` images is cut
+into equal parts, one per rank, in order, so that with synchronized batch norms
+(:class:`SynchronizedBatchNorm`) and DDP's averaged gradients, n ranks take the steps
+one process would take with that batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._compat import BatchNorm
+
+# How long a collective may wait for a peer before failing (a rank that died mid-step).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass
+class DistributedContext:
+    """Where this process stands among the ranks that train together.
+
+    Attributes
+    ----------
+    rank, world_size : int
+        This rank and the number of ranks.
+    device : torch.device
+        This rank's device.
+    spawned : bool
+        Whether skdeep spawned the ranks (rank 0 then hands the result back) or
+        torchrun did.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    spawned: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the one that prints and writes."""
+        return self.rank == 0
+
+    def part(self, batch: int) -> slice:
+        """Return this rank's part of a global batch of ``batch`` images (equal, in order)."""
+        size = batch // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the ranks (a new tensor; no gradient)."""
+        total = values.detach().clone().to(self.device)
+        dist.all_reduce(total)
+        return total
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows in rank order, with gradients to each part."""
+        return _Gather.apply(rows)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model`` in DistributedDataParallel (which broadcasts rank 0's weights)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+
+# torch.distributed.nn.functional's differentiable collectives are deprecated in favour
+# of private functional collectives; these two are the same few lines on the public
+# collectives, with the gradients of DistributedDataParallel's convention: every rank
+# backpropagates its own loss, and a sum's gradient reaches every contribution.
+
+
+class _Sum(torch.autograd.Function):
+    """All-reduce (sum) forward; the gradient, summed over the ranks, backward."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor) -> torch.Tensor:
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather (concatenated in rank order) forward; this rank's part of the sum backward.
+
+    The summed gradient: every rank backpropagates the same loss of the gathered rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.size = dist.get_rank(), len(rows)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+_active: DistributedContext | None = None
+
+
+def active_context(devices) -> DistributedContext | None:
+    """Return the context this ``fit`` trains in: a spawned rank's, torchrun's, or None.
+
+    Under torchrun with ``devices`` of 2 or more, the process group is initialised
+    here (once; an existing one is used as it is).
+    """
+    if _active is not None:
+        return _active
+    if not (_launched_by_torchrun() and _count(devices) > 1):
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    if _count(devices) != world_size:
+        raise ValueError(
+            f"devices={devices!r} asks for {_count(devices)} processes, but torchrun started "
+            f"{world_size}; pass devices={world_size} (or run torchrun with "
+            f"--nproc-per-node {_count(devices)})"
+        )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def in_process_group() -> bool:
+    """Whether this process is a rank already: spawned by skdeep, or started by torchrun."""
+    return _active is not None or _launched_by_torchrun()
+
+
+def _launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
+def _count(devices) -> int:
+    if devices is None:
+        return 1
+    return len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+
+
+def check_devices(devices, device: torch.device) -> list[int] | int | None:
+    """Validate the ``devices`` parameter against the resolved ``device``.
+
+    Returns None for one process, else the number of CPU processes or the CUDA device
+    indices.
+
+    Raises
+    ------
+    ValueError
+        Not None, a positive int or a list of distinct CUDA indices; a list on the
+        CPU; more GPUs than this machine has.
+    """
+    expected = (
+        "devices must be None, a positive int (the number of processes) or a list of "
+        "distinct CUDA device indices"
+    )
+    if devices is None or (isinstance(devices, Integral) and not isinstance(devices, bool)):
+        if devices is not None and devices < 1:
+            raise ValueError(f"{expected}; got {devices!r}")
+        count = 1 if devices is None else int(devices)
+        if count == 1:
+            return None
+        if device.type == "cuda" and count > torch.cuda.device_count():
+            raise ValueError(
+                f"devices={devices} asks for {count} GPUs, but this machine has "
+                f"{torch.cuda.device_count()}"
+            )
+        return list(range(count)) if device.type == "cuda" else count
+    if not isinstance(devices, (list, tuple)) or not devices:
+        raise ValueError(f"{expected}; got {devices!r}")
+    indices = list(devices)
+    if not all(isinstance(i, Integral) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise ValueError(f"{expected}; got {devices!r}")
+    if len(set(indices)) < len(indices):
+        raise ValueError(f"{expected}; got {devices!r}, which repeats an index")
+    if device.type != "cuda":
+        raise ValueError(
+            f"devices={devices!r} lists GPUs, but the device is {device.type}; on the CPU "
+            "pass the number of processes, as in devices=2"
+        )
+    missing = [i for i in indices if i >= torch.cuda.device_count()]
+    if missing:
+        raise ValueError(
+            f"devices={devices!r}: this machine has no CUDA device {missing[0]} "
+            f"({torch.cuda.device_count()} in all)"
+        )
+    return None if len(indices) == 1 and indices == [0] else [int(i) for i in indices]
+
+
+# ----------------------------------------------------------------------------------------
+# Spawning ranks from fit
+# ----------------------------------------------------------------------------------------
+
+
+def spawn_fit(estimator, fit: Callable, arguments: dict, processes: list[int] | int, timeout=None):
+    """Run ``fit(estimator, **arguments)`` in data-parallel ranks; return rank 0's estimator.
+
+    Parameters
+    ----------
+    estimator : estimator
+        Pickled to every rank (its parameters).
+    fit : callable
+        A module-level function ``fit(estimator, **arguments)`` run in every rank.
+    arguments : dict
+        NumPy arrays among them are written once to temporary ``.npy`` files that every
+        rank memory-maps (shared through the page cache, not copied per rank); other
+        values are pickled.
+    processes : int or list of int
+        The number of CPU processes, or the CUDA device of each rank.
+    timeout : float, optional
+        Seconds to wait for the ranks (None: no limit).
+
+    Raises
+    ------
+    Exception
+        The error a rank raised (its own type where it pickles), with that rank's
+        traceback in its notes; a RuntimeError when a rank was killed by a signal.
+    """
+    import torch.multiprocessing as mp
+
+    gpus = processes if isinstance(processes, list) else None
+    world_size = len(gpus) if gpus else int(processes)
+    with tempfile.TemporaryDirectory(prefix="skdeep-ranks-") as folder:
+        shared = {key: _shareable(value, folder, key) for key, value in arguments.items()}
+        payload = os.path.join(folder, "payload.pkl")
+        with open(payload, "wb") as file:
+            pickle.dump((estimator, fit, shared), file)
+        context = mp.start_processes(
+            _run_rank,
+            args=(world_size, _free_port(), gpus, payload, folder),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not context.join(timeout=1.0):
+                pass
+        except mp.ProcessRaisedException as exc:
+            raise _first_error(folder, exc) from None
+        except mp.ProcessExitedException as exc:
+            raise RuntimeError(
+                f"rank {exc.error_index} of {world_size} died (exit code {exc.exit_code}"
+                + (f", signal {exc.signal_name}" if exc.signal_name else "")
+                + "), so fit stopped; the other ranks were stopped too"
+            ) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        with open(os.path.join(folder, "result.pkl"), "rb") as file:
+            return pickle.load(file)
+
+
+def _shareable(value, folder: str, key: str):
+    """Turn a NumPy array into a memory-mapped file reference; leave the rest."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        path = os.path.join(folder, f"{key}.npy")
+        np.save(path, value)
+        return _MappedArray(path)
+    return value
+
+
+@dataclass(frozen=True)
+class _MappedArray:
+    path: str
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_rank(rank: int, world_size: int, port: int, gpus, payload: str, folder: str) -> None:
+    """Run one spawned rank: join the group, fit, and (rank 0) save the result."""
+    global _active
+
+    try:
+        with open(payload, "rb") as file:
+            estimator, fit, shared = pickle.load(file)
+        arguments = {
+            key: value.load() if isinstance(value, _MappedArray) else value
+            for key, value in shared.items()
+        }
+        device = torch.device("cpu")
+        if gpus:
+            device = torch.device("cuda", gpus[rank])
+            torch.cuda.set_device(device)
+        else:  # the cores are shared out among the ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        dist.init_process_group(
+            "nccl" if gpus else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+        _active = DistributedContext(rank, world_size, device, spawned=True)
+        try:
+            fitted = fit(estimator, **arguments)
+            if rank == 0:
+                with open(os.path.join(folder, "result.pkl"), "wb") as file:
+                    pickle.dump(fitted, file)
+        finally:
+            _active = None
+            dist.destroy_process_group()
+    except BaseException as exc:
+        failed_at = time.monotonic()
+        with contextlib.suppress(Exception):
+            with open(os.path.join(folder, f"error-{rank}.pkl"), "wb") as file:
+                pickle.dump((failed_at, exc, traceback.format_exc()), file)
+        raise
+
+
+def _first_error(folder: str, fallback: Exception) -> Exception:
+    """Return the first error a rank raised, with its traceback noted, or ``fallback``.
+
+    The first, because the others usually follow from it: a peer that is gone breaks
+    the collective every other rank waits in.
+    """
+    failures = []
+    for name in os.listdir(folder):
+        if name.startswith("error-"):
+            with contextlib.suppress(Exception), open(os.path.join(folder, name), "rb") as file:
+                failures.append((*pickle.load(file), int(name[6:-4])))
+    if not failures:  # the error did not pickle: torch's message holds the traceback
+        return RuntimeError(f"a rank of the data-parallel fit failed:\n{fallback}")
+    _, error, text, rank = min(failures, key=lambda failure: failure[0])
+    note = f"raised in rank {rank} of the data-parallel fit:\n{text}"
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10
+        error.__cause__ = RuntimeError(note)
+    return error
+
+
+# ----------------------------------------------------------------------------------------
+# Batch norms whose statistics are those of the global batch
+# ----------------------------------------------------------------------------------------
+
+
+class SynchronizedBatchNorm(nn.Module):
+    """A batch norm that, in training, normalizes with the statistics of all ranks' parts.
+
+    The same numbers a batch norm computes on the whole global batch in one process:
+    means and variances come from sums reduced over the ranks (two passes, mean then
+    squared deviations), the running statistics are updated with the unbiased variance
+    of the global batch, with the layer's momentum (or the cumulative average when it is
+    None). PyTorch's own ``nn.SyncBatchNorm`` does this on GPUs only; this one runs on
+    any device. In eval mode it is the plain batch norm.
+
+    Parameters
+    ----------
+    norm : BatchNorm1d, BatchNorm2d or BatchNorm3d
+        The layer to synchronize; its parameters and buffers are shared, not copied.
+    context : DistributedContext
+        The ranks.
+    """
+
+    def __init__(self, norm: nn.Module, context: DistributedContext):
+        super().__init__()
+        self.norm = norm
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize ``x`` with the global batch's statistics (training) or the running ones."""
+        norm = self.norm
+        if not norm.training or not norm.track_running_stats:
+            return norm(x)
+        all_reduce = _Sum.apply
+        dims = [0, *range(2, x.ndim)]
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+        count = self.context.sum(count)
+        values = x.float()
+        mean = all_reduce(values.sum(dims)) / count
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        centred = values - mean.reshape(shape)
+        variance = all_reduce(centred.pow(2).sum(dims)) / count
+        with torch.no_grad():
+            norm.num_batches_tracked += 1
+            factor = (
+                1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            )
+            unbiased = variance * count / max(count - 1, 1)
+            norm.running_mean.mul_(1 - factor).add_(factor * mean.to(norm.running_mean.dtype))
+            norm.running_var.mul_(1 - factor).add_(factor * unbiased.to(norm.running_var.dtype))
+        out = centred / torch.sqrt(variance + norm.eps).reshape(shape)
+        if norm.affine:
+            out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+        return out.to(x.dtype)
+
+
+def synchronize_batch_norms(model: nn.Module, context: DistributedContext) -> None:
+    """Replace every batch norm of ``model`` by a :class:`SynchronizedBatchNorm` around it."""
+    from ._network import set_submodule
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BatchNorm) and name:
+            set_submodule(model, name, SynchronizedBatchNorm(module, context))
+
+
+def unsynchronize_batch_norms(model: nn.Module) -> None:
+    """Put the plain batch norms back (for a model that trains or predicts alone)."""
+    from ._network import set_submodule
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SynchronizedBatchNorm):
+            set_submodule(model, name, module.norm)
