@@ -139,6 +139,37 @@ class Report:
         print(f"\nwrote {self.path}")
 
 
+def paired_rows(
+    values: dict[str, dict[int, float]], reference: str, seconds: dict[str, dict[int, float]]
+) -> list[list]:
+    """Rows comparing methods measured on the same seeds: mean, std, paired difference.
+
+    For each method: the mean over seeds, the standard deviation (ddof=1), the number
+    of seeds, the mean of its seed-by-seed difference to ``reference`` with the 95%
+    interval of that mean (Student's t), and the mean seconds per fit.
+    """
+    from scipy import stats
+
+    rows = []
+    for method, by_seed in values.items():
+        if not by_seed:  # not run (yet)
+            continue
+        scores = np.array(list(by_seed.values()))
+        spread = scores.std(ddof=1) if len(scores) > 1 else float("nan")
+        common = sorted(set(by_seed) & set(values[reference]))
+        difference = ""
+        if method != reference and len(common) > 1:
+            gaps = np.array([by_seed[s] - values[reference][s] for s in common])
+            half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
+            mean = gaps.mean()
+            difference = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
+        rows.append(
+            [method, scores.mean(), spread, len(scores), difference,
+             np.mean(list(seconds[method].values()))]
+        )  # fmt: skip
+    return rows
+
+
 def _format(value: object) -> str:
     if isinstance(value, float):
         if abs(value) >= 1000:

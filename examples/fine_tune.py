@@ -5,15 +5,17 @@ Run:  .venv/bin/python examples/fine_tune.py [--n-train 10000] [--epochs 3]
 Online, CIFAR-10 and the ResNet-18 weights come through torchvision's downloaders (a
 random subset keeps a CPU run short; a GPU is picked up automatically). Offline, the
 script says so and fine-tunes the offline MobileNet-V2 weights on MNIST 5k instead.
-Either way it prints the training history and the test accuracy.
+Either way it prints the training history and the test accuracy, and draws the history
+to ``examples/images/training_history.png``.
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from skdeep import FineTuneClassifier, WeightsUnavailableError
+from skdeep import FineTuneClassifier, TrainingHistoryDisplay, WeightsUnavailableError
 from skdeep.backbones import load_backbone
 from skdeep.datasets import DatasetUnavailableError, load_cifar10, load_mnist_5k
 
@@ -51,7 +53,9 @@ def main() -> None:
     args = parser.parse_args()
 
     name, settings, X_train, X_test, y_train, y_test = cifar10(args.n_train, args.n_test) or mnist()
-    clf = FineTuneClassifier(**settings, max_epochs=args.epochs, random_state=0, verbose=True)
+    clf = FineTuneClassifier(
+        **settings, max_epochs=args.epochs, early_stopping=True, random_state=0, verbose=True
+    )
     print(f"{name}: fine-tuning {settings['backbone']} on {len(X_train)} images")
     clf.fit(X_train, y_train)
 
@@ -63,6 +67,10 @@ def main() -> None:
             f"{record['train_accuracy']:14.3f} | {record['lr']:13.2e} | {record['seconds']:7.1f} |"
         )
     print(f"\n{name} test accuracy: {clf.score(X_test, y_test):.3f} ({len(X_test)} images)")
+    picture = Path(__file__).parent / "images" / "training_history.png"
+    picture.parent.mkdir(exist_ok=True)
+    TrainingHistoryDisplay.from_estimator(clf).figure_.savefig(picture, dpi=100)
+    print(f"drew {picture}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import glob
 import os
 import sys
+import threading
 from pathlib import Path
 
 # Imported without torch, so that --help and `cache` answer at once; extraction imports
@@ -165,8 +166,10 @@ def _add_extract(commands) -> None:
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def extract(args: argparse.Namespace) -> dict:
+def extract(args: argparse.Namespace, cluster: _EarlyCluster | None = None) -> dict:
     """Run ``extract``: features of the INPUT images, written to ``--out``.
+
+    ``cluster`` is the local cluster ``--workers`` asked for, already starting.
 
     Returns
     -------
@@ -203,7 +206,7 @@ def extract(args: argparse.Namespace) -> dict:
         verbose=not args.quiet,
     )
     if args.out.rstrip("/").endswith(STORE_SUFFIX):
-        return _extract_to_store(args, extractor, paths, labels)
+        return _extract_to_store(args, extractor, paths, labels, cluster)
     if args.workers is not None or args.scheduler is not None:
         raise ValueError(
             f"--workers and --scheduler write a feature store: use --out NAME{STORE_SUFFIX}"
@@ -225,7 +228,7 @@ def extract(args: argparse.Namespace) -> dict:
     return {"n_images": len(features), "n_features": features.shape[1], "dump": dump}
 
 
-def _extract_to_store(args, extractor, paths, labels) -> dict:
+def _extract_to_store(args, extractor, paths, labels, cluster: _EarlyCluster | None) -> dict:
     from . import dask as skdeep_dask
     from ._images import load_npy
 
@@ -236,6 +239,8 @@ def _extract_to_store(args, extractor, paths, labels) -> dict:
         from distributed import Client
 
         client = Client(args.scheduler)
+    elif cluster is not None:
+        client = cluster.client()
     try:
         store = skdeep_dask.extract(
             extractor,
@@ -243,15 +248,56 @@ def _extract_to_store(args, extractor, paths, labels) -> dict:
             args.out,
             labels=labels,
             client=client,
-            n_workers=0 if args.workers is None and client is None else args.workers,
+            n_workers=0 if client is None else None,
             partition_size=args.partition_size,
             overwrite=args.overwrite,
             verbose=not args.quiet,
         )
     finally:
-        if client is not None:
+        if client is not None and cluster is None:
             client.close()
     return {"n_images": store.n_images, "n_features": store.n_features}
+
+
+class _EarlyCluster:
+    """A local cluster started in a thread at once, while this process imports torch.
+
+    Its workers import skdeep's extractor (torch, torchvision) as they start, in
+    parallel with this process, instead of before their first task.
+    """
+
+    PRELOAD = ("skdeep.feature_extraction",)
+
+    def __init__(self, n_workers: int):
+        self.n_workers = n_workers
+        self.cluster = self._client = self._error = None
+        self._thread = threading.Thread(target=self._start, name="skdeep-cluster", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            from ._cluster import local_cluster
+
+            self.cluster = local_cluster(self.n_workers, preload=list(self.PRELOAD))
+        except BaseException as exc:  # raised where the cluster is asked for
+            self._error = exc
+
+    def client(self):
+        """Wait for the cluster; return a client of it."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        from distributed import Client
+
+        self._client = Client(self.cluster)
+        return self._client
+
+    def close(self) -> None:
+        """Close the client and the cluster (waiting for it to have started)."""
+        self._thread.join()
+        for part in (self._client, self.cluster):
+            if part is not None:
+                part.close()
 
 
 def cache(args: argparse.Namespace) -> str:
@@ -284,11 +330,15 @@ def _is_user_error(error: Exception) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
+    cluster = None
     try:
         if args.command == "cache":
             print(cache(args))
             return 0
-        written = extract(args)
+        to_store = args.out.rstrip("/").endswith(STORE_SUFFIX)
+        if to_store and args.workers is not None and args.scheduler is None:
+            cluster = _EarlyCluster(args.workers)  # starts while torch is imported
+        written = extract(args, cluster)
     except Exception as exc:
         if not _is_user_error(exc):
             raise
@@ -301,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if cluster is not None:
+            cluster.close()
     if not args.quiet:
         print(
             f"wrote {written['n_images']} x {written['n_features']} features to {args.out}",

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._network import LOGITS
 from ._taps import LayerFeatures
+from .losses import information_loss
 
 
 @dataclass
@@ -148,6 +149,9 @@ class DomainAlignment(Supervised):
         instead of together.
     calibration_target_batches, calibrate_on
         As in :class:`Supervised`.
+    information_weight : float, default=0.0
+        Weight of :func:`skdeep.losses.information_loss` on the target images' logits
+        (confident and diverse predictions), scheduled like the alignment.
     gather : callable, optional
         In data-parallel training, concatenates every rank's rows (with gradients),
         so that the alignment compares the global batches of both domains, as one
@@ -169,10 +173,12 @@ class DomainAlignment(Supervised):
         separate_passes: bool = False,
         calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
         calibrate_on: str = "both",
+        information_weight: float = 0.0,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         name: str | None = None,
     ):
         super().__init__(criterion, calibration_target_batches, calibrate_on)
+        self.information_weight = information_weight
         self.gather = gather
         self.layers = list(layers)
         self.weight = weight
@@ -214,11 +220,16 @@ class DomainAlignment(Supervised):
         source, target = self.features(images, target_images)
         result = self._classification(source[LOGITS].float(), labels)
         if self.gather is not None:  # the alignment sees every rank's rows
-            source = {layer: self.gather(source[layer]) for layer in self.layers}
-            target = {layer: self.gather(target[layer]) for layer in self.layers}
-        loss, measured = self.alignment(source, target, self.weight * self.schedule(progress))
+            source = {layer: self.gather(rows) for layer, rows in source.items()}
+            target = {layer: self.gather(rows) for layer, rows in target.items()}
+        factor = self.schedule(progress)
+        loss, measured = self.alignment(source, target, self.weight * factor)
         result.loss = result.loss + loss
         result.metrics[self.name] = measured
+        if self.information_weight:
+            information = information_loss(target[LOGITS])
+            result.loss = result.loss + self.information_weight * factor * information
+            result.metrics["information"] = information
         return result
 
     def alignment(self, source: dict, target: dict, weight: float):

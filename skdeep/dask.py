@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -38,9 +37,12 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
+from ._cluster import WORKER_CONFIG, local_cluster
 from ._images import load_npy
 from ._progress import progress_bar
 from ._store import FeatureStore, open_store
+
+__all__ = ["WORKER_CONFIG", "extract", "local_cluster", "transform_array"]
 
 DEFAULT_PARTITION_SIZE = 1024
 
@@ -266,43 +268,6 @@ def _run_on_dask(extractor, store, missing, partitions, client, n_workers, progr
         except BaseException:
             active.cancel([*futures, held])
             raise
-
-
-# Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand every
-# large tensor's memory back to the system at once: each forward pass then pays for
-# fresh pages, and a single-threaded worker ran MobileNet-V2 40% slower (504 against
-# 833 images/s at 32 px on a 2-core AMD EPYC). skdeep's own clusters leave it unset.
-WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-
-
-def local_cluster(n_workers: int | None = None, **options):
-    """Start a ``LocalCluster`` of single-threaded worker processes on 127.0.0.1.
-
-    Parameters
-    ----------
-    n_workers : int, optional
-        Worker processes (default: one per CPU core).
-    **options
-        More ``LocalCluster`` arguments.
-
-    Returns
-    -------
-    distributed.LocalCluster
-        The running cluster (close it, or use it in a ``with`` block).
-    """
-    import dask
-    from distributed import LocalCluster
-
-    settings = dict(
-        n_workers=n_workers or os.cpu_count() or 1,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",  # the scheduler's HTTP server, on loopback too
-        silence_logs=logging.ERROR,
-    )
-    with dask.config.set(WORKER_CONFIG):
-        return LocalCluster(**{**settings, **options})
 
 
 @contextlib.contextmanager

@@ -35,10 +35,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     """Fine-tuning that carries over to an unlabeled target domain (DAN, Deep CORAL, DANN).
 
     Trains like :class:`FineTuneClassifier` on the labeled source images while a
-    divergence pulls the features of source and target images together::
+    divergence pulls the features of source and target images together, and the
+    predictions on the target images are asked to be confident and diverse::
 
-        loss = cross_entropy(source) + divergence_weight * ramp(progress) * sum of
-               divergence(source features, target features) over adapt_layers
+        loss = cross_entropy(source) + ramp(progress) * (
+            divergence_weight * sum over adapt_layers of
+                divergence(source features, target features)
+            + information_weight * information_loss(target predictions))
 
     Each step draws a source batch and a target batch of the same size. The
     divergence is the Deep Adaptation Network's multi-kernel MMD by default (a linear
@@ -70,6 +73,11 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         progress p (from 0 to 1), as DANN does, so that the divergence does not act
         on the random early features of the new head; "constant" applies it fully
         from the start.
+    information_weight : float, default=0.3
+        Weight of the information-maximization term on the target images'
+        predictions (:func:`skdeep.losses.information_loss`): each prediction
+        confident, the batch's predictions spread over the classes. Scheduled like the
+        divergence; 0 leaves it out.
     adapt_layers : str or tuple of str, default=("penultimate",)
         Features compared: ``"penultimate"`` (the head's input), ``"logits"`` (the
         output), or module names (and timm's ``"intermediate:N"``, as in
@@ -130,6 +138,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         "divergence": [StrOptions(set(DIVERGENCES)), callable],
         "divergence_weight": [Interval(Real, 0, None, closed="left")],
         "divergence_schedule": [StrOptions(set(SCHEDULES))],
+        "information_weight": [Interval(Real, 0, None, closed="left")],
         "adapt_layers": [str, list, tuple],
         "batch_norm": [StrOptions({"joint", "per_domain"})],
         "recalibrate_bn": ["boolean", StrOptions({"target", "both"})],
@@ -170,6 +179,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         divergence="mmd",
         divergence_weight=1.0,
         divergence_schedule="ramp",
+        information_weight=0.3,
         adapt_layers=(PENULTIMATE,),
         batch_norm="joint",
         mmd_kernel="gaussian",
@@ -216,6 +226,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         self.divergence = divergence
         self.divergence_weight = divergence_weight
         self.divergence_schedule = divergence_schedule
+        self.information_weight = information_weight
         self.adapt_layers = adapt_layers
         self.batch_norm = batch_norm
         self.mmd_kernel = mmd_kernel
@@ -327,6 +338,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             separate_passes=self.batch_norm == "per_domain",
             calibration_target_batches=calibration,
             calibrate_on=calibrate_on,
+            information_weight=self.information_weight,
         )
         schedule = SCHEDULES[self.divergence_schedule]
         batches = self._target_batches(target, target_rows, target_rng, generator)

@@ -6,6 +6,8 @@
   al., 2014) and the Deep Adaptation Network (Long et al., 2015) add it to the
   classification loss so that source and target features become indistinguishable.
 - :func:`coral` compares second-order statistics (Deep CORAL, Sun and Saenko, 2016).
+- :func:`information_loss` asks predictions on unlabeled images to be confident and
+  diverse (information maximization, as in SHOT, Liang et al., 2020).
 
 All functions are differentiable. Bandwidths computed from the data (the median
 heuristic) are treated as constants: no gradient flows through them.
@@ -181,3 +183,29 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     width = source.shape[1]
     gap = torch.cov(source.T) - torch.cov(target.T)
     return gap.pow(2).sum() / (4 * width * width)
+
+
+def information_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Minus the mutual information between images and predicted classes, on a batch.
+
+    ``mean_i H(p_i) - H(mean_i p_i)`` with ``p_i`` the softmax of row i and ``H`` the
+    entropy (in nats): low when each prediction is confident (first term) and the
+    batch's predictions spread over the classes (second term), which keeps the first
+    from collapsing onto one class (Krause et al., 2010; Liang et al., 2020).
+
+    Parameters
+    ----------
+    logits : tensor of shape (n, n_classes)
+
+    Returns
+    -------
+    scalar tensor
+    """
+    if logits.ndim != 2 or len(logits) < 1:
+        raise ValueError(f"logits must be 2-D (n, n_classes); got shape {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    p = log_p.exp()
+    conditional = -(p * log_p).sum(1).mean()
+    mean = p.mean(0)
+    marginal = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    return conditional - marginal

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from skdeep.losses import BANDWIDTH_MULTIPLIERS, coral, linear_time_mmd, mmd
+from skdeep.losses import BANDWIDTH_MULTIPLIERS, coral, information_loss, linear_time_mmd, mmd
 
 
 def numpy_kernel(a, b, kernel, sigmas):
@@ -165,3 +165,19 @@ def test_coral_matches_the_numpy_reference(samples):
     assert torch.autograd.gradcheck(coral, (x.requires_grad_(), y.requires_grad_()))
     with pytest.raises(ValueError, match="at least 2 samples on each side; got 1 and"):
         coral(x[:1], y)
+
+
+def test_information_loss_by_hand():
+    """Mean entropy of the predictions minus the entropy of their mean, in NumPy."""
+    logits = np.random.default_rng(0).normal(size=(6, 4))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    conditional = -(p * np.log(p)).sum(1).mean()
+    mean = p.mean(0)
+    expected = conditional + (mean * np.log(mean)).sum()
+    assert information_loss(torch.from_numpy(logits)).item() == pytest.approx(expected)
+    confident_diverse = torch.eye(4) * 50  # each row sure of another class: the minimum
+    assert information_loss(confident_diverse).item() == pytest.approx(-np.log(4), abs=1e-6)
+    collapsed = torch.tensor([[50.0, 0, 0, 0]] * 4)  # all sure of one class: no information
+    assert information_loss(collapsed).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"logits must be 2-D"):
+        information_loss(torch.zeros(3))

@@ -208,3 +208,24 @@ def test_adversarial_training_shrinks_what_tells_the_domains_apart():
 
     without, weak, strong = train(0.0), train(1.0), train(3.0)
     assert strong < weak < without and strong < without - 0.1
+
+
+def test_information_term_on_the_target_logits():
+    """With information_weight, the loss adds its scheduled share of the target term."""
+    from skdeep.losses import information_loss
+
+    model = small_model()
+    images, labels = labeled_batch()
+    target = torch.randn(16, 4) + 3
+    plain = DivergencePenalty(nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, ramp, iter([]))
+    informed = DivergencePenalty(
+        nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, ramp, iter([]), information_weight=0.3
+    )
+    losses = []
+    for objective in (plain, informed):
+        with objective.attach(model):
+            losses.append(objective.step(model, (images, labels, target), progress=0.4))
+    expected = information_loss(model(target))
+    torch.testing.assert_close(losses[1].loss - losses[0].loss, 0.3 * ramp(0.4) * expected)
+    torch.testing.assert_close(losses[1].metrics["information"], expected)
+    assert "information" not in losses[0].metrics
