@@ -79,6 +79,11 @@ class DistributedContext:
         dist.all_reduce(total)
         return total
 
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (running statistics) of ``model``."""
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's rows in rank order, with gradients to each part."""
         return _Gather.apply(rows)
@@ -92,25 +97,9 @@ class DistributedContext:
 
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour
-# of private functional collectives; these two are the same few lines on the public
+# of private functional collectives; this is the same few lines on the public
 # collectives, with the gradients of DistributedDataParallel's convention: every rank
 # backpropagates its own loss, and a sum's gradient reaches every contribution.
-
-
-class _Sum(torch.autograd.Function):
-    """All-reduce (sum) forward; the gradient, summed over the ranks, backward."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor) -> torch.Tensor:
-        total = values.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
 
 
 class _Gather(torch.autograd.Function):
@@ -387,12 +376,12 @@ def _first_error(folder: str, fallback: Exception) -> Exception:
 class SynchronizedBatchNorm(nn.Module):
     """A batch norm that, in training, normalizes with the statistics of all ranks' parts.
 
-    The same numbers a batch norm computes on the whole global batch in one process:
-    means and variances come from sums reduced over the ranks (two passes, mean then
-    squared deviations), the running statistics are updated with the unbiased variance
-    of the global batch, with the layer's momentum (or the cumulative average when it is
-    None). PyTorch's own ``nn.SyncBatchNorm`` does this on GPUs only; this one runs on
-    any device. In eval mode it is the plain batch norm.
+    The same numbers a batch norm computes on the whole global batch in one process: means and
+    variances combine every rank's count, mean and squared deviations, gathered in one
+    collective per layer (one more in the backward pass), the running statistics are updated
+    with the unbiased variance of the global batch, with the layer's momentum (or the
+    cumulative average when it is None). PyTorch's own ``nn.SyncBatchNorm`` does this on
+    GPUs only; this one runs on any device. In eval mode it is the plain batch norm.
 
     Parameters
     ----------
@@ -412,15 +401,21 @@ class SynchronizedBatchNorm(nn.Module):
         norm = self.norm
         if not norm.training or not norm.track_running_stats:
             return norm(x)
-        all_reduce = _Sum.apply
         dims = [0, *range(2, x.ndim)]
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
-        count = self.context.sum(count)
-        values = x.float()
-        mean = all_reduce(values.sum(dims)) / count
         shape = [1, -1] + [1] * (x.ndim - 2)
-        centred = values - mean.reshape(shape)
-        variance = all_reduce(centred.pow(2).sum(dims)) / count
+        values = x.float()
+        # One collective forward (and one backward): every rank's count, mean and sum of
+        # squared deviations, combined as Chan et al.'s parallel variance (stable, exact).
+        local_mean = values.mean(dims)
+        local_squares = (values - local_mean.reshape(shape)).pow(2).sum(dims)
+        local_count = values.new_full((1,), values.numel() / values.shape[1])
+        parts = self.context.gather(torch.cat([local_count, local_mean, local_squares])[None])
+        channels = x.shape[1]
+        counts, means = parts[:, :1].detach(), parts[:, 1 : 1 + channels]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        squares = parts[:, 1 + channels :] + counts * (means - mean).pow(2)
+        variance = squares.sum(0) / count
         with torch.no_grad():
             norm.num_batches_tracked += 1
             factor = (
@@ -429,7 +424,7 @@ class SynchronizedBatchNorm(nn.Module):
             unbiased = variance * count / max(count - 1, 1)
             norm.running_mean.mul_(1 - factor).add_(factor * mean.to(norm.running_mean.dtype))
             norm.running_var.mul_(1 - factor).add_(factor * unbiased.to(norm.running_var.dtype))
-        out = centred / torch.sqrt(variance + norm.eps).reshape(shape)
+        out = (values - mean.reshape(shape)) / torch.sqrt(variance + norm.eps).reshape(shape)
         if norm.affine:
             out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)
         return out.to(x.dtype)

@@ -192,6 +192,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         verbose=False,
         warm_start=False,
         devices=None,
+        sync_batch_norm=False,
     ):
         super().__init__(
             backbone=backbone,
@@ -222,6 +223,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             verbose=verbose,
             warm_start=warm_start,
             devices=devices,
+            sync_batch_norm=sync_batch_norm,
         )
         self.divergence = divergence
         self.divergence_weight = divergence_weight

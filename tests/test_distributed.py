@@ -54,10 +54,14 @@ class UnbiasedNet(TinyNet):
 
 
 def training(**params) -> dict:
-    """Fast settings: UnbiasedNet, 24 px, float32, crops drawn per global batch, validation."""
+    """Fast settings: UnbiasedNet, 24 px, float32, crops drawn per global batch, validation.
+
+    Batch norms are synchronized, so that two processes take the steps of one.
+    """
     torch.manual_seed(0)
     defaults = dict(
         backbone=UnbiasedNet(),
+        sync_batch_norm=True,
         augment="crop",
         early_stopping=True,
         validation_fraction=0.25,
@@ -97,6 +101,21 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batch():
     assert type(together.model_.features[1]) is nn.BatchNorm2d
     assert not torch.distributed.is_initialized()
     np.testing.assert_allclose(together.predict_proba(X), alone.predict_proba(X), atol=1e-5)
+
+
+def test_unsynchronized_batch_norms_normalize_each_part_alone():
+    """sync_batch_norm=False: each rank's batch statistics, so other steps than one process.
+
+    The gradients are still averaged: both ranks end with one model, which predicts alone.
+    """
+    X, y = separable_images(n_per_class=20, size=24)
+    params = training(batch_size=10, early_stopping=False, max_epochs=2)
+    synchronized = FineTuneClassifier(**params, devices=2).fit(X, y)
+    local = FineTuneClassifier(**{**params, "sync_batch_norm": False}, devices=2).fit(X, y)
+    weights = synchronized.model_.state_dict()["features.0.weight"]
+    assert not torch.allclose(local.model_.state_dict()["features.0.weight"], weights, atol=1e-5)
+    assert type(local.model_.features[1]) is nn.BatchNorm2d
+    assert local.predict_proba(X).shape == (len(X), 2)
 
 
 def test_domain_penalty_of_two_processes_is_that_of_the_global_batch():
@@ -209,21 +228,28 @@ from tests.conftest import separable_images, tiny_training
 
 if __name__ == "__main__":
     X, y = separable_images(n_per_class=12, size=24)
-    clf = FineTuneClassifier(**tiny_training(devices=2, max_epochs=2)).fit(X, y)
+    recalibrate = sys.argv[2] == "recalibrate"
+    params = tiny_training(devices=2, max_epochs=2, recalibrate_bn=recalibrate)
+    clf = FineTuneClassifier(**params).fit(X, y)
     rank = torch.distributed.get_rank()
     np.save(sys.argv[1] + f"/rank{rank}.npy", clf.predict_proba(X))
 """
 
 
-def test_torchrun_ranks_join_its_group_and_end_alike(tmp_path):
-    """Under torchrun --nproc-per-node 2, fit joins the group; both ranks predict alike."""
+@pytest.mark.parametrize("recalibration", ["recalibrate", "none"])
+def test_torchrun_ranks_join_its_group_and_end_alike(tmp_path, recalibration):
+    """Under torchrun --nproc-per-node 2, fit joins the group; both ranks predict alike.
+
+    Batch norms are not synchronized (the default): the ranks' running statistics come
+    from a recalibration over the global batches, or are rank 0's.
+    """
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(script), str(tmp_path),
+        str(script), str(tmp_path), recalibration,
     ]  # fmt: skip
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
