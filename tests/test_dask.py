@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 
@@ -99,6 +100,13 @@ def test_local_clusters_listen_on_loopback_and_keep_malloc_untrimmed(client):
     assert client.scheduler.address.startswith("tcp://127.0.0.1:")
     environment = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert set(environment.values()) == {None}
+
+
+def test_workers_start_with_the_extractor_imported():
+    """The fork server imports skdeep's extractor once; fresh workers start with it."""
+    with local_cluster(1) as cluster, distributed.Client(cluster) as connected:
+        imported = connected.run(lambda: "skdeep.feature_extraction" in sys.modules)
+    assert list(imported.values()) == [True]
 
 
 def test_unpickling_is_cheap_and_each_process_builds_the_network_once(images):
