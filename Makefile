@@ -32,6 +32,8 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_domain_adaptation.py
 	cd benchmarks && ../$(BIN)/python bench_scale.py
 	cd benchmarks && ../$(BIN)/python bench_compile.py
+	cd benchmarks && ../$(BIN)/python bench_distributed.py
+	cd benchmarks && ../$(BIN)/python bench_startup.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check skdeep tests benchmarks examples

@@ -374,6 +374,9 @@ def final(args, device, report) -> None:
     methods = {
         "(c) FineTuneClassifier, source only": lambda s: skdeep_source_only(task, s, device),
         "(d) DomainAdaptedClassifier, defaults (MMD)": lambda s: skdeep_adapted(task, s, device),
+        "(d) information_weight=0": lambda s: skdeep_adapted(
+            task, s, device, information_weight=0.0
+        ),
         "(d) divergence='coral'": lambda s: skdeep_adapted(task, s, device, divergence="coral"),
         "(d) divergence='adversarial'": lambda s: skdeep_adapted(
             task, s, device, divergence="adversarial"

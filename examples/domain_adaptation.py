@@ -53,7 +53,7 @@ def main() -> None:
     display.figure_.suptitle("MNIST (source) and optdigits (target) features, PCA")
     display.figure_.savefig(PICTURES / "domain_alignment.png", dpi=100, bbox_inches="tight")
     history = TrainingHistoryDisplay.from_estimator(adapted)
-    history.figure_.savefig(PICTURES / "adaptation_history.png", dpi=100)
+    history.figure_.savefig(PICTURES / "adaptation_history.png", dpi=100, bbox_inches="tight")
     print(f"drew {PICTURES / 'domain_alignment.png'} and {PICTURES / 'adaptation_history.png'}")
 
 

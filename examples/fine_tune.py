@@ -69,7 +69,9 @@ def main() -> None:
     print(f"\n{name} test accuracy: {clf.score(X_test, y_test):.3f} ({len(X_test)} images)")
     picture = Path(__file__).parent / "images" / "training_history.png"
     picture.parent.mkdir(exist_ok=True)
-    TrainingHistoryDisplay.from_estimator(clf).figure_.savefig(picture, dpi=100)
+    TrainingHistoryDisplay.from_estimator(clf).figure_.savefig(
+        picture, dpi=100, bbox_inches="tight"
+    )
     print(f"drew {picture}")
 
 

@@ -68,9 +68,9 @@ def main() -> None:
         FeatureExtractor("mobilenet_v2", image_size=96), X_train[:1000], y_train[:1000],
         layers=layers, cv=3,
     )  # fmt: skip
-    display.ax_.set_title("MNIST: linear probe of MobileNet-V2's layers (ImageNet weights)")
+    display.ax_.set_title("MNIST: a linear probe on each layer of MobileNet-V2")
     PICTURES.mkdir(exist_ok=True)
-    display.figure_.savefig(PICTURES / "layer_probe.png", dpi=100)
+    display.figure_.savefig(PICTURES / "layer_probe.png", dpi=100, bbox_inches="tight")
     for layer, scores in display.scores.items():
         print(f"linear probe on {layer:>12}: {scores.mean():.3f}")
     print(f"drew {PICTURES / 'layer_probe.png'}")

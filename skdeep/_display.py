@@ -66,7 +66,7 @@ class TrainingHistoryDisplay:
 
     Panels: the training and validation loss, the training and validation accuracy,
     the learning rate, and (for :class:`~skdeep.DomainAdaptedClassifier`) the domain
-    divergence, each per epoch.
+    divergence and the information-maximization loss on the target, each per epoch.
 
     Parameters
     ----------
@@ -97,12 +97,13 @@ class TrainingHistoryDisplay:
     def panels(self) -> list[tuple[str, list[str]]]:
         """Return the panels to draw: a title and its records, for the records present."""
         present = set().union(*(record.keys() for record in self.history))
-        divergences = sorted(present - set(_BASIC_RECORDS))
+        divergences = sorted(present - set(_BASIC_RECORDS) - {"information"})
         candidates = [
             ("loss", ["train_loss", "valid_loss"]),
             ("accuracy", ["train_accuracy", "valid_accuracy"]),
             ("learning rate", ["lr"]),
             ("divergence", divergences),
+            ("information loss (target)", ["information"]),
         ]
         return [
             (title, [key for key in keys if key in present])

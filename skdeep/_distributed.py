@@ -178,8 +178,10 @@ def check_devices(devices, device: torch.device) -> list[int] | int | None:
     ------
     ValueError
         Not None, a positive int or a list of distinct CUDA indices; a list on the
-        CPU; more GPUs than this machine has.
+        CPU; more GPUs than this machine has (outside torchrun, where ``devices``
+        counts the processes of every machine).
     """
+    torchrun = _launched_by_torchrun()
     expected = (
         "devices must be None, a positive int (the number of processes) or a list of "
         "distinct CUDA device indices"
@@ -190,7 +192,8 @@ def check_devices(devices, device: torch.device) -> list[int] | int | None:
         count = 1 if devices is None else int(devices)
         if count == 1:
             return None
-        if device.type == "cuda" and count > torch.cuda.device_count():
+        # Under torchrun, the count is of all machines' processes (see active_context).
+        if device.type == "cuda" and count > torch.cuda.device_count() and not torchrun:
             raise ValueError(
                 f"devices={devices} asks for {count} GPUs, but this machine has "
                 f"{torch.cuda.device_count()}"

@@ -212,6 +212,18 @@ def test_bad_devices_are_named(devices, message):
         FineTuneClassifier(**tiny_training(devices=devices, device="cpu")).fit(X, y)
 
 
+def test_under_torchrun_devices_counts_the_processes_of_every_machine(monkeypatch):
+    """Two machines of 4 GPUs: devices=8 is valid on each, though each has 4 GPUs."""
+    from skdeep._distributed import check_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match="asks for 8 GPUs, but this machine has 4"):
+        check_devices(8, torch.device("cuda"))
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert check_devices(8, torch.device("cuda")) == list(range(8))
+
+
 def test_the_global_batch_must_split_evenly():
     """batch_size is the global batch: it must split into equal parts."""
     X, y = separable_images(n_per_class=8, size=24)
