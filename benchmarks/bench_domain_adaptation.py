@@ -357,7 +357,9 @@ def ablation(args, device, report) -> None:
         "recalibration on source and target": lambda s: fit(s, recalibrate_bn="both"),
         "no recalibration": lambda s: fit(s, recalibrate_bn=False),
         "lr 3e-3": lambda s: fit(s, lr=3e-3),
-        "no information maximization": lambda s: fit(s, information_weight=0.0),
+        "information maximization (information_weight=0.3)": lambda s: fit(
+            s, information_weight=0.3
+        ),
     }
     records = run_methods(args, methods)
     report.table(
@@ -374,8 +376,8 @@ def final(args, device, report) -> None:
     methods = {
         "(c) FineTuneClassifier, source only": lambda s: skdeep_source_only(task, s, device),
         "(d) DomainAdaptedClassifier, defaults (MMD)": lambda s: skdeep_adapted(task, s, device),
-        "(d) information_weight=0": lambda s: skdeep_adapted(
-            task, s, device, information_weight=0.0
+        "(d) information_weight=0.3": lambda s: skdeep_adapted(
+            task, s, device, information_weight=0.3
         ),
         "(d) divergence='coral'": lambda s: skdeep_adapted(task, s, device, divergence="coral"),
         "(d) divergence='adversarial'": lambda s: skdeep_adapted(

@@ -35,8 +35,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     """Fine-tuning that carries over to an unlabeled target domain (DAN, Deep CORAL, DANN).
 
     Trains like :class:`FineTuneClassifier` on the labeled source images while a
-    divergence pulls the features of source and target images together, and the
-    predictions on the target images are asked to be confident and diverse::
+    divergence pulls the features of source and target images together (and, with
+    ``information_weight``, the predictions on the target images are asked to be
+    confident and diverse)::
 
         loss = cross_entropy(source) + ramp(progress) * (
             divergence_weight * sum over adapt_layers of
@@ -73,11 +74,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         progress p (from 0 to 1), as DANN does, so that the divergence does not act
         on the random early features of the new head; "constant" applies it fully
         from the start.
-    information_weight : float, default=0.3
+    information_weight : float, default=0.0
         Weight of the information-maximization term on the target images'
         predictions (:func:`skdeep.losses.information_loss`): each prediction
         confident, the batch's predictions spread over the classes. Scheduled like the
-        divergence; 0 leaves it out.
+        divergence; 0 leaves it out. On MNIST -> optdigits a weight of 0.3 raised the
+        best runs but not the mean, and made each run swing with float rounding (the
+        thread count alone moved one seed from 69 to 94 %), so it is off by default.
     adapt_layers : str or tuple of str, default=("penultimate",)
         Features compared: ``"penultimate"`` (the head's input), ``"logits"`` (the
         output), or module names (and timm's ``"intermediate:N"``, as in
@@ -179,7 +182,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         divergence="mmd",
         divergence_weight=1.0,
         divergence_schedule="ramp",
-        information_weight=0.3,
+        information_weight=0.0,
         adapt_layers=(PENULTIMATE,),
         batch_norm="joint",
         mmd_kernel="gaussian",

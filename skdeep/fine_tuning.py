@@ -175,13 +175,13 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     sync_batch_norm : bool, default=False
         With ``devices``, whether batch norms normalize each batch with the statistics
         of the global batch, so that the steps are exactly those of one process (two
-        collectives per batch norm and step: 2.3 times slower epochs than unsynchronized
-        with gloo between two CPU processes, see ``benchmarks/bench_distributed.py``).
-        False, as in PyTorch's DistributedDataParallel and Lightning, normalizes each
-        process's part with its own statistics, as a smaller batch would. Either way the
-        recalibration (``recalibrate_bn``) computes the running statistics over the
-        global batches, and every process ends with the same model. Ignored in one
-        process.
+        collectives per batch norm and step: epochs three times slower than
+        unsynchronized with gloo between two CPU processes, see
+        ``benchmarks/bench_distributed.py``). False, as in PyTorch's
+        DistributedDataParallel and Lightning, normalizes each process's part with its
+        own statistics, as a smaller batch would. Either way the recalibration
+        (``recalibrate_bn``) computes the running statistics over the global batches,
+        and every process ends with the same model. Ignored in one process.
 
     Attributes
     ----------
