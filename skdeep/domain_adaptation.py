@@ -45,9 +45,10 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             + information_weight * information_loss(target predictions))
 
     Each step draws a source batch and a target batch of the same size. The
-    divergence is the Deep Adaptation Network's multi-kernel MMD by default (a linear
-    kernel gives Deep Domain Confusion), Deep CORAL's covariance distance, or DANN's
-    domain classifier behind a gradient reversal layer. After training, batch norms
+    divergence is a multi-kernel MMD by default (the Deep Adaptation Network's, with
+    skada's 33 Laplacian kernels; a linear kernel gives Deep Domain Confusion), Deep
+    CORAL's covariance distance, or DANN's domain classifier behind a gradient
+    reversal layer. After training, batch norms
     take their statistics from the target images, which the network then predicts.
 
     Target images travel with the source images, row-aligned, so that pipelines and
@@ -95,14 +96,18 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         pass over the target images ("target", AdaBN: the network then predicts
         target images with their own statistics), over source and target batches
         together ("both", or True), or not at all (False).
-    mmd_kernel : {"gaussian", "linear"}, default="gaussian"
-        Kernel of the MMD (``divergence="mmd"`` only).
+    mmd_kernel : {"laplacian", "gaussian", "linear"}, default="laplacian"
+        Kernel of the MMD (``divergence="mmd"`` only; see :func:`skdeep.losses.mmd`).
+        On MNIST 5k -> optdigits over 8 paired seeds, the Laplacian kernels reached a
+        higher target accuracy than DAN's Gaussian ones (see the README).
     mmd_bandwidths : None, "median", float or list of floats, default=None
-        Gaussian bandwidths; None is DAN's five kernels around the median distance
-        (``divergence="mmd"`` only).
-    mmd_estimator : {"unbiased", "linear_time"}, default="unbiased"
-        The quadratic-time unbiased estimate, or the linear-time one (less memory
-        for large batches, more variance; ``divergence="mmd"`` only).
+        Bandwidths; None is the multi-kernel family of the kernel: 33 Laplacian
+        kernels around the median distance of the source rows, or DAN's five Gaussian
+        ones around the median distance (``divergence="mmd"`` only).
+    mmd_estimator : {"biased", "unbiased", "linear_time"}, default="biased"
+        The quadratic-time biased (V-statistic, as skada's DAN) or unbiased estimate,
+        or the linear-time one (less memory for large batches, more variance;
+        ``divergence="mmd"`` only).
     augment : bool or {"crop", "flip", "crop+flip"}, default="crop"
         As in :class:`FineTuneClassifier`, applied to source and target batches
         alike. Random crops are on by default here: they shift the framing of both
@@ -153,7 +158,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             list,
             tuple,
         ],
-        "mmd_estimator": [StrOptions({"unbiased", "linear_time"})],
+        "mmd_estimator": [StrOptions({"biased", "unbiased", "linear_time"})],
     }
 
     def __init__(
@@ -185,9 +190,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         information_weight=0.0,
         adapt_layers=(PENULTIMATE,),
         batch_norm="joint",
-        mmd_kernel="gaussian",
+        mmd_kernel="laplacian",
         mmd_bandwidths=None,
-        mmd_estimator="unbiased",
+        mmd_estimator="biased",
         random_state=None,
         device="auto",
         precision="auto",
@@ -370,9 +375,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     def _divergence_function(self):
         """Return the divergence between pooled source and target rows that ``divergence`` names."""
         mmd_options = {
-            "mmd_kernel": "gaussian",
+            "mmd_kernel": "laplacian",
             "mmd_bandwidths": None,
-            "mmd_estimator": "unbiased",
+            "mmd_estimator": "biased",
         }
         if self.divergence != "mmd":
             changed = [key for key, default in mmd_options.items() if getattr(self, key) != default]
@@ -382,8 +387,10 @@ class DomainAdaptedClassifier(FineTuneClassifier):
                     f"only; got divergence={self.divergence!r}"
                 )
             return coral if self.divergence == "coral" else self.divergence
-        estimator = mmd if self.mmd_estimator == "unbiased" else linear_time_mmd
-        return partial(estimator, kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths)
+        options = dict(kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths)
+        if self.mmd_estimator == "linear_time":
+            return partial(linear_time_mmd, **options)
+        return partial(mmd, unbiased=self.mmd_estimator == "unbiased", **options)
 
     def _calibration_target(self, target, target_rows, n_source):
         """Unaugmented target batches for the recalibration pass (None: source only).

@@ -9,8 +9,9 @@
 - :func:`information_loss` asks predictions on unlabeled images to be confident and
   diverse (information maximization, as in SHOT, Liang et al., 2020).
 
-All functions are differentiable. Bandwidths computed from the data (the median
-heuristic) are treated as constants: no gradient flows through them.
+All functions are differentiable. Gaussian bandwidths computed from the data (the
+median heuristic) are treated as constants; Laplacian ones, as in skada's DAN, carry
+gradients.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
-KERNELS = ("gaussian", "linear")
+KERNELS = ("laplacian", "gaussian", "linear")
 # DAN's family: sigma^2 = median squared distance x 2^k for k = -2..2.
 BANDWIDTH_MULTIPLIERS = (0.5, 2**-0.5, 1.0, 2**0.5, 2.0)
+# skada's DAN family: sigma = median source distance x 2^(k/2) for k/2 = -8..8.
+LAPLACIAN_MULTIPLIERS = tuple(2.0 ** (k / 2 - 8) for k in range(33))
 
 
 def median_bandwidths(
@@ -66,6 +69,30 @@ def _resolve_bandwidths(bandwidths, squared_distances: torch.Tensor) -> torch.Te
     return values
 
 
+def laplacian_bandwidths(source: torch.Tensor, bandwidths=None) -> torch.Tensor:
+    """Laplacian bandwidths sigma: numbers as given, or around the median source distance.
+
+    None gives :data:`LAPLACIAN_MULTIPLIERS` times the median of the distances between
+    the source rows (the zero diagonal included, plus 1e-7), with gradients through the
+    median, as skada's DAN computes them; "median" gives the median alone.
+    """
+    if bandwidths is None or isinstance(bandwidths, str):
+        if bandwidths not in (None, "median"):
+            raise ValueError(
+                f"bandwidths must be None, 'median' or positive numbers; got {bandwidths!r}"
+            )
+        median = torch.cdist(source, source).median() + 1e-7
+        multipliers = LAPLACIAN_MULTIPLIERS if bandwidths is None else (1.0,)
+        return median * torch.as_tensor(multipliers, dtype=source.dtype, device=source.device)
+    return _resolve_bandwidths(bandwidths, source)
+
+
+def laplacian_kernel(distances: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
+    """Sum over bandwidths sigma of ``exp(-d / sigma)`` (``d``: Euclidean distances)."""
+    sigmas = bandwidths.reshape(-1, *([1] * distances.ndim))
+    return torch.exp(-distances[None] / sigmas).sum(0)
+
+
 def _check_samples(source: torch.Tensor, target: torch.Tensor, minimum: int) -> None:
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
         raise ValueError(
@@ -91,14 +118,17 @@ def mmd(
     Parameters
     ----------
     source, target : tensors of shape (m, d) and (n, d)
-    kernel : {"gaussian", "linear"}, default="gaussian"
-        Gaussian kernel(s), or the linear kernel ``k(s, t) = s . t`` (Deep Domain
-        Confusion), for which MMD compares the means.
+    kernel : {"gaussian", "laplacian", "linear"}, default="gaussian"
+        Gaussian kernel(s) ``exp(-d^2 / (2 sigma^2))``, Laplacian kernel(s)
+        ``exp(-d / sigma)`` (the family of skada's DAN), or the linear kernel
+        ``k(s, t) = s . t`` (Deep Domain Confusion), for which MMD compares the means.
     bandwidths : None, "median", float or sequence of floats, default=None
-        Gaussian bandwidths sigma. None is DAN's multi-kernel form: the kernels of
-        five bandwidths around the median pairwise distance of the pooled sample
-        (see :data:`BANDWIDTH_MULTIPLIERS`), summed. "median" is the single kernel at
-        the median distance. Numbers are used as they are.
+        Bandwidths sigma. None is a multi-kernel form, the kernels summed: for the
+        Gaussian, DAN's five bandwidths around the median pairwise distance of the
+        pooled sample (see :data:`BANDWIDTH_MULTIPLIERS`, detached); for the
+        Laplacian, skada's 33 around the median distance of the source rows (see
+        :func:`laplacian_bandwidths`). "median" is the single kernel at the median
+        distance. Numbers are used as they are.
     unbiased : bool, default=True
         The unbiased U-statistic (leaves out the i == j terms; can be slightly
         negative), or the biased V-statistic (never negative).
@@ -114,6 +144,9 @@ def mmd(
     pooled = torch.cat([source, target])
     if kernel == "linear":
         gram = pooled @ pooled.T
+    elif kernel == "laplacian":
+        distances = torch.cdist(pooled, pooled)
+        gram = laplacian_kernel(distances, laplacian_bandwidths(source, bandwidths))
     else:
         squared = torch.cdist(pooled, pooled).pow(2)
         gram = gaussian_kernel(squared, _resolve_bandwidths(bandwidths, squared))
@@ -158,6 +191,9 @@ def linear_time_mmd(
     pairs = [(s1, s2), (t1, t2), (s1, t2), (s2, t1)]
     if kernel == "linear":
         values = [(a * b).sum(1) for a, b in pairs]
+    elif kernel == "laplacian":
+        sigmas = laplacian_bandwidths(source, bandwidths)
+        values = [laplacian_kernel((a - b).norm(dim=1), sigmas) for a, b in pairs]
     else:
         squared = [(a - b).pow(2).sum(1) for a, b in pairs]
         sigmas = _resolve_bandwidths(bandwidths, torch.cat(squared))

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from skdeep.losses import BANDWIDTH_MULTIPLIERS, coral, information_loss, linear_time_mmd, mmd
+from skdeep.losses import (
+    BANDWIDTH_MULTIPLIERS,
+    LAPLACIAN_MULTIPLIERS,
+    coral,
+    information_loss,
+    linear_time_mmd,
+    mmd,
+)
 
 
 def numpy_kernel(a, b, kernel, sigmas):
@@ -12,6 +19,8 @@ def numpy_kernel(a, b, kernel, sigmas):
     if kernel == "linear":
         return float(a @ b)
     squared = float(((a - b) ** 2).sum())
+    if kernel == "laplacian":
+        return sum(np.exp(-np.sqrt(squared) / s) for s in sigmas)
     return sum(np.exp(-squared / (2 * s**2)) for s in sigmas)
 
 
@@ -52,7 +61,14 @@ def samples():
 
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize(
-    "kernel, bandwidths", [("gaussian", 1.3), ("gaussian", [0.5, 2.0]), ("linear", None)]
+    "kernel, bandwidths",
+    [
+        ("gaussian", 1.3),
+        ("gaussian", [0.5, 2.0]),
+        ("laplacian", 1.3),
+        ("laplacian", [0.5, 2.0]),
+        ("linear", None),
+    ],
 )
 def test_mmd_matches_the_numpy_reference(samples, kernel, bandwidths, unbiased):
     """MMD matches the numpy reference."""
@@ -68,6 +84,18 @@ def test_default_bandwidths_are_dans_multi_kernel_around_the_median(samples):
     x, y = samples
     expected = numpy_mmd(x, y, "gaussian", numpy_median_sigmas(x, y))
     assert mmd(torch.from_numpy(x), torch.from_numpy(y)).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_default_laplacian_bandwidths_are_skadas_33_around_the_median_source_distance(samples):
+    """33 bandwidths 2^-8 ... 2^8 times the median distance between source rows."""
+    x, y = samples
+    distances = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)).ravel()  # diagonal included
+    median = np.sort(distances)[(len(distances) - 1) // 2] + 1e-7  # torch's lower middle
+    sigmas = [median * m for m in LAPLACIAN_MULTIPLIERS]
+    assert len(sigmas) == 33 and LAPLACIAN_MULTIPLIERS[0] == 2**-8
+    expected = numpy_mmd(x, y, "laplacian", sigmas, unbiased=False)
+    actual = mmd(torch.from_numpy(x), torch.from_numpy(y), "laplacian", unbiased=False)
+    assert actual.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_linear_time_mmd_matches_the_numpy_reference(samples):
@@ -105,7 +133,9 @@ def test_symmetric(samples, kernel):
     assert mmd(x, y, kernel).item() == pytest.approx(mmd(y, x, kernel).item(), abs=1e-12)
 
 
-@pytest.mark.parametrize("kernel, bandwidths", [("gaussian", [0.8, 1.6]), ("linear", None)])
+@pytest.mark.parametrize(
+    "kernel, bandwidths", [("gaussian", [0.8, 1.6]), ("laplacian", [0.8, 1.6]), ("linear", None)]
+)
 @pytest.mark.parametrize("estimator", [mmd, linear_time_mmd])
 def test_gradients_are_correct(estimator, kernel, bandwidths):
     """Gradients are correct."""
