@@ -50,7 +50,7 @@ def main() -> None:
         adapted, X_source[shown], X_target[:600], y_source[shown], y_target[:600],
         source_only=source_only,
     )  # fmt: skip
-    display.figure_.suptitle("MNIST (source) and optdigits (target) features, PCA")
+    display.figure_.suptitle("MNIST (source) and optdigits (target) features, PCA", y=1.04)
     display.figure_.savefig(PICTURES / "domain_alignment.png", dpi=100, bbox_inches="tight")
     history = TrainingHistoryDisplay.from_estimator(adapted)
     history.figure_.savefig(PICTURES / "adaptation_history.png", dpi=100, bbox_inches="tight")

@@ -43,7 +43,9 @@ def domains():
 def test_training_history_plots_history(domains):
     """Each curve's points are the history's numbers; divergence and information: own panels."""
     X_source, y_source, X_target, _ = domains
-    clf = DomainAdaptedClassifier(**tiny_training(early_stopping=True, max_epochs=3))
+    clf = DomainAdaptedClassifier(
+        **tiny_training(early_stopping=True, max_epochs=3), information_weight=0.3
+    )
     clf.fit(X_source, y_source, X_target=X_target)
     display = TrainingHistoryDisplay.from_estimator(clf)
     assert [axes.get_title().split(": ")[-1] for axes in display.ax_] == [
