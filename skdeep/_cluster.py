@@ -47,12 +47,13 @@ def local_cluster(n_workers: int | None = None, **options):
         dashboard_address="127.0.0.1:0",  # the scheduler's HTTP server, on loopback too
         silence_logs=logging.ERROR,
     )
+    forkserver = "forkserver" in multiprocessing.get_all_start_methods()
     config = dict(WORKER_CONFIG)
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    if forkserver:
         config["distributed.worker.multiprocessing-method"] = "forkserver"
-        with dask.config.set(config):
-            _preload_forkserver()
     with dask.config.set(config):
+        if forkserver:
+            _preload_forkserver()
         return LocalCluster(**{**settings, **options})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from numbers import Real
 from typing import ClassVar
@@ -48,8 +49,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     divergence is a multi-kernel MMD by default (the Deep Adaptation Network's, with
     skada's 33 Laplacian kernels; a linear kernel gives Deep Domain Confusion), Deep
     CORAL's covariance distance, or DANN's domain classifier behind a gradient
-    reversal layer. After training, batch norms
-    take their statistics from the target images, which the network then predicts.
+    reversal layer. After training, batch norms take their statistics from the target
+    images, which the network then predicts.
 
     Target images travel with the source images, row-aligned, so that pipelines and
     cross-validation keep them together: ``y == -1`` marks unlabeled (target) rows,
@@ -374,13 +375,14 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     def _divergence_function(self):
         """Return the divergence between pooled source and target rows that ``divergence`` names."""
-        mmd_options = {
-            "mmd_kernel": "laplacian",
-            "mmd_bandwidths": None,
-            "mmd_estimator": "biased",
-        }
         if self.divergence != "mmd":
-            changed = [key for key, default in mmd_options.items() if getattr(self, key) != default]
+            # The defaults from the signature, so that they are written down once.
+            defaults = inspect.signature(type(self)).parameters
+            changed = [
+                key
+                for key in ("mmd_kernel", "mmd_bandwidths", "mmd_estimator")
+                if getattr(self, key) != defaults[key].default
+            ]
             if changed:
                 raise ValueError(
                     f"{changed[0]}={getattr(self, changed[0])!r} applies to divergence='mmd' "
