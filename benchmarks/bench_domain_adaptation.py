@@ -54,7 +54,7 @@ from skdeep._training import (
 )
 from skdeep.backbones import load_backbone
 from skdeep.datasets import load_digits_images, load_mnist_5k, load_mnist_m_like
-from skdeep.losses import gaussian_kernel, median_bandwidths, mmd
+from skdeep.losses import gaussian_kernel, laplacian_bandwidths, median_bandwidths, mmd
 from skdeep.metrics import (
     DeepEmbeddedValidationScorer,
     PredictionEntropyScorer,
@@ -126,6 +126,18 @@ def median_source_mmd(source, target):
     return mmd(source, target, bandwidths=median_bandwidths(squared).tolist())
 
 
+def laplacian_detached_mmd(source, target):
+    """Return the default MMD with the median source distance treated as a constant."""
+    sigmas = laplacian_bandwidths(source.detach())
+    return mmd(source, target, kernel="laplacian", bandwidths=sigmas, unbiased=False)
+
+
+def laplacian_pooled_mmd(source, target):
+    """Return the default MMD with the median distance of all rows (with gradients)."""
+    sigmas = laplacian_bandwidths(torch.cat([source, target]))
+    return mmd(source, target, kernel="laplacian", bandwidths=sigmas, unbiased=False)
+
+
 def undetached_mmd(source, target):
     """DAN's kernels around the median of all rows, with gradients through the median."""
     pooled = torch.cat([source, target])
@@ -191,8 +203,15 @@ def skdeep_adamw(params, lr):
     return optimizer_of_groups("adamw", parameter_groups(flat, lr, WEIGHT_DECAY))
 
 
-def skada_method(name: str, own_settings: bool, task, seed, device) -> float:
-    """Target accuracy of skada's DAN, DeepCoral or DANN on skdeep's initial network."""
+def skada_method(
+    name: str, own_settings: bool, task, seed, device, recalibrate: bool = True
+) -> float:
+    """Target accuracy of skada's DAN, DeepCoral or DANN on skdeep's initial network.
+
+    With skdeep's settings (``own_settings=False``) the batch norms are recalibrated on
+    the target images before predicting, as skdeep does, unless ``recalibrate`` is
+    False (skada itself has no such step).
+    """
     from skada.deep import DAN, DANN, DeepCoral
     from skorch.callbacks import LRScheduler
 
@@ -249,7 +268,7 @@ def skada_method(name: str, own_settings: bool, task, seed, device) -> float:
     domains = np.r_[np.ones(len(X_source), np.int64), -np.ones(len(X_target), np.int64)]
     net.fit(X, y, sample_domain=domains)
     target_input = ready(X_target)
-    if not own_settings:  # skdeep's recalibration of batch norms on the target images
+    if recalibrate and not own_settings:  # skdeep's recalibration on the target images
         batches = (
             torch.from_numpy(target_input[i : i + BATCH]).to(device)
             for i in range(0, len(target_input), BATCH)
@@ -332,7 +351,10 @@ def ablation(args, device, report) -> None:
         "source only (FineTuneClassifier defaults)": lambda s: skdeep_source_only(task, s, device),
         "source only, target batch-norm statistics": lambda s: fit(s, divergence_weight=0.0),
         "no augmentation": lambda s: fit(s, augment=False),
+        "crops and flips": lambda s: fit(s, augment="crop+flip"),
         "logits adapted too": lambda s: fit(s, adapt_layers=("penultimate", "logits")),
+        "Laplacian kernels, median detached": lambda s: fit(s, divergence=laplacian_detached_mmd),
+        "Laplacian kernels, median of all rows": lambda s: fit(s, divergence=laplacian_pooled_mmd),
         "DAN's Gaussian kernels (unbiased)": lambda s: fit(s, **GAUSSIAN_SETTINGS),
         "Gaussian kernels, median of source rows": lambda s: fit(s, divergence=median_source_mmd),
         "Gaussian kernels, median not detached": lambda s: fit(s, divergence=undetached_mmd),
@@ -376,6 +398,9 @@ def final(args, device, report) -> None:
             settings = "its own settings" if own else "skdeep's settings"
             label = f"(e) skada {name}, {settings}"
             methods[label] = partial(skada_method, name, own, task, device=device)
+    methods["(e) skada DAN, skdeep's settings but no batch-norm recalibration"] = partial(
+        skada_method, "DAN", False, task, device=device, recalibrate=False
+    )
     try:
         import skada  # noqa: F401
     except ImportError:
