@@ -363,6 +363,7 @@ def final(args, device, report) -> None:
         GAUSSIAN + ", information_weight=0.3": lambda s: skdeep_adapted(
             task, s, device, **GAUSSIAN_SETTINGS, information_weight=0.3
         ),
+        "(d) divergence_weight=3": lambda s: skdeep_adapted(task, s, device, divergence_weight=3.0),
         "(d) information_weight=0.3": lambda s: skdeep_adapted(
             task, s, device, information_weight=0.3
         ),
