@@ -11,8 +11,9 @@ resumes where it stopped (``--fresh`` starts over):
 - ``ablation``: which choices matter. From DomainAdaptedClassifier's defaults, one
   factor changed at a time, on 2,000 MNIST source images, 3 paired seeds.
 - ``final``: MNIST 5k -> optdigits (1,797 8x8 digits brought to 28x28), 8 paired seeds:
-  source-only fine-tuning, skdeep's three divergences with their defaults, and skada's
-  DAN, DeepCORAL and DANN, each with skdeep's settings and with its own.
+  source-only fine-tuning, skdeep's three divergences with their defaults, a few
+  variants of the MMD (Gaussian kernels, information maximization, weight 3), and
+  skada's DAN, DeepCORAL and DANN, each with skdeep's settings and with its own.
 - ``selection``: choosing the MMD weight and the divergence without target labels, on
   2,000 source images, 3 seeds: each scorer's choice against the best target accuracy.
 - ``mnist_m``: MNIST (3,000 grey digits) -> MNIST-M-like (2,000 other digits blended into
