@@ -12,8 +12,9 @@ resumes where it stopped (``--fresh`` starts over):
   factor changed at a time, on 2,000 MNIST source images, 3 paired seeds.
 - ``final``: MNIST 5k -> optdigits (1,797 8x8 digits brought to 28x28), 8 paired seeds:
   source-only fine-tuning, skdeep's three divergences with their defaults, a few
-  variants of the MMD (Gaussian kernels, information maximization, weight 3), and
-  skada's DAN, DeepCORAL and DANN, each with skdeep's settings and with its own.
+  variants of the MMD (Gaussian kernels, information maximization, weight 3, constant
+  weight), and skada's DAN, DeepCORAL and DANN, each with skdeep's settings and with
+  its own.
 - ``selection``: choosing the MMD weight and the divergence without target labels, on
   2,000 source images, 3 seeds: each scorer's choice against the best target accuracy.
 - ``mnist_m``: MNIST (3,000 grey digits) -> MNIST-M-like (2,000 other digits blended into
@@ -365,6 +366,9 @@ def final(args, device, report) -> None:
             task, s, device, **GAUSSIAN_SETTINGS, information_weight=0.3
         ),
         "(d) divergence_weight=3": lambda s: skdeep_adapted(task, s, device, divergence_weight=3.0),
+        "(d) divergence_schedule='constant'": lambda s: skdeep_adapted(
+            task, s, device, divergence_schedule="constant"
+        ),
         "(d) information_weight=0.3": lambda s: skdeep_adapted(
             task, s, device, information_weight=0.3
         ),
