@@ -76,15 +76,11 @@ def laplacian_bandwidths(source: torch.Tensor, bandwidths=None) -> torch.Tensor:
     the source rows (the zero diagonal included, plus 1e-7), with gradients through the
     median, as skada's DAN computes them; "median" gives the median alone.
     """
-    if bandwidths is None or isinstance(bandwidths, str):
-        if bandwidths not in (None, "median"):
-            raise ValueError(
-                f"bandwidths must be None, 'median' or positive numbers; got {bandwidths!r}"
-            )
+    if bandwidths is None or (isinstance(bandwidths, str) and bandwidths == "median"):
         median = torch.cdist(source, source).median() + 1e-7
         multipliers = LAPLACIAN_MULTIPLIERS if bandwidths is None else (1.0,)
         return median * torch.as_tensor(multipliers, dtype=source.dtype, device=source.device)
-    return _resolve_bandwidths(bandwidths, source)
+    return _resolve_bandwidths(bandwidths, source)  # numbers, checked there (as other strings)
 
 
 def laplacian_kernel(distances: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:

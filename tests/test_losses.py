@@ -174,6 +174,8 @@ def test_bad_inputs():
         mmd(x, x, bandwidths=[1.0, -1.0])
     with pytest.raises(ValueError, match="'median'"):
         mmd(x, x, bandwidths="mean")
+    with pytest.raises(ValueError, match="'median'"):
+        mmd(x, x, kernel="laplacian", bandwidths="mean")
 
 
 def numpy_coral(x, y):
