@@ -187,13 +187,13 @@ def skdeep_adamw(params, lr):
 def skada_method(
     name: str, own_settings: bool, task, seed, device, recalibrate: bool = True
 ) -> float:
-    """Target accuracy of skada's DAN, DeepCoral or DANN on skdeep's initial network.
+    """Target accuracy of skada's DAN, DeepCoral, DANN or MCC on skdeep's initial network.
 
     With skdeep's settings (``own_settings=False``) the batch norms are recalibrated on
     the target images before predicting, as skdeep does, unless ``recalibrate`` is
     False (skada itself has no such step).
     """
-    from skada.deep import DAN, DANN, DeepCoral
+    from skada.deep import DAN, DANN, MCC, DeepCoral
     from skorch.callbacks import LRScheduler
 
     X_source, y_source, X_target, y_target = task
@@ -231,6 +231,8 @@ def skada_method(
     layer = "net.classifier.0"  # its output is the penultimate features
     if name == "DAN":
         net = DAN(wrapped, layer_name=layer, reg=1.0, **options)
+    elif name == "MCC":  # skdeep's temperature (the paper's); skada's default is 1
+        net = MCC(wrapped, layer_name=layer, reg=1.0, T=2.5, **options)
     elif name == "DeepCORAL":
         net = DeepCoral(wrapped, layer_name=layer, reg=1.0, **options)
     else:
@@ -372,6 +374,12 @@ def final(args, device, report) -> None:
         "(d) information_weight=0.3": lambda s: skdeep_adapted(
             task, s, device, information_weight=0.3
         ),
+        "(d) class_confusion_weight=1": lambda s: skdeep_adapted(
+            task, s, device, class_confusion_weight=1.0
+        ),
+        "(d) divergence_weight=0, class_confusion_weight=1 (MCC alone)": lambda s: skdeep_adapted(
+            task, s, device, divergence_weight=0.0, class_confusion_weight=1.0
+        ),
         "(d) divergence='coral'": lambda s: skdeep_adapted(task, s, device, divergence="coral"),
         "(d) divergence='adversarial'": lambda s: skdeep_adapted(
             task, s, device, divergence="adversarial"
@@ -384,6 +392,9 @@ def final(args, device, report) -> None:
             methods[label] = partial(skada_method, name, own, task, device=device)
     methods["(e) skada DAN, skdeep's settings but no batch-norm recalibration"] = partial(
         skada_method, "DAN", False, task, device=device, recalibrate=False
+    )
+    methods["(e) skada MCC, skdeep's settings"] = partial(
+        skada_method, "MCC", False, task, device=device
     )
     try:
         import skada  # noqa: F401

@@ -43,6 +43,8 @@ _BASIC_RECORDS = (
     "lr",
     "seconds",
 )
+# Records of the losses on the target images' predictions.
+_PREDICTION_RECORDS = ("information", "class_confusion")
 
 
 def _pyplot():
@@ -66,7 +68,8 @@ class TrainingHistoryDisplay:
 
     Panels: the training and validation loss, the training and validation accuracy,
     the learning rate, and (for :class:`~skdeep.DomainAdaptedClassifier`) the domain
-    divergence and the information-maximization loss on the target, each per epoch.
+    divergence and the losses on the target predictions (information maximization,
+    class confusion), each per epoch.
 
     Parameters
     ----------
@@ -97,13 +100,13 @@ class TrainingHistoryDisplay:
     def panels(self) -> list[tuple[str, list[str]]]:
         """Return the panels to draw: a title and its records, for the records present."""
         present = set().union(*(record.keys() for record in self.history))
-        divergences = sorted(present - set(_BASIC_RECORDS) - {"information"})
+        divergences = sorted(present - set(_BASIC_RECORDS) - set(_PREDICTION_RECORDS))
         candidates = [
             ("loss", ["train_loss", "valid_loss"]),
             ("accuracy", ["train_accuracy", "valid_accuracy"]),
             ("learning rate", ["lr"]),
             ("divergence", divergences),
-            ("information loss (target)", ["information"]),
+            ("prediction losses (target)", list(_PREDICTION_RECORDS)),
         ]
         return [
             (title, [key for key in keys if key in present])

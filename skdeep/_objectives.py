@@ -27,7 +27,7 @@ from torch import nn
 
 from ._network import LOGITS
 from ._taps import LayerFeatures
-from .losses import information_loss
+from .losses import class_confusion_loss, information_loss
 
 
 @dataclass
@@ -152,6 +152,9 @@ class DomainAlignment(Supervised):
     information_weight : float, default=0.0
         Weight of :func:`skdeep.losses.information_loss` on the target images' logits
         (confident and diverse predictions), scheduled like the alignment.
+    class_confusion_weight : float, default=0.0
+        Weight of :func:`skdeep.losses.class_confusion_loss` on the target images'
+        logits (Minimum Class Confusion), scheduled like the alignment.
     gather : callable, optional
         In data-parallel training, concatenates every rank's rows (with gradients),
         so that the alignment compares the global batches of both domains, as one
@@ -174,11 +177,20 @@ class DomainAlignment(Supervised):
         calibration_target_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
         calibrate_on: str = "both",
         information_weight: float = 0.0,
+        class_confusion_weight: float = 0.0,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         name: str | None = None,
     ):
         super().__init__(criterion, calibration_target_batches, calibrate_on)
-        self.information_weight = information_weight
+        # Losses on the target images' predictions: (history name, weight, loss).
+        self.prediction_terms = [
+            (name, term_weight, loss)
+            for name, term_weight, loss in (
+                ("information", information_weight, information_loss),
+                ("class_confusion", class_confusion_weight, class_confusion_loss),
+            )
+            if term_weight
+        ]
         self.gather = gather
         self.layers = list(layers)
         self.weight = weight
@@ -226,10 +238,10 @@ class DomainAlignment(Supervised):
         loss, measured = self.alignment(source, target, self.weight * factor)
         result.loss = result.loss + loss
         result.metrics[self.name] = measured
-        if self.information_weight:
-            information = information_loss(target[LOGITS])
-            result.loss = result.loss + self.information_weight * factor * information
-            result.metrics["information"] = information
+        for name, term_weight, prediction_loss in self.prediction_terms:
+            value = prediction_loss(target[LOGITS])
+            result.loss = result.loss + term_weight * factor * value
+            result.metrics[name] = value
         return result
 
     def alignment(self, source: dict, target: dict, weight: float):

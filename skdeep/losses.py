@@ -7,7 +7,9 @@
   classification loss so that source and target features become indistinguishable.
 - :func:`coral` compares second-order statistics (Deep CORAL, Sun and Saenko, 2016).
 - :func:`information_loss` asks predictions on unlabeled images to be confident and
-  diverse (information maximization, as in SHOT, Liang et al., 2020).
+  diverse (information maximization, as in SHOT, Liang et al., 2020);
+  :func:`class_confusion_loss`, that they do not mix classes (Minimum Class Confusion,
+  Jin et al., 2020).
 
 All functions are differentiable. Gaussian bandwidths computed from the data (the
 median heuristic) are treated as constants; Laplacian ones, as in skada's DAN, carry
@@ -241,3 +243,37 @@ def information_loss(logits: torch.Tensor) -> torch.Tensor:
     mean = p.mean(0)
     marginal = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
     return conditional - marginal
+
+
+def class_confusion_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
+    """Minimum Class Confusion: how often a batch's predictions mix two classes.
+
+    With ``p`` the softmax of ``logits / temperature``, rows weighted by
+    ``1 + exp(-H(p_i))`` (confident rows count more; the weights, detached, are scaled
+    to sum to the batch size), the class confusion matrix ``C = p^T diag(w) p`` is
+    normalized so that each column sums to 1, and the loss is the mean over classes of
+    the mass off the diagonal (Jin et al., 2020). It is low when each row is confident
+    and different rows go to different classes; a batch collapsed onto one class
+    scores high, since every other class's column then holds mostly its confusion
+    with that class.
+
+    Parameters
+    ----------
+    logits : tensor of shape (n, n_classes)
+    temperature : float, default=2.5
+        Softmax temperature (the paper's).
+
+    Returns
+    -------
+    scalar tensor
+    """
+    if logits.ndim != 2 or len(logits) < 1:
+        raise ValueError(f"logits must be 2-D (n, n_classes); got shape {tuple(logits.shape)}")
+    p = torch.softmax(logits.float() / temperature, dim=1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).detach()
+    weights = 1 + torch.exp(-entropy)
+    weights = len(p) * weights / weights.sum()
+    confusion = (p * weights[:, None]).T @ p
+    confusion = confusion / confusion.sum(0, keepdim=True)
+    n_classes = p.shape[1]
+    return (confusion.sum() - confusion.trace()) / n_classes

@@ -41,17 +41,22 @@ def domains():
 
 
 def test_training_history_plots_history(domains):
-    """Each curve's points are the history's numbers; divergence and information: own panels."""
+    """Each curve's points are the history's numbers; divergence and prediction losses apart."""
     X_source, y_source, X_target, _ = domains
     clf = DomainAdaptedClassifier(
-        **tiny_training(early_stopping=True, max_epochs=3), information_weight=0.3
+        **tiny_training(early_stopping=True, max_epochs=3),
+        information_weight=0.3,
+        class_confusion_weight=1.0,
     )
     clf.fit(X_source, y_source, X_target=X_target)
     display = TrainingHistoryDisplay.from_estimator(clf)
     assert [axes.get_title().split(": ")[-1] for axes in display.ax_] == [
-        "loss", "accuracy", "learning rate", "divergence", "information loss (target)"
+        "loss", "accuracy", "learning rate", "divergence", "prediction losses (target)"
     ]  # fmt: skip
-    for key in ("train_loss", "valid_loss", "valid_accuracy", "lr", "mmd", "information"):
+    assert display.ax_[4].get_legend() is not None  # both prediction losses
+    keys = ("train_loss", "valid_loss", "valid_accuracy", "lr", "mmd", "information",
+            "class_confusion")  # fmt: skip
+    for key in keys:
         x, y = display.lines_[key].get_data()
         np.testing.assert_array_equal(x, [r["epoch"] for r in clf.history_])
         np.testing.assert_allclose(y, [r[key] for r in clf.history_])

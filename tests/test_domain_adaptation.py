@@ -88,6 +88,28 @@ def test_the_penalty_brings_the_domains_together(domains):
     assert clf.history_[-1]["mmd"] < clf.history_[0]["mmd"]
 
 
+def test_class_confusion_alone_is_not_dropped(domains):
+    """A prediction term with divergence_weight=0 still trains, and lowers its loss."""
+    from skdeep.losses import class_confusion_loss
+
+    X_source, y_source, X_target, _ = domains
+
+    def confusion(weight):
+        clf = tiny_adapter(
+            divergence_weight=0.0, class_confusion_weight=weight,
+            divergence_schedule="constant", max_epochs=4,
+        )  # fmt: skip
+        clf.fit(X_source, y_source, X_target=X_target)
+        logits = torch.from_numpy(clf.predict_proba(X_target)).log()
+        return class_confusion_loss(logits).item(), clf
+
+    plain, plain_clf = confusion(0.0)
+    confused, clf = confusion(3.0)
+    assert "class_confusion" not in plain_clf.history_[0]
+    assert clf.history_[-1]["class_confusion"] < clf.history_[0]["class_confusion"]
+    assert confused < plain
+
+
 def test_target_labels_are_never_used_for_training(domains):
     """Target labels are never used for training."""
     X_source, y_source, X_target, y_target = domains

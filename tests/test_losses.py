@@ -7,6 +7,7 @@ import torch
 from skdeep.losses import (
     BANDWIDTH_MULTIPLIERS,
     LAPLACIAN_MULTIPLIERS,
+    class_confusion_loss,
     coral,
     information_loss,
     linear_time_mmd,
@@ -213,3 +214,37 @@ def test_information_loss_by_hand():
     assert information_loss(collapsed).item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match=r"logits must be 2-D"):
         information_loss(torch.zeros(3))
+
+
+def test_class_confusion_loss_by_hand():
+    """Minimum Class Confusion (Jin et al., 2020), written out in NumPy loops."""
+    logits = np.random.default_rng(1).normal(size=(7, 3)) * 3
+    temperature = 2.5
+    p = np.exp(logits / temperature)
+    p /= p.sum(1, keepdims=True)
+    weights = 1 + np.exp((p * np.log(p)).sum(1))  # 1 + exp(-entropy)
+    weights *= len(p) / weights.sum()
+    confusion = np.zeros((3, 3))
+    for i in range(len(p)):
+        for j in range(3):
+            for k in range(3):
+                confusion[j, k] += weights[i] * p[i, j] * p[i, k]
+    normalized = confusion / confusion.sum(0)
+    expected = (normalized.sum() - np.trace(normalized)) / 3
+    assert class_confusion_loss(torch.from_numpy(logits)).item() == pytest.approx(expected)
+
+
+def test_class_confusion_loss_rewards_confident_diverse_batches():
+    """Confident rows spread over the classes score near 0; a collapsed batch, high."""
+    diverse = class_confusion_loss(torch.eye(4) * 50).item()
+    unsure = class_confusion_loss(torch.zeros(4, 4)).item()
+    collapsed = class_confusion_loss(torch.tensor([[50.0, 0, 0, 0]] * 4)).item()
+    assert diverse == pytest.approx(0, abs=1e-6)
+    assert unsure == pytest.approx(3 / 4)  # uniform rows: every column 1/4 on its diagonal
+    assert collapsed > 0.7
+    confident = torch.eye(4).repeat(2, 1).requires_grad_()
+    loss = class_confusion_loss(confident * 2)  # gradient descent sharpens the predictions
+    loss.backward()
+    assert (confident.grad[confident.detach() == 1] < 0).all()
+    with pytest.raises(ValueError, match=r"logits must be 2-D"):
+        class_confusion_loss(torch.zeros(3))

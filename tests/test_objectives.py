@@ -210,22 +210,29 @@ def test_adversarial_training_shrinks_what_tells_the_domains_apart():
     assert strong < weak < without and strong < without - 0.1
 
 
-def test_information_term_on_the_target_logits():
-    """With information_weight, the loss adds its scheduled share of the target term."""
-    from skdeep.losses import information_loss
+@pytest.mark.parametrize(
+    ("option", "name", "loss_name"),
+    [
+        ("information_weight", "information", "information_loss"),
+        ("class_confusion_weight", "class_confusion", "class_confusion_loss"),
+    ],
+)
+def test_prediction_term_on_the_target_logits(option, name, loss_name):
+    """With a prediction term's weight, the loss adds its scheduled share of the term."""
+    import skdeep.losses
 
     model = small_model()
     images, labels = labeled_batch()
     target = torch.randn(16, 4) + 3
     plain = DivergencePenalty(nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, ramp, iter([]))
-    informed = DivergencePenalty(
-        nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, ramp, iter([]), information_weight=0.3
+    termed = DivergencePenalty(
+        nn.CrossEntropyLoss(), mean_gap, ["1"], 1.0, ramp, iter([]), **{option: 0.3}
     )
     losses = []
-    for objective in (plain, informed):
+    for objective in (plain, termed):
         with objective.attach(model):
             losses.append(objective.step(model, (images, labels, target), progress=0.4))
-    expected = information_loss(model(target))
+    expected = getattr(skdeep.losses, loss_name)(model(target))
     torch.testing.assert_close(losses[1].loss - losses[0].loss, 0.3 * ramp(0.4) * expected)
-    torch.testing.assert_close(losses[1].metrics["information"], expected)
-    assert "information" not in losses[0].metrics
+    torch.testing.assert_close(losses[1].metrics[name], expected)
+    assert name not in losses[0].metrics
