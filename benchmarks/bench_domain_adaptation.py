@@ -13,8 +13,9 @@ resumes where it stopped (``--fresh`` starts over):
 - ``final``: MNIST 5k -> optdigits (1,797 8x8 digits brought to 28x28), 8 paired seeds:
   source-only fine-tuning, skdeep's three divergences with their defaults, a few
   variants of the MMD (Gaussian kernels, information maximization, weight 3, constant
-  weight), and skada's DAN, DeepCORAL and DANN, each with skdeep's settings and with
-  its own.
+  weight, Minimum Class Confusion with and without the MMD), and skada's DAN,
+  DeepCORAL and DANN, each with skdeep's settings and with its own, and skada's MCC
+  with skdeep's settings.
 - ``selection``: choosing the MMD weight and the divergence without target labels, on
   2,000 source images, 3 seeds: each scorer's choice against the best target accuracy.
 - ``mnist_m``: MNIST (3,000 grey digits) -> MNIST-M-like (2,000 other digits blended into
@@ -572,7 +573,11 @@ def mnist_m(args, device, report) -> None:
         "divergence='adversarial'": lambda s: skdeep_adapted(
             task, s, device, divergence="adversarial"
         ),
+        "class_confusion_weight=1": lambda s: skdeep_adapted(
+            task, s, device, class_confusion_weight=1.0
+        ),
         "skada DAN, skdeep's settings": partial(skada_method, "DAN", False, task, device=device),
+        "skada MCC, skdeep's settings": partial(skada_method, "MCC", False, task, device=device),
     }
     try:
         import skada  # noqa: F401
