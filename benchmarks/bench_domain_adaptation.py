@@ -378,6 +378,9 @@ def final(args, device, report) -> None:
         "(d) class_confusion_weight=1": lambda s: skdeep_adapted(
             task, s, device, class_confusion_weight=1.0
         ),
+        "(d) class_confusion_weight=0.3": lambda s: skdeep_adapted(
+            task, s, device, class_confusion_weight=0.3
+        ),
         "(d) divergence_weight=0, class_confusion_weight=1 (MCC alone)": lambda s: skdeep_adapted(
             task, s, device, divergence_weight=0.0, class_confusion_weight=1.0
         ),

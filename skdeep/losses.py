@@ -274,6 +274,8 @@ def class_confusion_loss(logits: torch.Tensor, temperature: float = 2.5) -> torc
     weights = 1 + torch.exp(-entropy)
     weights = len(p) * weights / weights.sum()
     confusion = (p * weights[:, None]).T @ p
-    confusion = confusion / confusion.sum(0, keepdim=True)
+    # A class that no row gives any probability (softmax underflow) has an empty
+    # column: it holds no confusion, and must not divide by zero.
+    confusion = confusion / confusion.sum(0, keepdim=True).clamp_min(1e-12)
     n_classes = p.shape[1]
     return (confusion.sum() - confusion.trace()) / n_classes

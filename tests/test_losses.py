@@ -246,5 +246,7 @@ def test_class_confusion_loss_rewards_confident_diverse_batches():
     loss = class_confusion_loss(confident * 2)  # gradient descent sharpens the predictions
     loss.backward()
     assert (confident.grad[confident.detach() == 1] < 0).all()
+    never_predicted = torch.tensor([[1000.0, 0, 0], [0, 1000.0, 0]])  # class 2 underflows
+    assert class_confusion_loss(never_predicted).item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match=r"logits must be 2-D"):
         class_confusion_loss(torch.zeros(3))
