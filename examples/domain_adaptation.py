@@ -5,7 +5,8 @@ Run:  .venv/bin/python examples/domain_adaptation.py
 A network fine-tuned on MNIST digits does poorly on scikit-learn's 8x8 optdigits,
 whose thick, blurry strokes are another domain. DomainAdaptedClassifier sees the
 optdigits images too, without their labels, and pulls the features of both domains
-together (an MMD penalty, as in the Deep Adaptation Network). The optdigits labels are
+together (an MMD penalty, as in the Deep Adaptation Network), while a class-confusion
+loss asks its optdigits predictions not to mix classes. The optdigits labels are
 used only to score, and to mark the points of the picture it draws:
 ``examples/images/domain_alignment.png``, the features of both models projected to two
 dimensions, and ``examples/images/adaptation_history.png``, its training curves.

@@ -48,7 +48,7 @@ def test_image_estimator_checks(domains, method):
 
 
 def test_zero_weight_trains_exactly_like_fine_tuning(domains):
-    """Zero divergence weight trains exactly like fine-tuning.
+    """Zero divergence and class-confusion weights train exactly like fine-tuning.
 
     With recalibration on the target, the two then differ in batch-norm statistics
     alone: those of the target images.
@@ -57,10 +57,11 @@ def test_zero_weight_trains_exactly_like_fine_tuning(domains):
     params = tiny_training(augment="crop+flip", recalibrate_bn=False)
     plain = FineTuneClassifier(**params).fit(X_source, y_source)
     X, y = row_aligned(X_source, y_source, X_target)
-    adapter = DomainAdaptedClassifier(**params, divergence_weight=0.0).fit(X, y)
+    unadapted = dict(divergence_weight=0.0, class_confusion_weight=0.0)
+    adapter = DomainAdaptedClassifier(**params, **unadapted).fit(X, y)
     np.testing.assert_array_equal(adapter.predict_proba(X), plain.predict_proba(X))
     assert [r["train_loss"] for r in adapter.history_] == [r["train_loss"] for r in plain.history_]
-    recalibrated = tiny_adapter(augment="crop+flip", divergence_weight=0.0).fit(X, y)
+    recalibrated = tiny_adapter(augment="crop+flip", **unadapted).fit(X, y)
     assert [r["train_loss"] for r in recalibrated.history_] == [
         r["train_loss"] for r in plain.history_
     ]
@@ -77,7 +78,10 @@ def test_the_penalty_brings_the_domains_together(domains):
     X_source, y_source, X_target, _ = domains
 
     def feature_mmd(weight):
-        clf = tiny_adapter(divergence_weight=weight, divergence_schedule="constant", max_epochs=4)
+        clf = tiny_adapter(
+            divergence_weight=weight, class_confusion_weight=0.0,
+            divergence_schedule="constant", max_epochs=4,
+        )  # fmt: skip
         clf.fit(X_source, y_source, X_target=X_target)
         features = [torch.from_numpy(clf.transform(X)).double() for X in (X_source, X_target)]
         return mmd(*features).item(), clf
@@ -192,7 +196,10 @@ def test_the_default_penalty_pulls_the_domains_together(domains):
     network fine-tuned without the penalty.
     """
     X_source, y_source, X_target, _ = domains
-    settings = dict(max_epochs=4, divergence_weight=5.0, divergence_schedule="constant")
+    settings = dict(
+        max_epochs=4, divergence_weight=5.0, divergence_schedule="constant",
+        class_confusion_weight=0.0,
+    )  # fmt: skip
 
     def gap(clf):
         source, target = (torch.from_numpy(clf.transform(X)) for X in (X_source, X_target))
