@@ -98,7 +98,7 @@ class PeakMemory(Sampler):
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     """Format rows as a Markdown table (it pastes straight into the README)."""
     cells = [[_format(value) for value in row] for row in rows]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
     lines = [
         "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
