@@ -128,6 +128,8 @@ class TrainingHistoryDisplay:
             axes.set_xlabel("epoch")
             if len(keys) > 1:
                 axes.legend()
+            else:  # one curve: its name says which loss it is
+                axes.set_ylabel(keys[0])
         if self.estimator_name:
             self.ax_[0].set_title(f"{self.estimator_name}: {panels[0][0]}")
         self.figure_.tight_layout()

@@ -54,6 +54,7 @@ def test_training_history_plots_history(domains):
         "loss", "accuracy", "learning rate", "divergence", "prediction losses (target)"
     ]  # fmt: skip
     assert display.ax_[4].get_legend() is not None  # both prediction losses
+    assert display.ax_[3].get_ylabel() == "mmd"  # a lone curve is named on its axis
     keys = ("train_loss", "valid_loss", "valid_accuracy", "lr", "mmd", "information",
             "class_confusion")  # fmt: skip
     for key in keys:
