@@ -431,10 +431,7 @@ def final(args, device, report) -> None:
     methods["(e) skada MCC, skdeep's settings"] = partial(
         skada_method, "MCC", False, task, device=device
     )
-    try:
-        import skada  # noqa: F401
-    except ImportError:
-        methods = {k: v for k, v in methods.items() if "skada" not in k}
+    methods = without_skada_if_missing(methods, report)
     records = run_methods(args, methods)
     report.table(
         f"MNIST {len(task[0])} -> optdigits (target labels unseen), mobilenet_v2 ImageNet at "
@@ -494,6 +491,16 @@ def seed_block_rows(records: Records, method: str, rivals: list[str], blocks: di
             theirs = np.mean(list(values[rival].values()))
             rows.append([block, rival, theirs, own[1], own[4]])
     return rows
+
+
+def without_skada_if_missing(methods: dict, report) -> dict:
+    """Leave out skada's rows when skada is not installed, and say so in the report."""
+    try:
+        import skada  # noqa: F401
+    except ImportError:
+        report.note("skada is not installed, so its rows are left out (`make bench` installs it).")
+        return {name: run for name, run in methods.items() if "skada" not in name}
+    return methods
 
 
 def methods_key(methods, prefix: str) -> str:
@@ -661,10 +668,7 @@ def mnist_m(args, device, report) -> None:
         "skada DAN, skdeep's settings": partial(skada_method, "DAN", False, task, device=device),
         "skada MCC, skdeep's settings": partial(skada_method, "MCC", False, task, device=device),
     }
-    try:
-        import skada  # noqa: F401
-    except ImportError:
-        methods = {k: v for k, v in methods.items() if "skada" not in k}
+    methods = without_skada_if_missing(methods, report)
     records = run_methods(args, methods)
     report.table(
         f"MNIST {len(task[0])} -> MNIST-M-like {len(task[2])} (other digits, in photo "
