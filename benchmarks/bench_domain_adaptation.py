@@ -318,6 +318,8 @@ class Records:
         for row in self.rows:
             where = by_machine.setdefault(row.get("machine", "a machine not recorded"), {})
             where.setdefault(row["method"], []).append(row["seed"])
+        if not by_machine:
+            return "no fits recorded yet"
         first, *others = sorted(by_machine, key=lambda m: -sum(map(len, by_machine[m].values())))
         text = first
         for other in others:
