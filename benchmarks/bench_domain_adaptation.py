@@ -335,9 +335,15 @@ class Records:
         return {row["seed"]: row[key] for row in self.rows if row["method"] == method}
 
 
-def accuracy_table(records: Records, methods: list[str], reference: str) -> list[list]:
-    """Rows: mean and std of target accuracy (%), seeds, paired difference to ``reference``."""
-    values = {m: {s: 100 * v for s, v in records.values(m).items()} for m in methods}
+def accuracy_table(records: Records, methods: list[str], reference: str, seeds=None) -> list[list]:
+    """Rows: mean and std of target accuracy (%), seeds, paired difference to ``reference``.
+
+    ``seeds`` keeps only those seeds (all when None).
+    """
+    values = {
+        m: {s: 100 * v for s, v in records.values(m).items() if seeds is None or s in seeds}
+        for m in methods
+    }
     seconds = {m: records.values(m, "seconds") for m in methods}
     return paired_rows(values, reference, seconds)
 
@@ -435,6 +441,7 @@ def final(args, device, report) -> None:
     )
     methods = without_skada_if_missing(methods, report)
     records = run_methods(args, methods)
+    defaults = methods_key(methods, "(d) Domain")
     report.table(
         f"MNIST {len(task[0])} -> optdigits (target labels unseen), mobilenet_v2 ImageNet at "
         f"{IMAGE_SIZE} px, {EPOCHS} epochs, batch {BATCH} (fits on {records.machines()})",
@@ -446,7 +453,7 @@ def final(args, device, report) -> None:
             "minus (d) defaults (95% interval)",
             "s/fit",
         ],
-        accuracy_table(records, list(methods), methods_key(methods, "(d) Domain")),
+        accuracy_table(records, list(methods), defaults),
     )
     previous_defaults = methods_key(methods, "(d0) class_confusion_weight=0")
     report.table(
@@ -461,7 +468,6 @@ def final(args, device, report) -> None:
         ["method", "target accuracy %"],
         pixel_and_probe_baselines(task, device),
     )
-    defaults = methods_key(methods, "(d) Domain")
     rivals = [previous_defaults, *(m for m in methods if m.startswith("(e) skada DAN, skdeep"))]
     report.table(
         "The defaults against the MMD alone and skada's DAN, by block of seeds: the "
@@ -477,21 +483,12 @@ def seed_block_rows(records: Records, method: str, rivals: list[str], blocks: di
     rows = []
     for block, seeds in {**blocks, "all": None}.items():
         for rival in rivals:
-            values = {
-                name: {
-                    s: 100 * v
-                    for s, v in records.values(name).items()
-                    if seeds is None or s in seeds
-                }
-                for name in (method, rival)
-            }
-            if len(set(values[method]) & set(values[rival])) < 2:
-                continue  # this block has not been run for both
-            # paired_rows gives each row minus the reference: make the rival the reference.
-            seconds = {name: records.values(name, "seconds") for name in values}
-            own = paired_rows(values, rival, seconds)[0]
-            theirs = np.mean(list(values[rival].values()))
-            rows.append([block, rival, theirs, own[1], own[4]])
+            # Each row minus the reference: the rival is the reference.
+            compared = accuracy_table(records, [method, rival], rival, seeds)
+            if len(compared) < 2 or not compared[0][4]:
+                continue  # fewer than two seeds of this block run for both
+            own, theirs = compared
+            rows.append([block, rival, theirs[1], own[1], own[4]])
     return rows
 
 
