@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from ._augment import augment
+from ._augment import augment, parse_augment
 from ._compat import Interval, StrOptions, fit_context
 from ._labels import check_labels, unlabeled_rows
 from ._layouts import pooled_names
@@ -124,11 +124,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         The quadratic-time biased (V-statistic, as skada's DAN) or unbiased estimate,
         or the linear-time one (less memory for large batches, more variance;
         ``divergence="mmd"`` only).
-    augment : bool or {"crop", "flip", "crop+flip"}, default="crop"
+    augment : bool or str, default="crop"
         As in :class:`FineTuneClassifier`, applied to source and target batches
         alike. Random crops are on by default here: they shift the framing of both
         domains, which much of a shift between image sets often is (flips, which
-        are wrong for digits and text, are not).
+        are wrong for digits and text, are not). Adding small rotations
+        ("crop+rotate") varies the slant of strokes as well, which separates
+        handwriting styles.
     **fine_tune_params
         Everything else :class:`FineTuneClassifier` takes (backbone, weights,
         image_size, max_epochs, batch_size, lr, freeze, ...), with the same meaning.
@@ -435,7 +437,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
         In data-parallel training, this process's part of each.
         """
-        augmentations = self._check_augment()
+        augmentations = parse_augment(self.augment)
         while True:
             order = rng.permutation(rows)
             usable = len(order) - len(order) % self.batch_size

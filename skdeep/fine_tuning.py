@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from . import _distributed
-from ._augment import AUGMENTATIONS, augment
+from ._augment import augment, parse_augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._compat import Interval, StrOptions, fit_context
 from ._device import PRECISIONS, fork_rng, resolve_device
@@ -52,7 +52,7 @@ FINE_TUNE_CONSTRAINTS = {
         list,
         tuple,
     ],
-    "augment": ["boolean", StrOptions({"crop", "flip", "crop+flip"}), None],
+    "augment": ["boolean", str, None],  # the kinds are checked by parse_augment
     "label_smoothing": [Interval(Real, 0, 1, closed="left")],
     "class_weight": [None, StrOptions({"balanced"}), dict],
     "early_stopping": ["boolean"],
@@ -118,13 +118,15 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         head; an int N freezes the first N blocks listed by
         :func:`skdeep.backbones.backbone_stages`; a list names modules to freeze.
         Frozen modules also keep their batch-norm statistics.
-    augment : bool or {"crop", "flip", "crop+flip"}, default=False
-        Random crops (80-100% of each side, resized back) and/or horizontal flips,
-        applied on the device to whole batches; True means "crop+flip", False or
-        None none. Off by default because which changes keep a label depends on the
-        images: flips are wrong for digits, text and many medical or industrial
-        images, and over a few epochs augmentation slows learning. "crop" suits
-        photos trained for more epochs.
+    augment : bool or str, default=False
+        Random crops ("crop": 80-100% of each side, resized back), rotations
+        ("rotate": up to 15 degrees either way) and/or horizontal flips ("flip"),
+        joined by "+" ("crop+rotate", "crop+flip", ...), applied on the device to
+        whole batches; True means "crop+flip", False or None none. Off by default
+        because which changes keep a label depends on the images: flips are wrong
+        for digits, text and many medical or industrial images, and over a few
+        epochs augmentation slows learning. "crop" suits photos trained for more
+        epochs.
     label_smoothing : float, default=0.0
         Label smoothing of the cross-entropy loss.
     class_weight : dict, "balanced" or None, default=None
@@ -394,7 +396,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         if not self.warm_start:
             vars(self).pop("history_", None)  # until this fit ends, it is not fitted
         self._predictor_model = None
-        augmentations = self._check_augment()
+        augmentations = parse_augment(self.augment)
         seed = self._torch_seed()
         rng = np.random.default_rng(seed)
         train_rows, valid_rows = self._split_validation(np.flatnonzero(codes >= 0), codes, rng)
@@ -504,15 +506,6 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     def _training_size(self) -> int | None:
         # "auto" precision depends on the input size; the same precision predicts.
         return self.preprocessing_.crop_size
-
-    def _check_augment(self) -> tuple[str, ...]:
-        try:
-            return AUGMENTATIONS[self.augment]
-        except (KeyError, TypeError):
-            raise ValueError(
-                f"augment must be True, False, None, 'crop', 'flip' or 'crop+flip'; "
-                f"got {self.augment!r}"
-            ) from None
 
     def _freeze(self, model: nn.Module) -> list[str]:
         """Turn off gradients of the frozen modules; return their names."""

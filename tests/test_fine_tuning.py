@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from torch import nn
 
 from skdeep import FineTuneClassifier
-from skdeep._augment import augment
+from skdeep._augment import MAX_ROTATION, augment, parse_augment
 from skdeep._images import as_image_source
 
 from .conftest import TinyNet, needs_offline_weights, separable_images, tiny_training
@@ -113,7 +113,8 @@ def test_freeze_first_stages_and_named_modules(data):
         (dict(lr=-1.0), r"'lr' parameter .* range \(0.0, inf\)"),
         (dict(validation_fraction=1.5), r"'validation_fraction' parameter .* range \(0.0, 1.0\)"),
         (dict(optimizer="adam"), r"'optimizer' parameter .* Got 'adam'"),
-        (dict(augment="rotate"), r"'augment' parameter"),
+        (dict(augment="crop+spin"), r"augment must be .* joined by '\+'.*got 'crop\+spin'"),
+        (dict(augment="crop+crop"), r"augment must be .*got 'crop\+crop'"),
         (
             dict(class_weight={"up": 2.0}),
             r"class_weight names labels that are not classes: \['up'\]",
@@ -342,6 +343,39 @@ def test_augmentation_is_batched_and_seeded():
     assert cropped.shape == images.shape and torch.equal(cropped, again)
     assert not torch.allclose(cropped, images)
     assert augment(images, (), torch.Generator()) is images
+
+
+def test_augment_parameter_names_kinds_in_any_order():
+    """An augment parameter names its kinds joined by '+', in any order."""
+    assert parse_augment(True) == ("crop", "flip")
+    assert parse_augment(None) == parse_augment(False) == ()
+    assert parse_augment("rotate+crop") == ("crop", "rotate")
+    assert parse_augment("flip") == ("flip",)
+    with pytest.raises(ValueError, match=r"got 3"):
+        parse_augment(3)
+
+
+def test_rotations_turn_images_by_at_most_the_maximum_angle():
+    """Rotations turn each image about its centre, by different angles within the bound."""
+    size = 33
+    coords = torch.arange(size) - size // 2
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    bar = ((yy.abs() <= 1) & (xx.abs() <= 12)).float()  # a horizontal bar
+    images = bar.expand(64, 3, size, size).clone()
+    turned = augment(images, ("rotate",), torch.Generator().manual_seed(0))[:, 0]
+    # The bar's orientation from its second moments (image y grows downwards).
+    mass = turned.sum((1, 2))
+    cx, cy = (turned * xx).sum((1, 2)) / mass, (turned * yy).sum((1, 2)) / mass
+    assert cx.abs().max() < 0.5 and cy.abs().max() < 0.5  # turned about the centre
+    sxx = (turned * (xx - cx[:, None, None]) ** 2).sum((1, 2))
+    syy = (turned * (yy - cy[:, None, None]) ** 2).sum((1, 2))
+    sxy = (turned * (xx - cx[:, None, None]) * (yy - cy[:, None, None])).sum((1, 2))
+    degrees = torch.rad2deg(0.5 * torch.atan2(2 * sxy, sxx - syy)).abs()
+    assert degrees.max() <= MAX_ROTATION + 1.0
+    assert degrees.max() > MAX_ROTATION / 2 and degrees.std() > 2  # each image its own angle
+    disc = (xx**2 + yy**2 <= 64).float().expand(4, 3, size, size)
+    spun = augment(disc, ("rotate",), torch.Generator().manual_seed(1))
+    assert (spun - disc).abs().mean() < 0.02  # a disc looks the same turned
 
 
 @needs_offline_weights
