@@ -128,9 +128,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         As in :class:`FineTuneClassifier`, applied to source and target batches
         alike. Random crops are on by default here: they shift the framing of both
         domains, which much of a shift between image sets often is (flips, which
-        are wrong for digits and text, are not). Adding small rotations
-        ("crop+rotate") varies the slant of strokes as well, which separates
-        handwriting styles.
+        are wrong for digits and text, are not). Small rotations on top
+        ("crop+rotate") lowered the target accuracy on MNIST 5k -> optdigits by 3.3
+        points over 8 paired seeds (see the README), so they are not on by default.
     **fine_tune_params
         Everything else :class:`FineTuneClassifier` takes (backbone, weights,
         image_size, max_epochs, batch_size, lr, freeze, ...), with the same meaning.
