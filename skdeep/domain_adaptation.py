@@ -19,6 +19,7 @@ from ._network import LOGITS, PENULTIMATE, resolve_layer_names
 from ._objectives import (
     AdversarialPenalty,
     DivergencePenalty,
+    JointDivergencePenalty,
     Supervised,
     constant,
     domain_classifier,
@@ -26,14 +27,14 @@ from ._objectives import (
 )
 from ._taps import parse_layers, verified_layouts
 from .fine_tuning import FINE_TUNE_CONSTRAINTS, FineTuneClassifier
-from .losses import KERNELS, coral, linear_time_mmd, mmd
+from .losses import KERNELS, coral, joint_mmd, linear_time_mmd, mmd
 
 SCHEDULES = {"ramp": ramp, "constant": constant}
-DIVERGENCES = ("mmd", "coral", "adversarial")
+DIVERGENCES = ("mmd", "joint_mmd", "coral", "adversarial")
 
 
 class DomainAdaptedClassifier(FineTuneClassifier):
-    """Fine-tuning that carries over to an unlabeled target domain (DAN, Deep CORAL, DANN).
+    """Fine-tuning that carries over to an unlabeled target domain (DAN, JAN, Deep CORAL, DANN).
 
     Trains like :class:`FineTuneClassifier` on the labeled source images while a
     divergence pulls the features of source and target images together (and, with
@@ -48,11 +49,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     Each step draws a source batch and a target batch of the same size. The
     divergence is a multi-kernel MMD by default (the Deep Adaptation Network's, with
-    skada's 33 Laplacian kernels; a linear kernel gives Deep Domain Confusion), Deep
-    CORAL's covariance distance, or DANN's domain classifier behind a gradient
-    reversal layer. By default, Minimum Class Confusion (weight 0.3) also asks the
-    target predictions not to mix classes. After training, batch norms take their
-    statistics from the target images, which the network then predicts.
+    skada's 33 Laplacian kernels; a linear kernel gives Deep Domain Confusion), the
+    MMD of features and labels together (class by class, with the target's
+    predictions as labels), Deep CORAL's covariance distance, or DANN's domain
+    classifier behind a gradient reversal layer. By default, Minimum Class Confusion
+    (weight 0.3) also asks the target predictions not to mix classes. After training,
+    batch norms take their statistics from the target images, which the network then
+    predicts.
 
     Target images travel with the source images, row-aligned, so that pipelines and
     cross-validation keep them together: ``y == -1`` marks unlabeled (target) rows,
@@ -63,9 +66,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     Parameters
     ----------
-    divergence : {"mmd", "coral", "adversarial"} or callable, default="mmd"
+    divergence : {"mmd", "joint_mmd", "coral", "adversarial"} or callable, default="mmd"
         How the domains are compared: "mmd" (see the ``mmd_*`` parameters and
-        :func:`skdeep.losses.mmd`), "coral" (:func:`skdeep.losses.coral`),
+        :func:`skdeep.losses.mmd`), "joint_mmd" (the MMD of features and labels
+        together, :func:`skdeep.losses.joint_mmd`: the ``mmd_*`` kernel times a
+        linear kernel on the source labels and the target images' predicted
+        probabilities, detached, so that each class is aligned with itself),
+        "coral" (:func:`skdeep.losses.coral`),
         "adversarial" (DANN: a domain classifier with two hidden layers of 1024
         units, trained with the network at ``lr``, behind a gradient reversal layer
         whose coefficient is the scheduled weight), or a callable
@@ -113,17 +120,18 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         target images with their own statistics), over source and target batches
         together ("both", or True), or not at all (False).
     mmd_kernel : {"laplacian", "gaussian", "linear"}, default="laplacian"
-        Kernel of the MMD (``divergence="mmd"`` only; see :func:`skdeep.losses.mmd`).
+        Kernel of the MMD (``divergence="mmd"`` or ``"joint_mmd"`` only; see
+        :func:`skdeep.losses.mmd`).
         On MNIST 5k -> optdigits over 8 paired seeds, the Laplacian kernels reached a
         higher target accuracy than DAN's Gaussian ones (see the README).
     mmd_bandwidths : None, "median", float or list of floats, default=None
         Bandwidths; None is the multi-kernel family of the kernel: 33 Laplacian
         kernels around the median distance of the source rows, or DAN's five Gaussian
-        ones around the median distance (``divergence="mmd"`` only).
+        ones around the median distance (``divergence="mmd"`` or ``"joint_mmd"`` only).
     mmd_estimator : {"biased", "unbiased", "linear_time"}, default="biased"
         The quadratic-time biased (V-statistic, as skada's DAN) or unbiased estimate,
         or the linear-time one (less memory for large batches, more variance;
-        ``divergence="mmd"`` only).
+        ``divergence="mmd"`` only; ``"joint_mmd"`` takes the first two).
     augment : bool or str, default="crop"
         As in :class:`FineTuneClassifier`, applied to source and target batches
         alike. Random crops are on by default here: they shift the framing of both
@@ -141,7 +149,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     classes_, model_, history_, n_epochs_, best_epoch_, head_name_, frozen_modules_
         As in :class:`FineTuneClassifier`. Each ``history_`` record also holds the
         epoch's mean divergence (before weighting) under the divergence's name
-        (``"mmd"``, ``"coral"``; ``"adversarial"``: the domain classifier's
+        (``"mmd"``, ``"joint_mmd"``, ``"coral"``; ``"adversarial"``: the domain classifier's
         cross-entropy, ln 2 = 0.69 when it cannot tell the domains apart;
         ``"divergence"`` for a callable), and those of the prediction terms in use
         (``"information"``, ``"class_confusion"``).
@@ -385,7 +393,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             return AdversarialPenalty(
                 criterion, classifier, layers, self.divergence_weight, schedule, batches, **options
             )
-        return DivergencePenalty(
+        penalty = JointDivergencePenalty if self.divergence == "joint_mmd" else DivergencePenalty
+        return penalty(
             criterion,
             self._divergence_function(),
             layers,
@@ -398,6 +407,14 @@ class DomainAdaptedClassifier(FineTuneClassifier):
 
     def _divergence_function(self):
         """Return the divergence between pooled source and target rows that ``divergence`` names."""
+        options = dict(kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths)
+        if self.divergence == "joint_mmd":
+            if self.mmd_estimator == "linear_time":
+                raise ValueError(
+                    "mmd_estimator='linear_time' applies to divergence='mmd' only; "
+                    "divergence='joint_mmd' takes 'biased' or 'unbiased'"
+                )
+            return partial(joint_mmd, unbiased=self.mmd_estimator == "unbiased", **options)
         if self.divergence != "mmd":
             # The defaults from the signature, so that they are written down once.
             defaults = inspect.signature(type(self)).parameters
@@ -409,10 +426,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             if changed:
                 raise ValueError(
                     f"{changed[0]}={getattr(self, changed[0])!r} applies to divergence='mmd' "
-                    f"only; got divergence={self.divergence!r}"
+                    f"or 'joint_mmd' only; got divergence={self.divergence!r}"
                 )
             return coral if self.divergence == "coral" else self.divergence
-        options = dict(kernel=self.mmd_kernel, bandwidths=self.mmd_bandwidths)
         if self.mmd_estimator == "linear_time":
             return partial(linear_time_mmd, **options)
         return partial(mmd, unbiased=self.mmd_estimator == "unbiased", **options)

@@ -5,6 +5,8 @@
   ``MMD^2 = E k(s, s') + E k(t, t') - 2 E k(s, t)``. Deep Domain Confusion (Tzeng et
   al., 2014) and the Deep Adaptation Network (Long et al., 2015) add it to the
   classification loss so that source and target features become indistinguishable.
+- :func:`joint_mmd` compares the joint distributions of features and labels (target
+  labels: predicted probabilities), so that each class is aligned with itself.
 - :func:`coral` compares second-order statistics (Deep CORAL, Sun and Saenko, 2016).
 - :func:`information_loss` asks predictions on unlabeled images to be confident and
   diverse (information maximization, as in SHOT, Liang et al., 2020);
@@ -135,21 +137,89 @@ def mmd(
     -------
     scalar tensor
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    _check_samples(source, target, 2 if unbiased else 1)
+    return _mmd_of_gram(_pooled_gram(source, target, kernel, bandwidths), len(source), unbiased)
+
+
+def joint_mmd(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    source_labels: torch.Tensor,
+    target_probabilities: torch.Tensor,
+    kernel: str = "laplacian",
+    bandwidths=None,
+    unbiased: bool = False,
+) -> torch.Tensor:
+    """Squared MMD between the joint distributions of features and labels.
+
+    The kernel of :func:`mmd` on the features times a linear kernel on the labels:
+    ``k((x, l), (x', l')) = k(x, x') * (l . l')``, with ``l`` the one-hot label of a
+    source row and the predicted class probabilities of a target row (the target
+    has no labels). Only pairs that (are predicted to) share a class count, so the
+    discrepancy compares each class's features across domains instead of the
+    domains' features as a whole, as the Joint Adaptation Network does (Long et al.,
+    2017, with the network's outputs as the second layer of its joint kernel). It is
+    the sum over classes of the MMD between the class-weighted samples.
+
+    Parameters
+    ----------
+    source, target : tensors of shape (m, d) and (n, d)
+    source_labels : tensor of shape (m,)
+        Class codes of the source rows, from 0 to ``n_classes - 1``.
+    target_probabilities : tensor of shape (n, n_classes)
+        Predicted class probabilities of the target rows, used as they are: detach
+        them to treat them as pseudo-labels (:class:`skdeep.DomainAdaptedClassifier`
+        does, since a gradient through them lets the network shrink the discrepancy
+        by spreading its predictions).
+    kernel, bandwidths, unbiased
+        As in :func:`mmd`; the defaults are :class:`skdeep.DomainAdaptedClassifier`'s.
+
+    Returns
+    -------
+    scalar tensor
+    """
     _check_samples(source, target, 2 if unbiased else 1)
     m, n = len(source), len(target)
+    if target_probabilities.shape[0] != n or target_probabilities.ndim != 2:
+        raise ValueError(
+            f"target_probabilities must have shape ({n}, n_classes) for {n} target rows; "
+            f"got {tuple(target_probabilities.shape)}"
+        )
+    n_classes = target_probabilities.shape[1]
+    if (
+        source_labels.shape != (m,)
+        or not 0 <= int(source_labels.min()) <= int(source_labels.max()) < n_classes
+    ):
+        raise ValueError(
+            f"source_labels must hold {m} class codes from 0 to {n_classes - 1}; got shape "
+            f"{tuple(source_labels.shape)}, values {source_labels.min().item()} to "
+            f"{source_labels.max().item()}"
+        )
+    one_hot = torch.nn.functional.one_hot(source_labels.long(), n_classes)
+    labels = torch.cat([one_hot.to(target_probabilities.dtype), target_probabilities])
+    gram = _pooled_gram(source, target, kernel, bandwidths) * (labels @ labels.T)
+    return _mmd_of_gram(gram, m, unbiased)
+
+
+def _pooled_gram(source, target, kernel: str, bandwidths) -> torch.Tensor:
+    """Kernel matrix of the rows of ``source`` followed by those of ``target``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
     pooled = torch.cat([source, target])
     if kernel == "linear":
-        gram = pooled @ pooled.T
-    elif kernel == "laplacian":
+        return pooled @ pooled.T
+    if kernel == "laplacian":
         distances = torch.cdist(pooled, pooled)
-        gram = laplacian_kernel(distances, laplacian_bandwidths(source, bandwidths))
-    else:
-        squared = torch.cdist(pooled, pooled).pow(2)
-        gram = gaussian_kernel(squared, _resolve_bandwidths(bandwidths, squared))
+        return laplacian_kernel(distances, laplacian_bandwidths(source, bandwidths))
+    squared = torch.cdist(pooled, pooled).pow(2)
+    return gaussian_kernel(squared, _resolve_bandwidths(bandwidths, squared))
+
+
+def _mmd_of_gram(gram: torch.Tensor, m: int, unbiased: bool) -> torch.Tensor:
+    """MMD^2 from the pooled kernel matrix whose first ``m`` rows are the source's."""
     k_ss, k_tt, k_st = gram[:m, :m], gram[m:, m:], gram[:m, m:]
     if unbiased:
+        n = len(gram) - m
         within_source = (k_ss.sum() - k_ss.diagonal().sum()) / (m * (m - 1))
         within_target = (k_tt.sum() - k_tt.diagonal().sum()) / (n * (n - 1))
     else:

@@ -118,8 +118,9 @@ def test_unsynchronized_batch_norms_normalize_each_part_alone():
     assert local.predict_proba(X).shape == (len(X), 2)
 
 
-def test_domain_penalty_of_two_processes_is_that_of_the_global_batch():
-    """Features are gathered across ranks: the MMD is the one-process MMD, step by step."""
+@pytest.mark.parametrize("divergence", ["mmd", "joint_mmd"])
+def test_domain_penalty_of_two_processes_is_that_of_the_global_batch(divergence):
+    """Features (and labels) are gathered across ranks: the one-process MMD, step by step."""
     X_source, y_source = separable_images(n_per_class=16, size=24)
     X_target, _ = separable_images(n_per_class=16, size=24, seed=3)
     # Gaussian kernels with detached bandwidths: the default Laplacian ones take gradients
@@ -127,12 +128,12 @@ def test_domain_penalty_of_two_processes_is_that_of_the_global_batch():
     # next, so that equal penalties would not give equal steps to this tolerance.
     params = training(
         divergence_schedule="constant", divergence_weight=3.0, max_epochs=2, early_stopping=False,
-        mmd_kernel="gaussian", mmd_estimator="unbiased",
+        mmd_kernel="gaussian", mmd_estimator="unbiased", divergence=divergence,
     )  # fmt: skip
     alone = DomainAdaptedClassifier(**params).fit(X_source, y_source, X_target=255 - X_target)
     together = DomainAdaptedClassifier(**params, devices=2)
     together.fit(X_source, y_source, X_target=255 - X_target)
-    assert together.history_[0]["mmd"] > 0
+    assert together.history_[0][divergence] > 0
     # A penalty of weight 3 amplifies float32 rounding over the steps (up to 2e-4 here).
     assert_same_fit(alone, together, tolerance=2e-3)
 

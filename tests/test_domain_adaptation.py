@@ -8,7 +8,7 @@ from sklearn.pipeline import make_pipeline
 
 from skdeep import DomainAdaptedClassifier, FineTuneClassifier
 from skdeep._objectives import constant, ramp
-from skdeep.losses import coral, mmd
+from skdeep.losses import coral, joint_mmd, mmd
 
 from .conftest import separable_images, tiny_training
 from .estimator_checks import check_image_estimator, run_sklearn_checks
@@ -268,6 +268,10 @@ def test_bad_domain_inputs(domains, fit_args, message):
         (dict(batch_norm="frozen"), r"'batch_norm' parameter"),
         (dict(recalibrate_bn="source"), r"'recalibrate_bn' parameter"),
         (dict(divergence="coral", mmd_kernel="linear"), r"mmd_kernel='linear' applies to "),
+        (
+            dict(divergence="joint_mmd", mmd_estimator="linear_time"),
+            r"mmd_estimator='linear_time' applies to divergence='mmd' only",
+        ),
     ],
 )
 def test_bad_parameters_are_named(domains, params, message):
@@ -317,13 +321,14 @@ def test_bad_images_are_rejected_like_everywhere_else(domains):
         tiny_adapter().fit(X_source, y_source, X_target=np.full((4, 8, 8), np.nan))
 
 
-@pytest.mark.parametrize("divergence", ["coral", "adversarial", mmd])
+@pytest.mark.parametrize("divergence", ["coral", "adversarial", "joint_mmd", mmd])
 def test_every_divergence_shrinks_the_gap_between_the_domains(domains, divergence):
-    """CORAL, the adversarial classifier and a callable each pull the domains together.
+    """CORAL, the adversarial classifier, the joint MMD and a callable pull the domains together.
 
     Each is measured on the trained features with its own yardstick, against training
     without it: the CORAL distance, how well a linear classifier tells the domains
-    apart, or the callable (MMD).
+    apart, the joint MMD of features and labels (with the fitted network's target
+    predictions), or the callable (MMD).
     """
     X_source, y_source, X_target, _ = domains
     name = divergence if isinstance(divergence, str) else "divergence"
@@ -341,8 +346,12 @@ def test_every_divergence_shrinks_the_gap_between_the_domains(domains, divergenc
         clf.fit(X_source, y_source, X_target=X_target)
         if name == "adversarial":
             return domain_accuracy(clf, domains), clf
-        measure = coral if name == "coral" else divergence
         features = [torch.from_numpy(clf.transform(X)).double() for X in (X_source, X_target)]
+        if name == "joint_mmd":
+            codes = torch.from_numpy(np.searchsorted(clf.classes_, y_source))
+            predicted = torch.from_numpy(clf.predict_proba(X_target)).double()
+            return joint_mmd(*features, codes, predicted).item(), clf
+        measure = coral if name == "coral" else divergence
         return measure(*features).item(), clf
 
     without, _ = gap(0.0)

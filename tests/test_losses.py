@@ -10,6 +10,7 @@ from skdeep.losses import (
     class_confusion_loss,
     coral,
     information_loss,
+    joint_mmd,
     linear_time_mmd,
     mmd,
 )
@@ -25,22 +26,35 @@ def numpy_kernel(a, b, kernel, sigmas):
     return sum(np.exp(-squared / (2 * s**2)) for s in sigmas)
 
 
-def numpy_mmd(x, y, kernel="gaussian", sigmas=(1.0,), unbiased=True):
-    """Compute MMD by the textbook formula, one kernel evaluation at a time."""
-    m, n = len(x), len(y)
+def numpy_mmd(x, y, kernel="gaussian", sigmas=(1.0,), unbiased=True, x_labels=None, y_labels=None):
+    """Compute MMD by the textbook formula, one kernel evaluation at a time.
 
-    def mean_within(z):
+    With label vectors, the kernel of two points is their kernel times the dot product
+    of their labels (the joint MMD of features and labels).
+    """
+    m, n = len(x), len(y)
+    x_labels = np.ones((m, 1)) if x_labels is None else x_labels
+    y_labels = np.ones((n, 1)) if y_labels is None else y_labels
+
+    def k(a, la, b, lb):
+        return numpy_kernel(a, b, kernel, sigmas) * float(la @ lb)
+
+    def mean_within(z, labels):
         size = len(z)
         total = sum(
-            numpy_kernel(z[i], z[j], kernel, sigmas)
+            k(z[i], labels[i], z[j], labels[j])
             for i in range(size)
             for j in range(size)
             if i != j or not unbiased
         )
         return total / (size * (size - 1) if unbiased else size * size)
 
-    between = sum(numpy_kernel(a, b, kernel, sigmas) for a in x for b in y) / (m * n)
-    return mean_within(x) + mean_within(y) - 2 * between
+    between = sum(
+        k(a, la, b, lb)
+        for a, la in zip(x, x_labels, strict=True)
+        for b, lb in zip(y, y_labels, strict=True)
+    ) / (m * n)
+    return mean_within(x, x_labels) + mean_within(y, y_labels) - 2 * between
 
 
 def numpy_median_sigmas(x, y):
@@ -250,3 +264,78 @@ def test_class_confusion_loss_rewards_confident_diverse_batches():
     assert class_confusion_loss(never_predicted).item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match=r"logits must be 2-D"):
         class_confusion_loss(torch.zeros(3))
+
+
+def class_samples(samples):
+    """Return the samples with source class codes and target class probabilities (3 classes)."""
+    x, y = samples
+    rng = np.random.default_rng(1)
+    codes = np.arange(len(x)) % 3
+    probabilities = rng.dirichlet(np.ones(3), size=len(y))
+    return x, y, codes, probabilities
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize(
+    "kernel, bandwidths", [("gaussian", [0.5, 2.0]), ("laplacian", 1.3), ("linear", None)]
+)
+def test_joint_mmd_matches_the_numpy_reference(samples, kernel, bandwidths, unbiased):
+    """The feature kernel times the dot product of one-hot source and soft target labels."""
+    x, y, codes, probabilities = class_samples(samples)
+    sigmas = np.atleast_1d(bandwidths) if bandwidths is not None else ()
+    expected = numpy_mmd(x, y, kernel, sigmas, unbiased, np.eye(3)[codes], probabilities)
+    actual = joint_mmd(
+        torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(codes),
+        torch.from_numpy(probabilities), kernel, bandwidths, unbiased,
+    )  # fmt: skip
+    assert actual.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_joint_mmd_of_one_class_is_the_mmd(samples):
+    """With a single class, the label kernel is 1: the defaults are mmd's Laplacian ones."""
+    x, y = (torch.from_numpy(sample) for sample in samples)
+    one_class = joint_mmd(x, y, torch.zeros(len(x), dtype=torch.long), torch.ones(len(y), 1))
+    expected = mmd(x, y, "laplacian", unbiased=False)
+    assert one_class.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_joint_mmd_sees_classes_swapped_between_domains():
+    """Same features overall, each class where the other is: the MMD misses it, not the joint."""
+    generator = torch.Generator().manual_seed(0)
+    blob_a = torch.randn(40, 2, generator=generator, dtype=torch.float64) * 0.3
+    blob_b = blob_a + 4.0
+    source = torch.cat([blob_a, blob_b])
+    labels = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    target = torch.cat([blob_b, blob_a])  # the same rows; the classes swap places
+    predicted = torch.nn.functional.one_hot(labels, 2).double()  # target: 0 at b, 1 at a
+    assert mmd(source, target, "laplacian", unbiased=False).item() == pytest.approx(0, abs=1e-8)
+    swapped = joint_mmd(source, target, labels, predicted)
+    matched = joint_mmd(source, source, labels, predicted)
+    assert matched.item() == pytest.approx(0, abs=1e-8)
+    assert swapped.item() > 1.0
+
+
+def test_joint_mmd_has_gradients_with_respect_to_the_features():
+    """Gradients with respect to both samples' features are correct."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    codes = torch.tensor([0, 1, 1, 0, 1, 0])
+    probabilities = torch.softmax(torch.randn(5, 2, generator=generator, dtype=torch.float64), 1)
+    assert torch.autograd.gradcheck(
+        lambda a, b: joint_mmd(a, b, codes, probabilities, bandwidths=[0.8, 1.6]), (x, y)
+    )
+
+
+def test_joint_mmd_bad_labels_are_named():
+    """Bad labels and probabilities name the argument and what came."""
+    x = torch.zeros(4, 3)
+    probabilities = torch.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match=r"source_labels must hold 4 class codes from 0 to 1"):
+        joint_mmd(x, x, torch.tensor([0, 1, 2, 0]), probabilities)
+    with pytest.raises(ValueError, match=r"source_labels .* got shape \(3,\)"):
+        joint_mmd(x, x, torch.tensor([0, 1, 0]), probabilities)
+    with pytest.raises(ValueError, match=r"target_probabilities must have shape \(4, n_classes\)"):
+        joint_mmd(x, x, torch.tensor([0, 1, 1, 0]), probabilities[:3])
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        joint_mmd(x, x, torch.tensor([0, 1, 1, 0]), probabilities, kernel="rbf")

@@ -10,6 +10,7 @@ from skdeep._objectives import (
     AdversarialPenalty,
     DivergencePenalty,
     GradientReversal,
+    JointDivergencePenalty,
     Supervised,
     constant,
     domain_classifier,
@@ -67,6 +68,36 @@ def test_divergence_penalty_adds_the_weighted_divergence_of_each_layer():
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.metrics["gap"], penalty)
     assert not model[1]._forward_hooks  # the taps are gone after training
+
+
+def test_joint_penalty_gives_the_divergence_source_labels_and_detached_predictions():
+    """The joint divergence sees the labels and the target's class probabilities, detached."""
+    model = small_model()
+    images, labels = labeled_batch()
+    target = torch.randn(16, 4) + 3
+    seen = {}
+
+    def divergence(source_rows, target_rows, source_labels, target_probabilities):
+        seen.update(labels=source_labels, probabilities=target_probabilities)
+        return mean_gap(source_rows, target_rows)
+
+    objective = JointDivergencePenalty(
+        nn.CrossEntropyLoss(), divergence, ["1"], weight=0.5, schedule=constant,
+        target_batches=iter([]),
+    )  # fmt: skip
+    with objective.attach(model):
+        out = objective.step(model, (images, labels, target), progress=0.3)
+    hidden = model[1](model[0](torch.cat([images, target])))
+    logits = model[2](hidden)
+    torch.testing.assert_close(seen["labels"], labels)
+    torch.testing.assert_close(seen["probabilities"], torch.softmax(logits[16:], 1))
+    # Pseudo-labels: no gradient may reach the network through the predictions.
+    assert not seen["probabilities"].requires_grad
+    expected = nn.functional.cross_entropy(logits[:16], labels) + 0.5 * mean_gap(
+        hidden[:16], hidden[16:]
+    )
+    torch.testing.assert_close(out.loss, expected)
+    assert "joint_mmd" in out.metrics
 
 
 def test_divergence_penalty_needs_attach():
