@@ -331,7 +331,7 @@ def test_joint_mmd_bad_labels_are_named():
     """Bad labels and probabilities name the argument and what came."""
     x = torch.zeros(4, 3)
     probabilities = torch.full((4, 2), 0.5)
-    with pytest.raises(ValueError, match=r"source_labels must hold 4 class codes from 0 to 1"):
+    with pytest.raises(ValueError, match=r"class codes from 0 to 1; got values from 0 to 2"):
         joint_mmd(x, x, torch.tensor([0, 1, 2, 0]), probabilities)
     with pytest.raises(ValueError, match=r"source_labels .* got shape \(3,\)"):
         joint_mmd(x, x, torch.tensor([0, 1, 0]), probabilities)
