@@ -782,7 +782,7 @@ def joint(args, device, report) -> None:
         f"({records.machines(compared)}) and the final section's "
         f"({final_records.machines(compared)}); an analysis chosen after both had run: float "
         "rounding differs between CPUs, and the mean of a seed's two fits carries less of it",
-        ["method", "target accuracy %", "std", "seeds", "minus (d) defaults (95% interval)"],
+        ["method", "mean of two CPUs %", "std", "seeds", "minus (d) defaults (95% interval)"],
         [row[:-1] for row in two_machine_rows(records, final_records, compared, defaults)],
     )
     if len(args.seeds) > 16:
