@@ -71,7 +71,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         :func:`skdeep.losses.mmd`), "joint_mmd" (the MMD of features and labels
         together, :func:`skdeep.losses.joint_mmd`: the ``mmd_*`` kernel times a
         linear kernel on the source labels and the target images' predicted
-        probabilities, detached, so that each class is aligned with itself),
+        probabilities, detached, so that each class is aligned with itself; on
+        MNIST 5k -> optdigits it tied "mmd" over 32 paired seeds, see the README),
         "coral" (:func:`skdeep.losses.coral`),
         "adversarial" (DANN: a domain classifier with two hidden layers of 1024
         units, trained with the network at ``lr``, behind a gradient reversal layer
