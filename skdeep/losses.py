@@ -186,11 +186,11 @@ def joint_mmd(
             f"got {tuple(target_probabilities.shape)}"
         )
     n_classes = target_probabilities.shape[1]
-    # The range is checked where it costs nothing: on an accelerator, reading the codes
-    # would wait for the device at every training step (one_hot checks there instead).
     expected = f"source_labels must hold {m} class codes from 0 to {n_classes - 1}"
     if source_labels.shape != (m,):
         raise ValueError(f"{expected}; got shape {tuple(source_labels.shape)}")
+    # The range is checked where it costs nothing: on an accelerator, reading the codes
+    # would wait for the device at every training step (one_hot checks there instead).
     if (
         source_labels.device.type == "cpu"
         and not 0 <= source_labels.min() <= source_labels.max() < n_classes
