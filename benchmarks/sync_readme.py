@@ -7,7 +7,7 @@ A README table quoted from a result file sits under a marker line
 file, this script replaces each quoted table with the table of that file whose header
 names the same columns; it refuses (and changes nothing) when no table, or more than
 one, has that header, as when a benchmark renamed a column: then copy that table by
-hand. ``tests/test_readme.py`` checks that every quoted line is in its result file.
+hand. ``tests/test_readme.py`` checks that the README is what this script would write.
 """
 
 from __future__ import annotations
