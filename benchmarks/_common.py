@@ -113,10 +113,13 @@ class Report:
 
     The file starts with the date, the command, the machine (CPU model and instruction
     sets, threads, GPU) and the versions of the libraries, since the figures depend
-    on all of them. The README quotes these files.
+    on all of them. The README quotes these files. A run on a GPU writes
+    ``results/<name>_cuda.md``, so that it never overwrites the CPU's figures.
     """
 
     def __init__(self, name: str, device: torch.device, libraries: tuple[str, ...] = ()):
+        if device.type == "cuda":
+            name += "_cuda"
         self.path = RESULTS / f"{name}.md"
         self.parts = [f"# {name}\n", machine_description(device, libraries)]
         print(self.parts[-1], flush=True)

@@ -255,7 +255,7 @@ def speed_table(report: Report, device, image_size: int, epochs: int, seeds: lis
                     precision,
                     epoch,
                     statistics.mean(fit_seconds),
-                    f"{100 * np.mean(accuracies):.1f} ± {100 * np.std(accuracies):.1f}",
+                    f"{100 * np.mean(accuracies):.1f} ± {100 * np.std(accuracies, ddof=1):.1f}",
                     f"{epoch / skorch_epoch:.2f}",
                 ]
             )

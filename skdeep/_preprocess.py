@@ -131,6 +131,8 @@ def prepare_batch(
     scale = 1.0 / ((high - low) * std)
     shift = -(low / (high - low) + mean) / std
     # batch_norm in eval mode computes exactly x * weight + bias per channel here
-    # (zero mean, unit variance, eps 0), with kernels tuned for channels_last.
+    # (zero mean, unit variance), with kernels tuned for channels_last. Some torch
+    # releases (2.11 among them) refuse eps=0 even in eval mode: 1e-12 is positive but
+    # vanishes against the unit variance (1 + 1e-12 rounds to 1 in float32).
     ones = torch.ones(3, device=device)
-    return F.batch_norm(batch, torch.zeros_like(ones), ones, scale, shift, False, 0.0, 0.0)
+    return F.batch_norm(batch, torch.zeros_like(ones), ones, scale, shift, False, 0.0, 1e-12)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
@@ -29,6 +30,24 @@ def test_prepare_batch_normalizes_like_torchvision():
     expected = TF.normalize(TF.center_crop(raw.float() / 255, [32]), prep.mean, prep.std)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prepare_batch_works_where_torch_refuses_eps_zero(monkeypatch):
+    """Torch 2.11 refuses batch_norm(eps=0) even in eval mode: preprocessing must not need it."""
+    original = F.batch_norm
+
+    def strict_batch_norm(*args, **kwargs):
+        eps = kwargs.get("eps", args[7] if len(args) > 7 else 1e-5)
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm", strict_batch_norm)
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    prep = Preprocessing(resize_size=32, crop_size=32)
+    out = prepare_batch(raw, prep, torch.device("cpu"), (0.0, 255.0))
+    expected = TF.normalize(raw.float() / 255, prep.mean, prep.std)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gray_becomes_rgb_and_value_range_is_honoured():
