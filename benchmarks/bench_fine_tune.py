@@ -1,7 +1,9 @@
 """Fine-tuning: accuracy against the linear probe, and speed against skorch.
 
 Run:  .venv/bin/python benchmarks/bench_fine_tune.py [--quick] [--device cuda]
-(``make bench`` runs it after installing skorch; it writes results/fine_tune.md.)
+      [--sections accuracy speed]
+(``make bench`` runs it after installing skorch; it writes results/fine_tune.md, or
+results/fine_tune_<sections>.md for some sections.)
 
 1. Accuracy with FineTuneClassifier's defaults (only ``image_size`` and
    ``max_epochs`` are set) against the linear probe (FeatureExtractor + logistic
@@ -282,20 +284,31 @@ def _append(result, epoch_seconds, fit_seconds, accuracy):
     result[2].append(accuracy)
 
 
+SECTIONS = ("accuracy", "speed")
+
+
 def main() -> None:
-    """Run both tables and write results/fine_tune.md."""
+    """Run the tables and write results/fine_tune.md (or fine_tune_<sections>.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one epoch, for a smoke run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="tables to run"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    report = Report("fine_tune" + ("_quick" if args.quick else ""), device, ("skorch",))
-    accuracy_table(report, device, args.image_size, 1 if args.quick else 3, args.quick)
-    if args.quick:
-        speed_table(report, device, args.image_size, epochs=1, seeds=[0])
-    else:
-        speed_table(report, device, args.image_size, epochs=2, seeds=[0, 1, 2])
+    name = "fine_tune"
+    if tuple(args.sections) != SECTIONS:
+        name += "_" + "_".join(args.sections)
+    report = Report(name + ("_quick" if args.quick else ""), device, ("skorch",))
+    if "accuracy" in args.sections:
+        accuracy_table(report, device, args.image_size, 1 if args.quick else 3, args.quick)
+    if "speed" in args.sections:
+        if args.quick:
+            speed_table(report, device, args.image_size, epochs=1, seeds=[0])
+        else:
+            speed_table(report, device, args.image_size, epochs=2, seeds=[0, 1, 2])
     report.write()
 
 

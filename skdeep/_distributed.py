@@ -125,11 +125,12 @@ class _Gather(torch.autograd.Function):
 _active: DistributedContext | None = None
 
 
-def active_context(devices) -> DistributedContext | None:
+def active_context(devices, device: torch.device) -> DistributedContext | None:
     """Return the context this ``fit`` trains in: a spawned rank's, torchrun's, or None.
 
     Under torchrun with ``devices`` of 2 or more, the process group is initialised
-    here (once; an existing one is used as it is).
+    here (once; an existing one is used as it is): on the GPU of this process's local
+    rank when the estimator's resolved ``device`` is CUDA (NCCL), else on the CPU (gloo).
     """
     if _active is not None:
         return _active
@@ -143,10 +144,17 @@ def active_context(devices) -> DistributedContext | None:
             f"--nproc-per-node {_count(devices)})"
         )
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"torchrun started this process as local rank {local_rank}, but this machine "
+                f"has {torch.cuda.device_count()} GPU(s): start at most that many processes "
+                "per machine (--nproc-per-node), or train on the CPU with device='cpu'"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)

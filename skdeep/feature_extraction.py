@@ -104,7 +104,10 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         ``fit`` on the images given there (PyTorch's post-training static
         quantization, x86 backend, with bias correction; the first convolution stays
         in float); see ``calibration_size``. Networks that torch.fx cannot trace
-        are refused with a clear error.
+        are refused with a clear error. On CUDA, "float32" follows PyTorch's TF32
+        switches: cuDNN convolutions compute in TF32 by default on Ampere and newer
+        GPUs (features within about 1e-3 of float32); set
+        ``torch.backends.cudnn.allow_tf32 = False`` for IEEE float32.
     num_workers : int, default=0
         Worker processes that decode image files (0: in the main process).
     calibration_size : int, default=256

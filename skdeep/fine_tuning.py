@@ -334,7 +334,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     def _data_parallel_context(self):
         """Join the ranks this fit trains with, and take this rank's device (None: alone)."""
-        context = _distributed.active_context(self.devices)
+        context = _distributed.active_context(self.devices, self.device_)
         if context is None:
             return None
         if self.batch_size % context.world_size:

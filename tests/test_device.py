@@ -59,3 +59,49 @@ def test_fork_rng_seeds_without_touching_the_callers_generator():
     with fork_rng(torch.device("cpu"), 7):
         assert torch.equal(torch.rand(1), inside)
     assert torch.equal(torch.rand(1), expected_next)
+
+
+# ----------------------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_checks.sh runs the suite there; CI has none)
+# ----------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_features_are_the_cpu_features(images):
+    """float32 on the GPU gives the CPU's features; "auto" (float16) stays close to them."""
+    import numpy as np
+
+    from skdeep import FeatureExtractor
+
+    params = dict(backbone="resnet18", weights=None, image_size=32, random_state=0)
+    on_cpu = FeatureExtractor(**params, precision="float32", device="cpu").fit_transform(images)
+    extractor = FeatureExtractor(**params, precision="float32", device="cuda").fit(images)
+    assert extractor.device_.type == "cuda"
+    np.testing.assert_allclose(extractor.transform(images), on_cpu, rtol=1e-4, atol=1e-4)
+    half = FeatureExtractor(**params, device="cuda").fit(images)
+    assert half.precision_ == torch.float16
+    reduced = half.transform(images)
+    assert reduced.dtype == np.float32 and np.isfinite(reduced).all()
+    cosine = (reduced * on_cpu).sum(1) / np.linalg.norm(reduced, axis=1)
+    assert (cosine / np.linalg.norm(on_cpu, axis=1)).min() > 0.99
+
+
+@needs_cuda
+def test_cuda_training_with_float16_and_a_gradient_scaler_learns():
+    """Fine-tuning and domain adaptation train on the GPU in float16 (with a gradient scaler)."""
+    from skdeep import DomainAdaptedClassifier, FineTuneClassifier
+
+    from .conftest import separable_images, tiny_training
+
+    X, y = separable_images(n_per_class=24, size=24)
+    test_X, test_y = separable_images(n_per_class=20, size=24, seed=1)
+    params = tiny_training(device="cuda", precision="auto", max_epochs=5)
+    clf = FineTuneClassifier(**params).fit(X, y)
+    assert clf.device_.type == "cuda" and clf.precision_ == torch.float16
+    assert next(clf.model_.parameters()).device.type == "cuda"
+    assert clf.score(test_X, test_y) >= 0.9
+    adapted = DomainAdaptedClassifier(**tiny_training(device="cuda", precision="auto"))
+    adapted.fit(X, y, X_target=test_X)
+    assert adapted.predict_proba(test_X).shape == (len(test_X), 2)

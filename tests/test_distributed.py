@@ -1,5 +1,7 @@
 """Tests of data-parallel training (``devices``): gloo on the CPU, two processes.
 
+Every fit here asks for device="cpu", so that a machine with one GPU runs them too.
+
 Every spawned process listens on 127.0.0.1 only and is stopped by ``fit`` itself, even
 when a rank fails; the tests check that none is left behind.
 """
@@ -60,6 +62,7 @@ def training(**params) -> dict:
     """
     torch.manual_seed(0)
     defaults = dict(
+        device="cpu",
         backbone=UnbiasedNet(),
         sync_batch_norm=True,
         augment="crop",
@@ -169,7 +172,7 @@ class KilledNet(TinyNet):
 def test_a_rank_that_raises_fails_fit_with_its_error_and_traceback():
     """The parent raises the rank's own ValueError, with where it came from."""
     X, y = separable_images(n_per_class=8, size=24)
-    clf = FineTuneClassifier(**tiny_training(backbone=RaisingNet(), devices=2))
+    clf = FineTuneClassifier(**tiny_training(device="cpu", backbone=RaisingNet(), devices=2))
     start = time.monotonic()
     with pytest.raises(ValueError, match="rank 1 could not go on") as caught:
         clf.fit(X, y)
@@ -182,7 +185,7 @@ def test_a_rank_that_raises_fails_fit_with_its_error_and_traceback():
 def test_a_killed_rank_fails_fit_clearly_instead_of_hanging():
     """A rank killed by a signal: fit stops every rank and says which died, and how."""
     X, y = separable_images(n_per_class=8, size=24)
-    clf = FineTuneClassifier(**tiny_training(backbone=KilledNet(), devices=2))
+    clf = FineTuneClassifier(**tiny_training(device="cpu", backbone=KilledNet(), devices=2))
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 died .*SIGKILL"):
         clf.fit(X, y)
@@ -192,12 +195,14 @@ def test_a_killed_rank_fails_fit_clearly_instead_of_hanging():
 def test_the_fitted_estimator_pickles_clones_and_grid_searches():
     """Pickles load and predict in one process; clone keeps devices; GridSearchCV works."""
     X, y = separable_images(n_per_class=12, size=24)
-    clf = FineTuneClassifier(**tiny_training(devices=2, max_epochs=1)).fit(X, y)
+    clf = FineTuneClassifier(**tiny_training(device="cpu", devices=2, max_epochs=1)).fit(X, y)
     restored = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(restored.predict(X), clf.predict(X))
     assert clone(clf).get_params()["devices"] == 2 and not hasattr(clone(clf), "model_")
     search = GridSearchCV(
-        FineTuneClassifier(**tiny_training(devices=2, max_epochs=1)), {"lr": [0.01]}, cv=2
+        FineTuneClassifier(**tiny_training(device="cpu", devices=2, max_epochs=1)),
+        {"lr": [0.01]},
+        cv=2,
     ).fit(X, y)
     assert search.best_estimator_.devices == 2 and 0 <= search.best_score_ <= 1
 
@@ -229,11 +234,22 @@ def test_under_torchrun_devices_counts_the_processes_of_every_machine(monkeypatc
     assert check_devices(8, torch.device("cuda")) == list(range(8))
 
 
+def test_torchrun_with_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """A local rank without a GPU of its own is named, not a CUDA 'invalid device ordinal'."""
+    from skdeep._distributed import active_context
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="local rank 1, but this machine has 1 GPU"):
+        active_context(2, torch.device("cuda"))
+
+
 def test_the_global_batch_must_split_evenly():
     """batch_size is the global batch: it must split into equal parts."""
     X, y = separable_images(n_per_class=8, size=24)
     with pytest.raises(ValueError, match=r"batch_size=7 must be a multiple of the 2 processes"):
-        FineTuneClassifier(**tiny_training(devices=2, batch_size=7)).fit(X, y)
+        FineTuneClassifier(**tiny_training(device="cpu", devices=2, batch_size=7)).fit(X, y)
 
 
 TORCHRUN_SCRIPT = """
@@ -246,7 +262,7 @@ from tests.conftest import separable_images, tiny_training
 if __name__ == "__main__":
     X, y = separable_images(n_per_class=12, size=24)
     recalibrate = sys.argv[2] == "recalibrate"
-    params = tiny_training(devices=2, max_epochs=2, recalibrate_bn=recalibrate)
+    params = tiny_training(device="cpu", devices=2, max_epochs=2, recalibrate_bn=recalibrate)
     clf = FineTuneClassifier(**params).fit(X, y)
     rank = torch.distributed.get_rank()
     np.save(sys.argv[1] + f"/rank{rank}.npy", clf.predict_proba(X))

@@ -92,7 +92,7 @@ def test_freeze_first_stages_and_named_modules(data):
     X, y = data
     net = TinyNet()
     clf = tiny_classifier(net, freeze=2).fit(X, y)
-    after = clf.model_.state_dict()
+    after = {name: tensor.cpu() for name, tensor in clf.model_.state_dict().items()}
     before = net.state_dict()
     assert torch.equal(after["features.0.weight"], before["features.0.weight"])
     assert torch.equal(after["features.1.running_mean"], before["features.1.running_mean"])
@@ -387,10 +387,16 @@ def test_pretrained_mobilenet_fine_tunes(data):
 
 
 def test_predictions_run_the_rewritten_network_with_the_same_results(data):
-    """Predictions run the rewritten network with the same results."""
+    """Predictions run the rewritten network with the same results (in float32)."""
     X, y = data
     clf = FineTuneClassifier(
-        "resnet18", weights=None, image_size=24, max_epochs=1, batch_size=8, random_state=0
+        "resnet18",
+        weights=None,
+        image_size=24,
+        max_epochs=1,
+        batch_size=8,
+        precision="float32",
+        random_state=0,
     ).fit(X, y)
     predictor = clf._predictor()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in predictor.modules())

@@ -130,7 +130,7 @@ def test_unpickled_copies_keep_the_precision_they_were_fitted_at(monkeypatch):
     """A copy never resolves "auto" again; one that cannot run its precision warns."""
     from skdeep import _device
 
-    extractor = fitted(precision="auto")
+    extractor = fitted(precision="auto", device="cpu")  # a CPU cannot run float16
     native = _device.cpu_has_native_bfloat16()
     monkeypatch.setattr(_device, "cpu_has_native_bfloat16", lambda: not native)
     copy = pickle.loads(pickle.dumps(extractor))
@@ -141,4 +141,4 @@ def test_unpickled_copies_keep_the_precision_they_were_fitted_at(monkeypatch):
     assert fallen_back.precision_ != torch.float16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pickle.loads(pickle.dumps(fitted(precision="float32")))
+        pickle.loads(pickle.dumps(fitted(precision="float32", device="cpu")))

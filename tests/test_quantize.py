@@ -22,9 +22,14 @@ def calibration():
 
 
 def int8_extractor(**params):
-    """Return an int8 FeatureExtractor on a random ResNet-18 at 32 px (unfitted)."""
+    """Return an int8 FeatureExtractor on a random ResNet-18 at 32 px, on the CPU (unfitted)."""
     defaults = dict(
-        backbone="resnet18", weights=None, image_size=32, random_state=0, precision="int8"
+        backbone="resnet18",
+        weights=None,
+        image_size=32,
+        random_state=0,
+        precision="int8",
+        device="cpu",
     )
     return FeatureExtractor(**{**defaults, **params})
 
@@ -232,11 +237,11 @@ def test_int8_imagenet_features_meet_the_quality_targets():
 
     paths, labels = load_sample_photos("imagenet")
     photos = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    int8 = FeatureExtractor(precision="int8").fit(photos[:10]).transform(photos[10:])
-    float32 = FeatureExtractor(precision="float32").fit().transform(photos[10:])
+    int8 = FeatureExtractor(device="cpu", precision="int8").fit(photos[:10]).transform(photos[10:])
+    float32 = FeatureExtractor(device="cpu", precision="float32").fit().transform(photos[10:])
     similarity = cosine(int8, float32)
     assert similarity.mean() >= 0.97 and similarity.min() >= 0.93
-    logits = FeatureExtractor(precision="int8", layers="classifier.1", pooling=None)
+    logits = FeatureExtractor(device="cpu", precision="int8", layers="classifier.1", pooling=None)
     predicted = logits.fit(photos[:10]).transform(photos).argmax(1)
     assert (predicted == labels).sum() >= 17
 
@@ -260,4 +265,4 @@ def test_untraceable_networks_are_refused_clearly(calibration):
     """int8 needs a traced graph: a network torch.fx cannot follow is a clear error."""
     train, _ = calibration
     with pytest.raises(ValueError, match=r"needs a network that torch\.fx can trace"):
-        FeatureExtractor(_DataDependent(), precision="int8", image_size=32).fit(train)
+        FeatureExtractor(_DataDependent(), precision="int8", image_size=32, device="cpu").fit(train)
