@@ -350,8 +350,11 @@ def test_file_decoding_workers(image_files):
 
 @needs_offline_weights
 def test_default_extractor_has_real_imagenet_weights_offline(images):
-    """Default extractor has real ImageNet weights offline."""
-    extractor = FeatureExtractor(precision="float32").fit()
+    """Default extractor has real ImageNet weights offline.
+
+    On the CPU, which resizes uint8 images in uint8 as PIL does (a GPU resizes in float).
+    """
+    extractor = FeatureExtractor(precision="float32", device="cpu").fit()
     assert extractor.n_features_out_ == 1280
     assert extractor.preprocessing_.crop_size == 224
     # The same features as torchvision's network holding the checkpoint file itself.
