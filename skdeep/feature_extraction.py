@@ -106,7 +106,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         in float); see ``calibration_size``. Networks that torch.fx cannot trace
         are refused with a clear error. On CUDA, "float32" follows PyTorch's TF32
         switches: cuDNN convolutions compute in TF32 by default on Ampere and newer
-        GPUs (features within about 1e-3 of float32); set
+        GPUs (10 bits of mantissa: relative errors of about 1e-3 per convolution); set
         ``torch.backends.cudnn.allow_tf32 = False`` for IEEE float32.
     num_workers : int, default=0
         Worker processes that decode image files (0: in the main process).
