@@ -23,6 +23,12 @@ from .conftest import TinyNet, needs_offline_weights, separable_images, tiny_tra
 from .estimator_checks import check_image_estimator, run_sklearn_checks
 
 
+def small_resnet(**params):
+    """Return a FineTuneClassifier on a random ResNet-18 at 24 px, batches of 8."""
+    defaults = dict(weights=None, image_size=24, batch_size=8, random_state=0)
+    return FineTuneClassifier("resnet18", **{**defaults, **params})
+
+
 def tiny_classifier(net=None, **params):
     """Return a FineTuneClassifier with the fast settings of ``tiny_training``."""
     if net is not None:
@@ -62,15 +68,7 @@ def test_training_learns_an_easy_task(data):
 def test_resnet18_learns_with_augmentation(data):
     """ResNet-18 learns with augmentation."""
     X, y = data
-    clf = FineTuneClassifier(
-        "resnet18",
-        weights=None,
-        image_size=24,
-        max_epochs=3,
-        batch_size=8,
-        augment="crop",
-        random_state=0,
-    ).fit(X, y)
+    clf = small_resnet(max_epochs=3, augment="crop").fit(X, y)
     assert clf.score(*separable_images(n_per_class=20, size=24, seed=1)) >= 0.8
 
 
@@ -388,15 +386,7 @@ def test_pretrained_mobilenet_fine_tunes(data):
 def test_predictions_run_the_rewritten_network_with_the_same_results(data):
     """Predictions run the rewritten network with the same results (in float32)."""
     X, y = data
-    clf = FineTuneClassifier(
-        "resnet18",
-        weights=None,
-        image_size=24,
-        max_epochs=1,
-        batch_size=8,
-        precision="float32",
-        random_state=0,
-    ).fit(X, y)
+    clf = small_resnet(max_epochs=1, precision="float32").fit(X, y)
     predictor = clf._predictor()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in predictor.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in clf.model_.modules())  # kept for training
