@@ -142,6 +142,14 @@ class Report:
         print(f"\nwrote {self.path}")
 
 
+def report_name(base: str, sections, all_sections, quick: bool) -> str:
+    """Name a results file: ``base``, then the sections run when not all, then ``_quick``."""
+    name = base
+    if tuple(sections) != tuple(all_sections):
+        name += "_" + "_".join(sections)
+    return name + ("_quick" if quick else "")
+
+
 def paired_rows(
     values: dict[str, dict[int, float]], reference: str, seconds: dict[str, dict[int, float]]
 ) -> list[list]:

@@ -46,6 +46,7 @@ from _common import (
     machine,
     median_seconds,
     ready_tensors,
+    report_name,
     synchronize,
 )
 from PIL import Image
@@ -514,10 +515,7 @@ def main() -> None:
     from skdeep._device import resolve_device
 
     device = resolve_device(args.device)
-    name = "extraction"
-    if tuple(args.sections) != SECTIONS:
-        name += "_" + "_".join(args.sections)
-    name += "_quick" if args.quick else ""
+    name = report_name("extraction", args.sections, SECTIONS, args.quick)
     report = Report(name, device, ("img2vec_pytorch", "torchao"))
     n_images, repeats = (64, 1) if args.quick else (256, 3)
     if device.type == "cuda" and not args.quick:

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from _common import Report, machine
+from _common import Report, machine, report_name
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
@@ -298,10 +298,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = "fine_tune"
-    if tuple(args.sections) != SECTIONS:
-        name += "_" + "_".join(args.sections)
-    report = Report(name + ("_quick" if args.quick else ""), device, ("skorch",))
+    name = report_name("fine_tune", args.sections, SECTIONS, args.quick)
+    report = Report(name, device, ("skorch",))
     if "accuracy" in args.sections:
         accuracy_table(report, device, args.image_size, 1 if args.quick else 3, args.quick)
     if "speed" in args.sections:
