@@ -69,26 +69,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_cuda_features_are_the_cpu_features(images):
-    """float32 on the GPU gives the CPU's features; "auto" (float16) stays close to them."""
-    import numpy as np
-
-    from skdeep import FeatureExtractor
-
-    params = dict(backbone="resnet18", weights=None, image_size=32, random_state=0)
-    on_cpu = FeatureExtractor(**params, precision="float32", device="cpu").fit_transform(images)
-    extractor = FeatureExtractor(**params, precision="float32", device="cuda").fit(images)
-    assert extractor.device_.type == "cuda"
-    np.testing.assert_allclose(extractor.transform(images), on_cpu, rtol=1e-4, atol=1e-4)
-    half = FeatureExtractor(**params, device="cuda").fit(images)
-    assert half.precision_ == torch.float16
-    reduced = half.transform(images)
-    assert reduced.dtype == np.float32 and np.isfinite(reduced).all()
-    norms = np.linalg.norm(reduced, axis=1) * np.linalg.norm(on_cpu, axis=1)
-    assert ((reduced * on_cpu).sum(1) / norms).min() > 0.99  # cosine of each row
-
-
-@needs_cuda
 def test_cuda_training_with_float16_and_a_gradient_scaler_learns():
     """Fine-tuning and domain adaptation train on the GPU in float16 (with a gradient scaler)."""
     from skdeep import DomainAdaptedClassifier, FineTuneClassifier

@@ -275,6 +275,21 @@ def test_auto_precision_uses_native_bfloat16_with_close_features(images):
     assert cosine.min() > 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_features_are_the_cpu_features(images):
+    """float32 on the GPU gives the CPU's features; "auto" (float16) stays close to them."""
+    on_cpu = small_extractor(device="cpu").fit_transform(images)
+    extractor = small_extractor(device="cuda").fit(images)
+    assert extractor.device_.type == "cuda"
+    np.testing.assert_allclose(extractor.transform(images), on_cpu, rtol=1e-4, atol=1e-4)
+    half = small_extractor(device="cuda", precision="auto").fit(images)
+    assert half.precision_ == torch.float16
+    reduced = half.transform(images)
+    assert reduced.dtype == np.float32 and np.isfinite(reduced).all()
+    norms = np.linalg.norm(reduced, axis=1) * np.linalg.norm(on_cpu, axis=1)
+    assert ((reduced * on_cpu).sum(1) / norms).min() > 0.99  # cosine of each row
+
+
 def test_non_finite_features_are_an_error(images):
     """Non finite features are an error."""
 
