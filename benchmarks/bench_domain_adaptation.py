@@ -630,31 +630,43 @@ def selection(args, device, report) -> None:
         "each scorer's choice per seed, its target accuracy and the oracle's "
         f"(fits on {records.machines()})",
         ["scorer", "target accuracy of its choice %", "oracle %", "regret (points)",
-         "seeds it chose the oracle's setting", "settings it chose"],
-        selection_rows(records, names, list(scorers), args.seeds),
+         "minus no search (95% interval)", "seeds it chose the oracle's setting",
+         "settings it chose"],
+        selection_rows(records, names, list(scorers), args.seeds,
+                       no_search=("no search: the defaults", "mmd, weight 1")),
     )  # fmt: skip
 
 
-def selection_rows(records, names, scorer_names, seeds) -> list[list]:
-    """Per scorer: mean target accuracy of its choices, the oracle's, and the regret."""
+def selection_rows(records, names, scorer_names, seeds, no_search: tuple[str, str]) -> list[list]:
+    """Per scorer: target accuracy of its choices, the oracle's, and the regret.
+
+    ``no_search`` is a row's label and the setting it takes on every seed without
+    looking (the defaults: what a search must beat to be worth its fits); every row
+    also gets its seed-by-seed difference to that row, with a 95% interval.
+    """
+    label, setting = no_search
+    chosen = {}  # scorer -> {seed: target accuracy of its pick}
     rows = []
-    for scorer in ["oracle (target labels)", *scorer_names]:
-        chosen, oracle, hits, picks = [], [], 0, []
+    for scorer in ["oracle (target labels)", label, *scorer_names]:
+        chosen[scorer], oracle, hits, picks = {}, [], 0, []
         for seed in seeds:
             results = {n: r for r in records.rows if r["seed"] == seed for n in [r["method"]]}
             results = {n: results[n] for n in names if n in results}
             best = max(results, key=lambda n: results[n]["accuracy"])
             key = "accuracy" if scorer.startswith("oracle") else scorer
-            pick = max(results, key=lambda n, key=key: results[n][key])
-            chosen.append(100 * results[pick]["accuracy"])
+            pick = setting if scorer == label else max(results, key=lambda n: results[n][key])
+            chosen[scorer][seed] = 100 * results[pick]["accuracy"]
             oracle.append(100 * results[best]["accuracy"])
             hits += pick == best
             picks.append(pick)
+        mean = np.mean(list(chosen[scorer].values()))
         rows.append(
-            [scorer, np.mean(chosen), np.mean(oracle), np.mean(oracle) - np.mean(chosen),
-             f"{hits}/{len(seeds)}", "; ".join(sorted(set(picks)))]
+            [scorer, mean, np.mean(oracle), np.mean(oracle) - mean, f"{hits}/{len(seeds)}",
+             "; ".join(sorted(set(picks)))]
         )  # fmt: skip
-    return rows
+    no_seconds = {scorer: {} for scorer in chosen}
+    differences = [row[4] for row in paired_rows(chosen, label, no_seconds)]
+    return [[*row[:4], gap, *row[4:]] for row, gap in zip(rows, differences, strict=True)]
 
 
 def skdeep_scorers() -> dict:
