@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/bench_domain_adaptation.py --sections SECTION ...
       [--seeds N] [--only METHOD ...] [--quick] [--fresh] [--device cuda]
-(``make bench`` runs every section after installing skada; about ten hours from scratch here,
+(``make bench`` runs every section after installing skada; about twelve hours from scratch here,
 most of it in ``final`` and ``joint``.)
 
 Sections, each written to ``results/domain_adaptation_<section>.md``, with every fit's
