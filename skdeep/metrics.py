@@ -7,12 +7,12 @@ and, for deep embedded validation, its labeled source rows, so they plug into
 ``GridSearchCV(scoring=...)`` and ``cross_val_score`` with row-aligned data::
 
     from sklearn.model_selection import GridSearchCV
-    from skdeep.metrics import SoftNeighborhoodDensityScorer
+    from skdeep.metrics import PredictionEntropyScorer
 
     search = GridSearchCV(
         DomainAdaptedClassifier(image_size=32, max_epochs=4),
         {"divergence_weight": [0.3, 1.0, 3.0]},
-        scoring=SoftNeighborhoodDensityScorer(),
+        scoring=PredictionEntropyScorer(),
     ).fit(X, y)  # X: source and target images; y: labels, -1 for target rows
 
 Every scorer returns a number where greater is better, as scikit-learn expects.
