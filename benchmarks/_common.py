@@ -159,26 +159,35 @@ def paired_rows(
     of seeds, the mean of its seed-by-seed difference to ``reference`` with the 95%
     interval of that mean (Student's t), and the mean seconds per fit.
     """
-    from scipy import stats
-
     rows = []
     for method, by_seed in values.items():
         if not by_seed:  # not run (yet)
             continue
         scores = np.array(list(by_seed.values()))
         spread = scores.std(ddof=1) if len(scores) > 1 else float("nan")
-        common = sorted(set(by_seed) & set(values[reference]))
-        difference = ""
-        if method != reference and len(common) > 1:
-            gaps = np.array([by_seed[s] - values[reference][s] for s in common])
-            half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
-            mean = gaps.mean()
-            difference = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
+        difference = "" if method == reference else paired_difference(by_seed, values[reference])
         rows.append(
             [method, scores.mean(), spread, len(scores), difference,
              np.mean(list(seconds[method].values()))]
         )  # fmt: skip
     return rows
+
+
+def paired_difference(by_seed: dict[int, float], reference: dict[int, float]) -> str:
+    """Mean of ``by_seed`` minus ``reference`` on their common seeds, with its 95% interval.
+
+    The interval is Student's t on the seed-by-seed differences; empty when fewer than
+    two seeds are common.
+    """
+    from scipy import stats
+
+    common = sorted(set(by_seed) & set(reference))
+    if len(common) < 2:
+        return ""
+    gaps = np.array([by_seed[s] - reference[s] for s in common])
+    half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
+    mean = gaps.mean()
+    return f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
 
 
 def _format(value: object) -> str:

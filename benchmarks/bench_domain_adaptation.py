@@ -54,7 +54,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from _common import RESULTS, Report, machine, paired_rows
+from _common import RESULTS, Report, machine, paired_difference, paired_rows
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -664,9 +664,11 @@ def selection_rows(records, names, scorer_names, seeds, no_search: tuple[str, st
             [scorer, mean, np.mean(oracle), np.mean(oracle) - mean, f"{hits}/{len(seeds)}",
              "; ".join(sorted(set(picks)))]
         )  # fmt: skip
-    no_seconds = {scorer: {} for scorer in chosen}
-    differences = [row[4] for row in paired_rows(chosen, label, no_seconds)]
-    return [[*row[:4], gap, *row[4:]] for row, gap in zip(rows, differences, strict=True)]
+    # Each row's gap to the no-search row, known once every row's picks are.
+    for row in rows:
+        gap = "" if row[0] == label else paired_difference(chosen[row[0]], chosen[label])
+        row.insert(4, gap)
+    return rows
 
 
 def skdeep_scorers() -> dict:
