@@ -736,6 +736,7 @@ def mnist_m(args, device, report) -> None:
         "class_confusion_weight=0 (the previous defaults)": lambda s: skdeep_adapted(
             task, s, device, **MMD_ONLY
         ),
+        "divergence='joint_mmd'": lambda s: skdeep_adapted(task, s, device, divergence="joint_mmd"),
         "class_confusion_weight=0, divergence='coral'": lambda s: skdeep_adapted(
             task, s, device, **MMD_ONLY, divergence="coral"
         ),
