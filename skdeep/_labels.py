@@ -52,7 +52,8 @@ def encode_labels(y: np.ndarray, labeled: np.ndarray) -> tuple[np.ndarray, np.nd
     classes, codes = np.unique(y[labeled], return_inverse=True)
     if len(classes) < 2:
         raise ValueError(
-            f"y holds a single class ({classes[0]!r} in every labeled row); a "
+            # .tolist() turns NumPy scalars into Python ones: 0 or 'cat', not np.int64(0)
+            f"y holds a single class ({classes[:1].tolist()[0]!r} in every labeled row); a "
             "classifier needs at least two"
         )
     all_codes = np.full(len(y), -1, dtype=np.int64)
