@@ -156,6 +156,16 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         ``"divergence"`` for a callable), and those of the prediction terms in use
         (``"information"``, ``"class_confusion"``).
 
+    Notes
+    -----
+    Without target labels, nothing ties each target class to its source class but
+    the features, so a run can match some of them wrongly, and which runs do depends
+    on ``random_state`` and, through float rounding, on the CPU: the same seed gives
+    the same model on one kind of CPU, not necessarily on another. On MNIST 5k ->
+    optdigits (the README's benchmark), the defaults reach 91.4 % on average over 64
+    seeds, with a standard deviation of 2.9 points, and 4 of the 64 seeds land
+    between 82 and 85 %.
+
     Examples
     --------
     >>> import numpy as np
