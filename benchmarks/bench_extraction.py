@@ -282,11 +282,12 @@ def memory(report: Report, device: torch.device, sizes: list[int]) -> None:
         rows.append(row)
         del features
     header = ["images", "input", "output array", "peak above start", "peak minus output"]
-    title = f"Peak resident memory while transforming ({data} 28x28, mobilenet_v2 at 224 px, MiB)"
-    if on_gpu:
-        header.append("GPU peak allocated")
-        title = title.replace("Peak resident memory", "Peak host resident and GPU memory")
-    report.table(title, header, rows)
+    measured = "Peak host resident and GPU memory" if on_gpu else "Peak resident memory"
+    report.table(
+        f"{measured} while transforming ({data} 28x28, mobilenet_v2 at 224 px, MiB)",
+        header + (["GPU peak allocated"] if on_gpu else []),
+        rows,
+    )
 
 
 # ----------------------------------------------------------------------------------------
