@@ -89,6 +89,7 @@ GAUSSIAN = "(d0) mmd_kernel='gaussian', mmd_estimator='unbiased'"
 MMD_ONLY = dict(class_confusion_weight=0.0)
 ROTATED = "(d) augment='crop+rotate'"
 JOINT = "(j) divergence='joint_mmd'"
+WEIGHT_03 = "(w) divergence_weight=0.3"
 
 
 # ----------------------------------------------------------------------------------------
@@ -784,6 +785,7 @@ def joint(args, device, report) -> None:
     methods = {
         JOINT: partial(skdeep_adapted, task, device=device, divergence="joint_mmd"),
         defaults: partial(skdeep_adapted, task, device=device),
+        WEIGHT_03: partial(skdeep_adapted, task, device=device, divergence_weight=0.3),
     }
     for recalibrate, suffix in ((False, " but no batch-norm recalibration"), (True, "")):
         label = f"(e) skada DAN, skdeep's settings{suffix}"
