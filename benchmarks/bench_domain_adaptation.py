@@ -827,52 +827,38 @@ def joint(args, device, report) -> None:
     if "32-63" in blocks:
         blocks["16-63"] = range(16, 64)
     if len(blocks) > 1:
-        report.table(
+        block_table(
+            report,
             "The defaults against skada's DAN by block of seeds, in the order they were run; "
             "each block after the first confirms the comparison on seeds no choice was made on",
-            [
-                "seeds",
-                "method",
-                "target accuracy %",
-                "std",
-                "defaults %",
-                "defaults std",
-                "defaults minus it (95% interval)",
-            ],
+            "defaults",
             seed_block_rows(records, defaults, rivals, blocks, spread=True),
         )
         # The joint MMD ran on seeds 32-63 a session after the rest, to a rule written
         # down before (see the README).
-        report.table(
+        block_table(
+            report,
             "The joint MMD against the defaults and skada's DAN by block of seeds",
-            [
-                "seeds",
-                "method",
-                "target accuracy %",
-                "std",
-                "joint MMD %",
-                "joint MMD std",
-                "joint MMD minus it (95% interval)",
-            ],
+            "joint MMD",
             seed_block_rows(records, JOINT, [defaults, *rivals], blocks, spread=True),
         )
     if records.values(WEIGHT_03):
         # Run a session after the joint MMD, seeds 0-31 then 32-63, to a rule written
         # down before (see the README).
         halves = {"0-31": range(32), "32-63": range(32, 64)}
-        report.table(
+        block_table(
+            report,
             "Divergence weight 0.3 against the defaults and skada's DAN by half of the seeds",
-            [
-                "seeds",
-                "method",
-                "target accuracy %",
-                "std",
-                "weight 0.3 %",
-                "weight 0.3 std",
-                "weight 0.3 minus it (95% interval)",
-            ],
+            "weight 0.3",
             seed_block_rows(records, WEIGHT_03, [defaults, *rivals], halves, spread=True),
         )
+
+
+def block_table(report, title: str, label: str, rows: list) -> None:
+    """Write rows of :func:`seed_block_rows` (with ``spread``) for the method ``label``."""
+    header = ["seeds", "method", "target accuracy %", "std"]
+    header += [f"{label} %", f"{label} std", f"{label} minus it (95% interval)"]
+    report.table(title, header, rows)
 
 
 def two_machine_rows(records: Records, other: Records, methods: list[str], reference: str):
