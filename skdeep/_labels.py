@@ -53,7 +53,7 @@ def encode_labels(y: np.ndarray, labeled: np.ndarray) -> tuple[np.ndarray, np.nd
     if len(classes) < 2:
         raise ValueError(
             # .tolist() turns NumPy scalars into Python ones: 0 or 'cat', not np.int64(0)
-            f"y holds a single class ({classes[:1].tolist()[0]!r} in every labeled row); a "
+            f"y holds a single class ({classes.tolist()[0]!r} in every labeled row); a "
             "classifier needs at least two"
         )
     all_codes = np.full(len(y), -1, dtype=np.int64)
