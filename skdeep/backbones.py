@@ -1,10 +1,10 @@
 """Backbones: build a named network (torchvision or timm) with its weights and preprocessing.
 
 ``backbone`` is a torchvision classification model name (:func:`classification_models`
-lists them), ``"timm:<name>[.<tag>]"`` for a timm model (see :mod:`skdeep._timm`), or
+lists them), ``"timm:<name>[.<tag>]"`` for a timm model (see ``skdeep._timm``), or
 an ``nn.Module``. Where named weights are looked for, and what happens when they are
-nowhere, is :mod:`skdeep._weights`' job; surgery on the built network (new heads,
-stages, layer names) is :mod:`skdeep._network`'s.
+nowhere, is the job of ``skdeep._weights``; surgery on the built network (new heads,
+stages, layer names), of ``skdeep._network``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def load_backbone(
     ----------
     backbone : str or nn.Module
         A torchvision classification model name, ``"timm:<name>"`` for a timm model
-        (see :mod:`skdeep._timm`), or a module (deep-copied, so the caller's module is
+        (see ``skdeep._timm``), or a module (deep-copied, so the caller's module is
         never changed).
     weights : str, path or None
         A torchvision weights name such as ``"IMAGENET1K_V1"`` or ``"DEFAULT"``, the

@@ -59,7 +59,7 @@ def transform_array(extractor, X):
 
     Returns
     -------
-    dask.array.Array of shape (n, n_features_out_), float32
+    dask.array.Array of shape (n, ``n_features_out_``), float32
         Nothing is computed until asked.
     """
     import dask

@@ -392,7 +392,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n, n_features_out_), float32
+        features : ndarray of shape (n, ``n_features_out_``), float32
             For a ``dask.array``, a lazy ``dask.array`` with the row chunks of ``X``
             (see :func:`skdeep.dask.transform_array`).
         """

@@ -24,10 +24,11 @@ from collections.abc import Sequence
 
 import torch
 
+#: The kernels of :func:`mmd` and :func:`linear_time_mmd` (``kernel=``).
 KERNELS = ("laplacian", "gaussian", "linear")
-# DAN's family: sigma^2 = median squared distance x 2^k for k = -2..2.
+#: DAN's Gaussian family: sigma^2 = median squared distance x 2^k for k = -2..2.
 BANDWIDTH_MULTIPLIERS = (0.5, 2**-0.5, 1.0, 2**0.5, 2.0)
-# skada's DAN family: sigma = median source distance x 2^(k/2) for k/2 = -8..8.
+#: skada's DAN Laplacian family: sigma = median source distance x 2^(k/2) for k/2 = -8..8.
 LAPLACIAN_MULTIPLIERS = tuple(2.0 ** (k / 2 - 8) for k in range(33))
 
 
