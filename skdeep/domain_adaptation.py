@@ -9,11 +9,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted
 
 from ._augment import augment, parse_augment
 from ._compat import Interval, StrOptions, fit_context
-from ._labels import check_labels, unlabeled_rows
+from ._labels import check_labels, check_sample_domain, unlabeled_rows
 from ._layouts import pooled_names
 from ._network import LOGITS, PENULTIMATE, resolve_layer_names
 from ._objectives import (
@@ -306,9 +306,11 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             Source and target images, row-aligned with ``y`` (any form
             :class:`~skdeep.FeatureExtractor` accepts; a list for mixed sizes).
         y : array-like of shape (n_images,)
-            Class labels; -1 marks unlabeled (target) rows. With string labels, the
-            string "-1" does (None in an object array works too, but not in
-            scikit-learn's cross-validation splitters, which need one type).
+            Class labels, as any array scikit-learn takes (integers, floats, strings,
+            objects, a pandas Series). Unlabeled (target) rows hold -1, the string
+            "-1", or a missing value (None, NaN, ``pd.NA``), whatever the dtype;
+            scikit-learn's stratified splitters need one type, so -1 among integers
+            and "-1" among strings are the markers that cross-validate.
         sample_domain : array-like of int, optional
             Domain of each row: >= 0 source, < 0 target. Needed only when target rows
             carry labels (for scoring); without it, unlabeled rows are the target.
@@ -355,13 +357,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             raise ValueError(
                 "pass either sample_domain (row-aligned targets) or X_target, not both"
             )
-        domains = column_or_1d(sample_domain)
-        if len(domains) != n_images:
-            raise ValueError(
-                f"sample_domain has {len(domains)} entries but X has {n_images} images"
-            )
-        if domains.dtype.kind not in "iu":
-            raise ValueError(f"sample_domain must hold integers; got dtype {domains.dtype}")
+        domains = check_sample_domain(sample_domain, n_images)
         unlabeled_source = np.flatnonzero((domains >= 0) & unlabeled)
         if len(unlabeled_source):
             raise ValueError(
@@ -494,7 +490,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         X : images
             See :meth:`fit`.
         y : array-like of shape (n_images,)
-            True labels; -1 (or "-1", None) marks rows that are not scored.
+            True labels; unlabeled rows (-1, "-1" or missing, as in :meth:`fit`) are
+            not scored.
         sample_weight : array-like of shape (n_images,), optional
             Weights of the rows.
 
@@ -511,5 +508,13 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             raise ValueError("score needs labeled rows; every row of y is -1")
         logits = self._outputs(source, LOGITS, labeled)
         correct = self.classes_[logits.argmax(axis=1)] == y[labeled]
-        weights = None if sample_weight is None else np.asarray(sample_weight)[labeled]
+        weights = None
+        if sample_weight is not None:
+            weights = np.asarray(sample_weight, dtype=float)
+            if weights.shape != (len(y),):
+                raise ValueError(
+                    f"sample_weight must hold one weight per image, shape ({len(y)},); got "
+                    f"an array of shape {weights.shape}"
+                )
+            weights = weights[labeled]
         return float(np.average(correct, weights=weights))

@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ._labels import check_labels, unlabeled_rows
+from ._labels import check_labels, check_sample_domain, class_codes, unlabeled_rows
 
 __all__ = [
     "DeepEmbeddedValidationScorer",
@@ -46,9 +46,47 @@ __all__ = [
 ]
 
 
+def _check_probabilities(probabilities, argument: str = "probabilities") -> np.ndarray:
+    """Rows of class probabilities as a float64 array ``(n, k)``.
+
+    Raises
+    ------
+    ValueError
+        Not 2-D, empty, not finite, or outside [0, 1].
+    """
+    try:
+        p = np.asarray(probabilities, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{argument} must be numbers; got {type(probabilities).__name__}") from exc
+    if p.ndim != 2 or not p.size:
+        raise ValueError(
+            f"{argument} must be a 2-D array (n_rows, n_classes) of class probabilities; got "
+            f"an array of shape {p.shape}"
+        )
+    if not np.isfinite(p).all():
+        raise ValueError(
+            f"{argument} must hold probabilities, finite and in [0, 1]; got NaN or inf"
+        )
+    if p.min() < 0 or p.max() > 1:
+        raise ValueError(
+            f"{argument} must hold probabilities, finite and in [0, 1]; got values in "
+            f"[{p.min():g}, {p.max():g}]"
+        )
+    return p
+
+
+def _check_positive(value, argument: str) -> float:
+    """Return ``value`` as a float if positive and finite; else raise naming ``argument``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{argument} must be a positive number; got {value!r}")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{argument} must be a positive finite number; got {value!r}")
+    return float(value)
+
+
 def prediction_entropy(probabilities: np.ndarray) -> float:
     """Mean entropy (in nats) of rows of class probabilities."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    p = np.clip(_check_probabilities(probabilities), 1e-12, 1.0)
     return float(-(p * np.log(p)).sum(axis=1).mean())
 
 
@@ -60,7 +98,8 @@ def soft_neighborhood_density(probabilities: np.ndarray, temperature: float = 0.
     distribution over its neighbours, whose entropy is high when it sits in a dense
     cluster of like predictions. Returns the mean entropy.
     """
-    p = np.asarray(probabilities, dtype=np.float64)
+    p = _check_probabilities(probabilities)
+    temperature = _check_positive(temperature, "temperature")
     if len(p) < 2:
         raise ValueError(f"soft neighbourhood density needs 2 rows or more; got {len(p)}")
     p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
@@ -89,6 +128,13 @@ def deep_embedded_validation(losses: np.ndarray, weights: np.ndarray) -> float:
         ``eta = -cov(w L, w) / var(w)``, which lowers the estimate's variance.
     """
     losses, weights = np.asarray(losses, float), np.asarray(weights, float)
+    if losses.ndim != 1 or weights.shape != losses.shape or not len(losses):
+        raise ValueError(
+            "losses and weights must be 1-D arrays of one length, one entry per row; got "
+            f"shapes {losses.shape} and {weights.shape}"
+        )
+    if not (np.isfinite(losses).all() and np.isfinite(weights).all()) or weights.min() < 0:
+        raise ValueError("losses must be finite and weights finite and non-negative")
     weighted = weights * losses
     variance = np.var(weights, ddof=1) if len(weights) > 1 else 0.0
     eta = -np.cov(weighted, weights)[0, 1] / variance if variance > 0 else 0.0
@@ -98,11 +144,19 @@ def deep_embedded_validation(losses: np.ndarray, weights: np.ndarray) -> float:
 class _UnlabeledTargetScorer:
     """Split a scorer's rows into labeled source rows and unlabeled target rows."""
 
-    def _rows(self, X, y, sample_domain):
+    def _rows(self, estimator, X, y, sample_domain, needs=("predict_proba",)):
+        missing = [method for method in needs if not hasattr(estimator, method)]
+        if missing:
+            raise TypeError(
+                f"estimator must be a fitted classifier with {' and '.join(needs)}; "
+                f"{type(estimator).__name__} has no {missing[0]}"
+            )
         source = X if isinstance(X, (list, tuple)) else np.asarray(X)
+        if source.ndim == 0:
+            raise ValueError(f"X must be images, one per row; got {type(X).__name__}")
         y = check_labels(np.zeros(len(source)) if y is None else y, len(source))
         if sample_domain is not None:
-            target = np.asarray(sample_domain) < 0
+            target = check_sample_domain(sample_domain, len(source)) < 0
         else:
             target = unlabeled_rows(y)
         if target.sum() < 2:
@@ -121,7 +175,7 @@ class PredictionEntropyScorer(_UnlabeledTargetScorer):
 
     def __call__(self, estimator, X, y=None, sample_domain=None) -> float:
         """Score ``estimator`` on the target rows of ``X`` (``y == -1``)."""
-        source, _, target = self._rows(X, y, sample_domain)
+        source, _, target = self._rows(estimator, X, y, sample_domain)
         proba = estimator.predict_proba(_subset(source, np.flatnonzero(target)))
         return -prediction_entropy(proba)
 
@@ -140,9 +194,10 @@ class SoftNeighborhoodDensityScorer(_UnlabeledTargetScorer):
 
     def __call__(self, estimator, X, y=None, sample_domain=None) -> float:
         """Score ``estimator`` on the target rows of ``X`` (``y == -1``)."""
-        source, _, target = self._rows(X, y, sample_domain)
+        temperature = _check_positive(self.temperature, "temperature")
+        source, _, target = self._rows(estimator, X, y, sample_domain)
         proba = estimator.predict_proba(_subset(source, np.flatnonzero(target)))
-        return soft_neighborhood_density(proba, self.temperature)
+        return soft_neighborhood_density(proba, temperature)
 
 
 class DeepEmbeddedValidationScorer(_UnlabeledTargetScorer):
@@ -167,7 +222,14 @@ class DeepEmbeddedValidationScorer(_UnlabeledTargetScorer):
 
     def __call__(self, estimator, X, y=None, sample_domain=None) -> float:
         """Score ``estimator`` on the rows of ``X``: labeled source and unlabeled target."""
-        source, y, target = self._rows(X, y, sample_domain)
+        if (
+            isinstance(self.n_splits, (bool, np.bool_))
+            or not isinstance(self.n_splits, (int, np.integer))
+            or self.n_splits < 2
+        ):
+            raise ValueError(f"n_splits must be an integer of 2 or more; got {self.n_splits!r}")
+        needs = ("predict_proba", "transform", "classes_")
+        source, y, target = self._rows(estimator, X, y, sample_domain, needs)
         labeled = np.flatnonzero(~target & ~unlabeled_rows(y))
         if len(labeled) < 2:
             raise ValueError(
@@ -186,12 +248,7 @@ class DeepEmbeddedValidationScorer(_UnlabeledTargetScorer):
         ratio = len(labeled) / (len(rows) - len(labeled))
         weights = ratio * p_target / (1 - p_target)
         proba = estimator.predict_proba(_subset(source, labeled))
-        codes = np.searchsorted(estimator.classes_, y[labeled])
-        known = (codes < len(estimator.classes_)) & (
-            estimator.classes_[np.minimum(codes, len(estimator.classes_) - 1)] == y[labeled]
-        )
-        if not known.all():
-            raise ValueError("y holds labels the estimator was not fitted with")
+        codes = class_codes(estimator.classes_, y[labeled])
         losses = -np.log(np.clip(proba[np.arange(len(labeled)), codes], 1e-12, None))
         return -deep_embedded_validation(losses, weights)
 

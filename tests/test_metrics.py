@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
 
 from skdeep import DomainAdaptedClassifier
@@ -39,9 +40,87 @@ def test_soft_neighborhood_density_against_a_loop():
     assert soft_neighborhood_density(p) == pytest.approx(np.mean(entropies))
     # Two tight clusters: each row's neighbours are its own cluster, fewer than all rows.
     clustered = np.array([[1, 0]] * 4 + [[0, 1]] * 4, dtype=float)
-    spread = np.random.default_rng(1).dirichlet(np.ones(2), size=8)
     assert soft_neighborhood_density(clustered) == pytest.approx(np.log(3), rel=1e-3)
-    assert soft_neighborhood_density(spread) > 0
+
+
+def test_soft_neighborhood_density_is_higher_for_consistent_predictions():
+    """Greater is better: consistent clusters beat scattered or fragmented predictions.
+
+    Target rows of two classes: a good model predicts two tight clusters; worse ones
+    scatter their probabilities at random, or split each class over many classes.
+    """
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 20)
+    good = np.where(truth[:, None] == np.arange(2), 0.95, 0.05)
+    scattered = rng.dirichlet(np.ones(2), size=40)
+    fragmented = np.eye(10)[rng.integers(0, 10, 40)] * 0.9 + 0.01
+    assert soft_neighborhood_density(good) > soft_neighborhood_density(scattered)
+    assert soft_neighborhood_density(good) > soft_neighborhood_density(fragmented)
+    assert prediction_entropy(good) < prediction_entropy(scattered)
+
+
+class StubClassifier(ClassifierMixin, BaseEstimator):
+    """A classifier of known quality on each domain, for ranking checks.
+
+    Images carry their class in pixel ``[0, 0, 0]`` (0 or 255) and their domain in
+    pixel ``[0, 0, 1]`` (0 source, 255 target). On a domain whose quality is "good",
+    the predictions are right and confident; "bad", random probabilities.
+    """
+
+    def __init__(self, source_quality="good", target_quality="good"):
+        self.source_quality = source_quality
+        self.target_quality = target_quality
+
+    def fit(self, X, y):
+        """Record the classes of the labeled rows."""
+        y = np.asarray(y)
+        self.classes_ = np.unique(y[y != "-1"])
+        return self
+
+    def predict_proba(self, X):
+        """Right and confident on "good" domains, random on "bad" ones."""
+        X = np.asarray(X)
+        truth = (X[:, 0, 0, 0] > 127).astype(int)
+        target = X[:, 0, 0, 1] > 127
+        p = np.where(truth[:, None] == np.arange(2), 0.95, 0.05)
+        bad = np.where(target, self.target_quality, self.source_quality) == "bad"
+        p[bad] = np.random.default_rng(int(X.sum()) % 2**32).dirichlet(np.ones(2), bad.sum())
+        return p
+
+    def predict(self, X):
+        """Return the most probable class."""
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def transform(self, X):
+        """Return a few pixels as features."""
+        return np.asarray(X, dtype=float).reshape(len(X), -1)[:, :6]
+
+
+def stub_rows(n: int = 40, seed: int = 0):
+    """Return source rows labeled "a"/"b" and unlabeled target rows ("-1") for the stub."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 256, (2 * n, 4, 4, 3)).astype(np.uint8)
+    classes = rng.integers(0, 2, 2 * n)
+    X[:, 0, 0, 0] = 255 * classes
+    X[:, 0, 0, 1] = np.r_[np.zeros(n), np.full(n, 255)]
+    y = np.r_[np.where(classes[:n] == 1, "b", "a"), np.full(n, "-1")]
+    return X, y
+
+
+@pytest.mark.parametrize(
+    "scorer, worse",
+    [
+        (PredictionEntropyScorer(), dict(target_quality="bad")),
+        (SoftNeighborhoodDensityScorer(), dict(target_quality="bad")),
+        (DeepEmbeddedValidationScorer(), dict(source_quality="bad")),
+    ],
+)
+def test_scorers_rank_the_better_model_higher(scorer, worse):
+    """A model that is better where the scorer looks scores higher than a worse one."""
+    X, y = stub_rows()
+    better = StubClassifier().fit(X, y)
+    worse_model = StubClassifier(**worse).fit(X, y)
+    assert scorer(better, X, y) > scorer(worse_model, X, y)
 
 
 def test_deep_embedded_validation_by_hand():
@@ -89,6 +168,29 @@ def test_entropy_scorer_is_minus_the_target_entropy(fitted_and_rows):
     assert PredictionEntropyScorer()(clf, X, y) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "scorer, grid",
+    [
+        (PredictionEntropyScorer(), {"target_quality": ["bad", "good"]}),
+        (SoftNeighborhoodDensityScorer(), {"target_quality": ["bad", "good"]}),
+        (DeepEmbeddedValidationScorer(), {"source_quality": ["bad", "good"]}),
+    ],
+)
+def test_grid_search_with_a_scorer_picks_the_better_model(scorer, grid):
+    """GridSearchCV with a scorer chooses the candidate that is better where it looks.
+
+    The worse candidate comes first, so a scorer that reads the wrong rows (a tie)
+    or the wrong sign would choose it.
+    """
+    X, y = stub_rows()
+    folds = KFold(2, shuffle=True, random_state=0)
+    search = GridSearchCV(StubClassifier(), grid, scoring=scorer, cv=folds).fit(X, y)
+    (name,) = grid
+    assert search.best_params_[name] == "good"
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[1] > scores[0]
+
+
 def test_scorers_plug_into_grid_search_and_cross_validation():
     """GridSearchCV and cross_val_score take the scorers, with target rows in every fold."""
     X_source, y_source = separable_images(n_per_class=12, size=24)
@@ -103,9 +205,59 @@ def test_scorers_plug_into_grid_search_and_cross_validation():
         refit="snd",
         cv=folds,
     ).fit(X, y)
-    assert np.isfinite(search.cv_results_["mean_test_dev"]).all()
+    # Each fold's score is the scorer's on that fold's held-out rows.
+    train, test = next(folds.split(X, y))
+    model = DomainAdaptedClassifier(**tiny_training(max_epochs=1, divergence_weight=0.0))
+    model.fit(X[train], y[train])
+    expected = SoftNeighborhoodDensityScorer()(model, X[test], y[test])
+    assert search.cv_results_["split0_test_snd"][0] == pytest.approx(expected)
     scores = cross_val_score(
         DomainAdaptedClassifier(**tiny_training(max_epochs=1)), X, y, cv=folds,
         scoring=PredictionEntropyScorer(),
     )  # fmt: skip
     assert (scores <= 0).all() and len(scores) == 2
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda clf, X, y: PredictionEntropyScorer()(clf, X, y, sample_domain=np.zeros(5, int)),
+            "sample_domain has 5 entries but X has 80 images",
+        ),
+        (
+            lambda clf, X, y: PredictionEntropyScorer()(clf, X, y[:-1]),
+            "y has 79 labels but X has 80 images",
+        ),
+        (
+            lambda clf, X, y: SoftNeighborhoodDensityScorer(temperature=0)(clf, X, y),
+            "temperature must be a positive finite number; got 0",
+        ),
+        (
+            lambda clf, X, y: DeepEmbeddedValidationScorer(n_splits=1)(clf, X, y),
+            "n_splits must be an integer of 2 or more; got 1",
+        ),
+        (
+            lambda clf, X, y: PredictionEntropyScorer()(object(), X, y),
+            "estimator must be a fitted classifier with predict_proba; object has no",
+        ),
+        (
+            lambda clf, X, y: prediction_entropy(np.ones(3)),
+            r"probabilities must be a 2-D array .* got an array of shape \(3,\)",
+        ),
+        (
+            lambda clf, X, y: soft_neighborhood_density(np.full((3, 2), np.nan)),
+            "probabilities must hold probabilities, finite and in",
+        ),
+        (
+            lambda clf, X, y: deep_embedded_validation(np.ones(3), np.ones(4)),
+            r"losses and weights must be 1-D arrays of one length.* \(3,\) and \(4,\)",
+        ),
+    ],
+)
+def test_bad_scorer_inputs_are_named(call, message):
+    """Scorer arguments are checked where they enter, with the argument named."""
+    X, y = stub_rows()
+    clf = StubClassifier().fit(X, y)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(clf, X, y)
