@@ -22,7 +22,7 @@ from torch import nn
 from ._compat import Interval, StrOptions
 from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware, resolve_loaded_hardware
 from ._images import ImageSource, as_image_source
-from ._preprocess import prepare_batch
+from ._preprocess import prepare_images
 from ._progress import progress_bar
 from ._taps import LayerFeatures
 
@@ -107,9 +107,7 @@ class BackboneMixin:
             pin_memory=self.device_.type == "cuda",
         )
         for raw in raw_batches:
-            yield prepare_batch(
-                raw, self.preprocessing_, self.device_, source.value_range, dtype, source.resized
-            )
+            yield prepare_images(raw, self.preprocessing_, self.device_, dtype)
 
     def _pooled_features(
         self,

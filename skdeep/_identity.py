@@ -10,7 +10,9 @@ same features". :func:`input_identity` does the same for what goes in: the image
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import asdict
@@ -19,25 +21,32 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from ._weights import state_digest
+from ._weights import digest_value, state_digest
 
 # Attribute types that describe how a module computes (strides, eps, flags, ...).
 _SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def architecture_digest(module: nn.Module) -> str:
-    """Digest how a network computes, apart from its weights.
+    """Digest how a network computes, apart from its trained weights.
 
     Every module's name, class and plain settings (the attributes that hold numbers,
-    strings, flags or tuples of them: strides, ``eps``, ``transform_input``, ...) and
-    the shapes of its buffers. Two networks with equal weights but another stride or
-    flag get different digests.
+    strings, flags or tuples of them: strides, ``eps``, ``transform_input``, ...); the
+    code of its class (:func:`code_digest`: ``forward`` and every other method, of the
+    user's own classes too) and of any ``forward`` set on the instance or hook
+    registered on it; the shapes of its buffers and the values of those that are not
+    persistent (not in the ``state_dict``: position indices, masks). Two networks with
+    equal weights but another stride, flag, ``forward`` or non-persistent buffer get
+    different digests.
     """
     digest = hashlib.blake2b(digest_size=16)
     for name, child in module.named_modules():
         kind = type(child)
         digest.update(f"{name}|{kind.__module__}.{kind.__qualname__}|".encode())
+        digest.update(code_digest(kind).encode())
         for key, value in sorted(vars(child).items()):
+            if key == "forward" and callable(value):  # a forward set on the instance
+                digest.update(f"forward={_callable_digest(value)};".encode())
             if key.startswith("_") or key == "training":
                 continue
             if isinstance(value, _SETTING_TYPES) or (
@@ -45,9 +54,73 @@ def architecture_digest(module: nn.Module) -> str:
                 and all(isinstance(v, _SETTING_TYPES) for v in value)
             ):
                 digest.update(f"{key}={value!r};".encode())
+        for hooks in ("_forward_pre_hooks", "_forward_hooks"):
+            for hook in getattr(child, hooks, {}).values():
+                digest.update(f"{hooks}={_callable_digest(hook)};".encode())
+        transient = getattr(child, "_non_persistent_buffers_set", set())
         for key, buffer in child.named_buffers(recurse=False):
             digest.update(f"{key}:{buffer.dtype}{tuple(buffer.shape)};".encode())
+            if key in transient:
+                digest_value(digest, buffer)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def code_digest(kind: type) -> str:
+    """Digest the code of a module class: every function it or its bases define.
+
+    PyTorch's own classes are left out (the torch version stands for them). Each
+    function counts by its source where Python can find it, else by its bytecode
+    (classes defined in a notebook or with ``exec``).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for klass in kind.__mro__:
+        if klass is object or klass.__module__.split(".")[0] == "torch":
+            continue
+        digest.update(f"{klass.__module__}.{klass.__qualname__}:".encode())
+        for key, value in sorted(vars(klass).items()):
+            function = getattr(value, "__func__", value)  # staticmethod, classmethod
+            if isinstance(value, property):
+                function = value.fget
+            if inspect.isfunction(function):
+                digest.update(f"{key}={_callable_digest(function)};".encode())
+    return digest.hexdigest()
+
+
+def _callable_digest(function) -> str:
+    """Digest a function (or bound method, partial) by its source, else its bytecode."""
+    function = getattr(function, "__func__", function)
+    if isinstance(function, functools.partial):
+        return _callable_digest(function.func) + repr((function.args, function.keywords))
+    code = getattr(function, "__code__", None)
+    if code is None:  # a callable object: its class's code
+        kind = type(function)
+        return f"{kind.__module__}.{kind.__qualname__}" + (
+            code_digest(kind) if isinstance(function, nn.Module) else _class_source(kind)
+        )
+    try:
+        text = inspect.getsource(function)
+    except (OSError, TypeError):
+        text = _bytecode(code)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _class_source(kind: type) -> str:
+    try:
+        return inspect.getsource(kind)
+    except (OSError, TypeError):
+        return "".join(
+            _bytecode(value.__code__) for value in vars(kind).values() if inspect.isfunction(value)
+        )
+
+
+def _bytecode(code) -> str:
+    """Text of a code object: its instructions, constants (nested code too) and names."""
+    constants = [
+        _bytecode(constant) if inspect.iscode(constant) else repr(constant)
+        for constant in code.co_consts
+    ]
+    return f"{code.co_code.hex()}|{constants}|{code.co_names}|{code.co_varnames}"
 
 
 def feature_identity(extractor) -> dict:
@@ -60,6 +133,9 @@ def feature_identity(extractor) -> dict:
     size, the device type and precision as resolved, and the digest of the int8
     calibration (None when not quantized).
     """
+    check_fitted = getattr(extractor, "_check_fitted", None)
+    if check_fitted is not None:  # no parameter set since fit
+        check_fitted()
     calibration = getattr(extractor, "_int8_calibration", None)
     identity = {
         "skdeep": __version__,

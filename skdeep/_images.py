@@ -3,9 +3,12 @@
 Every estimator turns its ``X`` into an :class:`ImageSource` once, through
 :func:`as_image_source`. A source validates up front what is cheap to check (shapes,
 dtypes, value ranges, that files exist), keeps a reference to the data instead of a
-copy, and yields raw batches ``(B, C, H, W)`` on demand: in-memory arrays are sliced
-directly, while files, PIL images and arrays of different sizes go through a
-``DataLoader`` whose workers decode them and bring each to the network's input size.
+copy, and yields raw batches on demand: in-memory arrays are sliced directly, while
+files, PIL images and arrays of different sizes go through a ``DataLoader`` whose
+workers decode them. Either way the pixels arrive as they are, in the dtype of
+:func:`network_pixels`, and :func:`skdeep._preprocess.prepare_images` resizes and
+normalizes them: one preprocessing, so the same pixels give the same features in any
+container.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ._identity import file_fingerprint
-from ._preprocess import Preprocessing, resize_and_crop
+from ._preprocess import Preprocessing
 
 UNIT_RANGE = (0.0, 1.0)
 UINT8_RANGE = (0.0, 255.0)
@@ -30,20 +33,18 @@ UINT8_RANGE = (0.0, 255.0)
 _SCAN_BLOCK_BYTES = 64 * 2**20
 
 
+RawBatch = list
+"""A batch as read, before preprocessing: a list of runs ``(pixels, value_range)``.
+
+``pixels`` is a tensor ``(b, C, H, W)`` of images of one size, uint8 (0-255 pixels) or
+float32, and ``value_range`` the values in it that mean black and white. Every source
+yields its images this way, so that :func:`skdeep._preprocess.prepare_images` gives the
+same pixels the same network input whatever held them.
+"""
+
+
 class ImageSource:
-    """A validated collection of images that yields raw batches.
-
-    Attributes
-    ----------
-    value_range : (low, high)
-        Pixel values of the yielded batches that map to black and white.
-    resized : bool
-        Whether batches already have the network's input size (per-image loaders
-        resize each image so that images of different sizes can be stacked).
-    """
-
-    value_range: tuple[float, float] = UNIT_RANGE
-    resized: bool = False
+    """A validated collection of images that yields raw batches (see :data:`RawBatch`)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -55,8 +56,8 @@ class ImageSource:
         indices: Sequence[int] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
-    ) -> Iterator[torch.Tensor]:
-        """Yield batches ``(B, C, H, W)`` of the images at ``indices`` (default: all)."""
+    ) -> Iterator[RawBatch]:
+        """Yield raw batches of the images at ``indices`` (default: all), in order."""
         raise NotImplementedError
 
     def fingerprints(self) -> list[bytes]:
@@ -64,8 +65,36 @@ class ImageSource:
         raise NotImplementedError
 
 
+def network_pixels(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Return pixels in the dtype they are resized in, whatever held them.
+
+    uint8 when they are integers on the 0-255 scale (resized in uint8 on the CPU, as
+    PIL does for torchvision's reference transforms), float32 otherwise. Arrays, list
+    items, PIL images and decoded files all go through this one rule.
+    """
+    if pixels.dtype.kind in "iu" and tuple(value_range) == UINT8_RANGE:
+        # Values were checked against value_range: 0-255 fits uint8.
+        return pixels if pixels.dtype == np.uint8 else pixels.astype(np.uint8)
+    return pixels if pixels.dtype == np.float32 else pixels.astype(np.float32)
+
+
+def _image_digest(image: np.ndarray, value_range) -> bytes:
+    """Digest one image ``(H, W, C)`` by its pixels, dtype and value range.
+
+    The same pixels give the same digest in an array or in a list.
+    """
+    header = f"{image.shape}|{image.dtype}|{tuple(map(float, value_range))}"
+    return _digest(header, np.ascontiguousarray(image).data)
+
+
 class ArraySource(ImageSource):
-    """Images of one size held in a NumPy array ``(n, H, W, C)``, C in {1, 3}."""
+    """Images of one size held in a NumPy array ``(n, H, W, C)``, C in {1, 3}.
+
+    Attributes
+    ----------
+    value_range : (low, high)
+        The pixel values that mean black and white.
+    """
 
     def __init__(self, images: np.ndarray, value_range: tuple[float, float]):
         self.images = images
@@ -81,23 +110,20 @@ class ArraySource(ImageSource):
                 chunk = self.images[start : start + batch_size]
             else:
                 chunk = self.images[np.asarray(indices[start : start + batch_size])]
-            if chunk.dtype.kind in "iu" and chunk.dtype != np.uint8:
-                # Values were checked against value_range: 0-255 fits uint8.
-                fits = self.value_range == UINT8_RANGE
-                chunk = chunk.astype(np.uint8 if fits else np.float32)
-            elif chunk.dtype.kind == "f" and chunk.dtype != np.float32:
-                chunk = chunk.astype(np.float32)
             # NHWC memory seen as NCHW: exactly the channels_last layout, no copy.
-            batch = _as_tensor(chunk).permute(0, 3, 1, 2)
-            yield batch.pin_memory() if pin_memory else batch
+            batch = _as_tensor(network_pixels(chunk, self.value_range)).permute(0, 3, 1, 2)
+            yield [(batch.pin_memory() if pin_memory else batch, self.value_range)]
 
     def fingerprints(self):
-        header = f"{self.images.shape[1:]}|{self.images.dtype}|{self.value_range}"
-        return [_digest(header, np.ascontiguousarray(image).data) for image in self.images]
+        return [_image_digest(image, self.value_range) for image in self.images]
 
 
 class _PerImageDataset(torch.utils.data.Dataset):
-    """Decodes one item (path, PIL image or array) and brings it to the input size."""
+    """Decodes one item (path, PIL image or array) into pixels ``(C, H, W)``, unresized.
+
+    Resizing happens with the rest of the preprocessing, on the batch, exactly as for
+    arrays: only decoding is per image.
+    """
 
     def __init__(self, items: list, value_ranges: list, prep: Preprocessing):
         self.items = items
@@ -107,19 +133,16 @@ class _PerImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[float, float]]:
         item = self.items[index]
         if isinstance(item, np.ndarray):
             pixels = item if item.ndim == 3 else item[:, :, None]
+            value_range = self.value_ranges[index]
         else:
-            # Decoding at twice the target size keeps the antialiased resize sharp.
-            pixels = decode_image(item, 2 * self.prep.resize_size)
-        image = _as_tensor(pixels).permute(2, 0, 1).float()
-        low, high = self.value_ranges[index]
-        image = (image - low) / (high - low)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return resize_and_crop(image[None], self.prep)[0]
+            # JPEG files decode at a reduced scale that still covers twice the target.
+            pixels, value_range = decode_image(item, 2 * self.prep.resize_size)
+        image = _as_tensor(network_pixels(pixels, value_range)).permute(2, 0, 1)
+        return image, value_range
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -134,12 +157,15 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
 _DEEP_GRAY_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 
 
-def decode_image(item, draft_size: int) -> np.ndarray:
-    """Pixels ``(H, W, C)`` of a file path or PIL image on the 0-255 scale.
+def decode_image(item, draft_size: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Pixels ``(H, W, C)`` of a file path or PIL image, and the values of black and white.
 
-    8-bit images come as uint8 RGB (JPEG files decode at a reduced scale that still
-    covers ``draft_size``). 16-bit and 32-bit grayscale images (PNG ``I;16``, TIFF)
-    keep their full depth: they come as one float32 channel scaled to 0-255.
+    8-bit images come as uint8 (one channel for grayscale, else RGB) on the 0-255
+    scale (JPEG files decode at a reduced scale that still covers ``draft_size``).
+    16-bit and 32-bit grayscale images (PNG ``I;16``, TIFF) keep their full depth, as
+    one channel of their own values, white at 65535 (or 2**32 - 1); floating-point
+    images (mode ``F``) as one float32 channel in [0, 1]. The same pixels give the
+    same result as the array they were saved from.
     """
     if isinstance(item, Image.Image):
         return _pixels(item)
@@ -152,7 +178,9 @@ def decode_image(item, draft_size: int) -> np.ndarray:
         raise ValueError(f"could not read the image file {str(item)!r}: {exc}") from exc
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
+def _pixels(image: Image.Image) -> tuple[np.ndarray, tuple[float, float]]:
+    if image.mode == "L":
+        return np.asarray(image)[:, :, None], UINT8_RANGE
     if image.mode in _DEEP_GRAY_MODES:
         white = _DEEP_GRAY_MODES[image.mode]
     elif image.mode == "I":
@@ -165,18 +193,17 @@ def _pixels(image: Image.Image) -> np.ndarray:
                 f"a floating-point image must hold values in [0, 1]; got "
                 f"[{values.min():g}, {values.max():g}]"
             )
-        return values[:, :, None] * np.float32(255)
+        return values[:, :, None], UNIT_RANGE
     else:
-        return np.asarray(image.convert("RGB"))
-    values = np.asarray(image).astype(np.float32)
-    return (values * np.float32(255 / white))[:, :, None]
+        return np.asarray(image.convert("RGB")), UINT8_RANGE
+    values = np.asarray(image)
+    if values.min(initial=0) < 0:
+        raise ValueError(f"a {image.mode} image must not hold negative values")
+    return values.astype(np.int64 if white > 65535 else np.int32)[:, :, None], (0.0, float(white))
 
 
 class ListSource(ImageSource):
     """A list of file paths, PIL images or arrays, of any sizes."""
-
-    value_range = UNIT_RANGE  # the loader scales every image to [0, 1]
-    resized = True
 
     def __init__(self, items: list, value_ranges: list):
         self.items = items
@@ -193,19 +220,19 @@ class ListSource(ImageSource):
             sampler=indices,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            collate_fn=torch.stack,
+            collate_fn=list,
         )
+        order = range(len(self.items)) if indices is None else indices
         done = 0
         try:
-            for batch in loader:
-                yield batch
-                done += len(batch)
+            for decoded in loader:
+                yield _runs([image for image, _ in decoded], [vr for _, vr in decoded])
+                done += len(decoded)
         except Exception:
             if num_workers == 0:
                 raise
             # A worker's error arrives wrapped ("Caught ValueError in DataLoader worker
             # process 0"): decode the failed batch here to raise it with the file first.
-            order = range(len(self.items)) if indices is None else indices
             for index in order[done : done + batch_size]:
                 dataset[index]
             raise
@@ -217,9 +244,25 @@ class ListSource(ImageSource):
         ]
 
 
+def _runs(images: list[torch.Tensor], ranges: list) -> RawBatch:
+    """Stack consecutive images of one size, dtype and value range into runs."""
+    runs: RawBatch = []
+    start = 0
+    for end in range(1, len(images) + 1):
+        if end == len(images) or (
+            images[end].shape != images[start].shape
+            or images[end].dtype != images[start].dtype
+            or ranges[end] != ranges[start]
+        ):
+            pixels = images[start][None] if end - start == 1 else torch.stack(images[start:end])
+            runs.append((pixels, ranges[start]))
+            start = end
+    return runs
+
+
 def _item_digest(item, value_range) -> bytes:
     if isinstance(item, np.ndarray):
-        return _digest(f"{item.shape}|{item.dtype}|{value_range}", np.ascontiguousarray(item).data)
+        return _image_digest(item if item.ndim == 3 else item[:, :, None], value_range)
     if isinstance(item, Image.Image):
         return _digest(f"{item.mode}|{item.size}", item.tobytes())
     # Files are known by location, modification time and size; reading every file

@@ -85,13 +85,41 @@ def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return images[..., top : top + crop, left : left + crop]
 
 
+def prepare_images(
+    runs: list[tuple[torch.Tensor, tuple[float, float]]],
+    prep: Preprocessing,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Turn a raw batch (runs of same-size images) into one batch of network input.
+
+    Every run goes through :func:`prepare_batch`; an image gives the same input alone
+    as in a run of others, so arrays, lists, PIL images and files of the same pixels
+    give the same input.
+
+    Parameters
+    ----------
+    runs : list of (tensor, (low, high))
+        Pixels ``(b, C, H, W)`` and their value range, as image sources yield them.
+    prep, device, dtype
+        As in :func:`prepare_batch`.
+    """
+    parts = [
+        prepare_batch(pixels, prep, device, value_range, dtype) for pixels, value_range in runs
+    ]
+    return (
+        parts[0]
+        if len(parts) == 1
+        else torch.cat(parts).contiguous(memory_format=torch.channels_last)
+    )
+
+
 def prepare_batch(
     batch: torch.Tensor,
     prep: Preprocessing,
     device: torch.device,
     value_range: tuple[float, float],
     dtype: torch.dtype = torch.float32,
-    resized: bool = False,
 ) -> torch.Tensor:
     """Turn a raw batch ``(B, C, H, W)`` (C is 1 or 3) into normalized network input.
 
@@ -107,20 +135,17 @@ def prepare_batch(
         The pixel values that map to 0 and 1.
     dtype : torch.dtype
         Dtype of the returned tensor.
-    resized : bool
-        The batch already has the input size (per-image loaders resize): skip that step.
 
     Returns
     -------
     tensor of shape (B, 3, crop_size, crop_size), channels_last, on ``device``
     """
     batch = batch.to(device, non_blocking=True)
-    if not resized:
-        # On the CPU, uint8 images resize in uint8 (a fast kernel, and what PIL does
-        # in torchvision's reference transforms); elsewhere in float.
-        if batch.dtype != torch.uint8 or device.type != "cpu":
-            batch = batch.float()
-        batch = resize_and_crop(batch, prep)
+    # On the CPU, uint8 images resize in uint8 (a fast kernel, and what PIL does in
+    # torchvision's reference transforms); elsewhere in float.
+    if batch.dtype != torch.uint8 or device.type != "cpu":
+        batch = batch.float()
+    batch = resize_and_crop(batch, prep)
     if batch.shape[1] == 1:
         batch = batch.expand(-1, 3, -1, -1)
     batch = batch.to(dtype, memory_format=torch.channels_last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from numbers import Integral
 from typing import ClassVar
@@ -9,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from . import _quantize, _timm
@@ -163,7 +165,21 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     ['layer2_avg_0', 'layer2_avg_1']
     """
 
-    _derived_state = ("_model", "_cache_key")
+    _derived_state = ("_model",)
+    # Parameters that fit turns into the fitted network and feature layout; transform
+    # reads the others (value_range, image_shape, batch_size, ...) each time it runs.
+    _FIT_PARAMETERS = (
+        "backbone",
+        "weights",
+        "layers",
+        "pooling",
+        "layouts",
+        "image_size",
+        "device",
+        "precision",
+        "calibration_size",
+        "random_state",
+    )
     _parameter_constraints: ClassVar[dict] = {
         **BACKBONE_CONSTRAINTS,
         "layers": [str, list, tuple, None],
@@ -266,8 +282,42 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             model = self._optimized(network, self.preprocessing_)
         self._model = model
         self._fit_token = uuid.uuid4().hex
-        self._cache_key = None
+        self._fitted_parameters = self._fit_parameters()
         return self
+
+    def _fit_parameters(self) -> dict:
+        """Return the parameters that shaped the fitted state (copies of them)."""
+        relevant = {
+            "random_state": self.weights is None,
+            "calibration_size": self.precision == "int8",
+        }
+        return {
+            key: copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+            for key in self._FIT_PARAMETERS
+            if relevant.get(key, True)
+            for value in [getattr(self, key)]
+        }
+
+    def _check_fitted(self) -> None:
+        """Check that the extractor is fitted with the parameters it has now.
+
+        Raises
+        ------
+        NotFittedError
+            It is not fitted, or a parameter that ``fit`` builds from was set after it.
+        """
+        check_is_fitted(self)
+        fitted = getattr(self, "_fitted_parameters", None)
+        if fitted is None:  # fitted by an earlier version of skdeep
+            return
+        current = self._fit_parameters()
+        for key in self._FIT_PARAMETERS:
+            if not _same(current.get(key), fitted.get(key)):
+                raise NotFittedError(
+                    f"{key}={current.get(key)!r} was set after fit, which built this "
+                    f"{type(self).__name__} with {key}={fitted.get(key)!r}; call fit (or "
+                    f"fit_transform) again to extract with it"
+                )
 
     def _declared_layouts(self, requested: list[str]) -> dict:
         """Key the ``layouts`` parameter by module name; reject keys of untapped layers."""
@@ -289,7 +339,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     @property
     def model_(self) -> torch.nn.Module:
         """The frozen network on ``device_`` (built on first use after unpickling)."""
-        check_is_fitted(self)
+        self._check_fitted()
         if self._model is None:
             # Every unpickled copy of this fit shares one network per process: a Dask
             # worker builds it once, whatever number of tasks it runs.
@@ -396,7 +446,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             For a ``dask.array``, a lazy ``dask.array`` with the row chunks of ``X``
             (see :func:`skdeep.dask.transform_array`).
         """
-        check_is_fitted(self)
+        self._check_fitted()
         if is_dask_array(X):
             from .dask import transform_array  # the scale-out module, only where it is used
 
@@ -432,12 +482,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         )
 
     def _feature_cache(self) -> FeatureCache | None:
+        """Return the per-image cache, keyed by the settings this transform runs with now."""
         memory = check_memory(self.memory)
         if memory.location is None:
             return None
-        if self._cache_key is None:
-            self._cache_key = identity_digest(feature_identity(self))
-        return FeatureCache(memory.location, self._cache_key)
+        return FeatureCache(memory.location, identity_digest(feature_identity(self)))
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``layer4_avg_0`` or ``penultimate_0``.
@@ -451,7 +500,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         -------
         ndarray of str
         """
-        check_is_fitted(self)
+        self._check_fitted()
         return self.feature_names_out_.copy()
 
     def __sklearn_tags__(self):
@@ -460,3 +509,13 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _same(a, b) -> bool:
+    """Whether two parameter values are the same: modules by identity, the rest by value."""
+    if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:  # values that cannot be compared (arrays of several values)
+        return a is b

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -116,6 +117,33 @@ def test_equivalent_input_forms_give_equal_features(images, image_files):
     np.testing.assert_array_equal(extractor.transform(gray[..., None]), extractor.transform(gray))
 
 
+def test_the_same_pixels_give_the_same_features_in_every_container(tmp_path):
+    """Arrays, lists, ragged lists, PIL images and PNG files give equal rows; so does the cache.
+
+    48 px images at image_size=32 (a resize): arrays were resized in uint8 and list
+    items in float, 0.01 apart, and the cache gave whichever came first to both.
+    """
+    images = np.random.default_rng(5).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    files = []
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+        files.append(str(tmp_path / f"{index}.png"))
+    extractor = small_extractor().fit()
+    expected = extractor.transform(images)
+    other_size = np.zeros((30, 50, 3), np.uint8)
+    forms = {
+        "list": list(images),
+        "ragged list": [*images, other_size],
+        "PIL images": [Image.fromarray(image) for image in images],
+        "PNG files": files,
+    }
+    for name, X in forms.items():
+        np.testing.assert_array_equal(extractor.transform(X)[:4], expected, err_msg=name)
+    cached = small_extractor(memory=str(tmp_path / "cache")).fit()
+    cached.transform(list(images))  # the list fills the cache first
+    np.testing.assert_array_equal(cached.transform(images), expected)
+
+
 def test_flat_digit_rows():
     """Flat digit rows."""
     from sklearn.datasets import load_digits
@@ -194,6 +222,38 @@ def test_memory_returns_the_same_features(tmp_path, images):
     first = extractor.transform(images)
     np.testing.assert_array_equal(extractor.transform(images[::-1]), first[::-1])
     np.testing.assert_array_equal(first, small_extractor().fit(images).transform(images))
+
+
+@pytest.mark.parametrize("memory", [False, True])
+@pytest.mark.parametrize("change", [{"pooling": "max"}, {"layers": "layer3"}, {"image_size": 24}])
+def test_parameters_set_after_fit_ask_for_fit(tmp_path, images, memory, change):
+    """A parameter fit builds from, set after fit: a clear error, never stale rows.
+
+    With a cache, pooling="max" returned the average-pooled rows it had cached.
+    """
+    location = str(tmp_path) if memory else None
+    extractor = small_extractor(memory=location).fit()
+    extractor.transform(images)
+    extractor.set_params(**change)
+    (name,) = change
+    with pytest.raises(NotFittedError, match=rf"{name}=.* was set after fit.* call fit"):
+        extractor.transform(images)
+    with pytest.raises(NotFittedError, match=rf"{name}=.* was set after fit"):
+        extractor.get_feature_names_out()
+    refitted = extractor.fit().transform(images)
+    np.testing.assert_array_equal(refitted, small_extractor(**change).fit().transform(images))
+
+
+def test_settings_transform_reads_when_it_runs_key_the_cache(tmp_path, images):
+    """value_range and batch_size set after fit give the rows they give without a cache."""
+    extractor = small_extractor(memory=str(tmp_path)).fit()
+    extractor.transform(images)
+    applied = {}
+    for change in ({"value_range": (0, 510)}, {"batch_size": 5}):
+        applied.update(change)
+        extractor.set_params(**change)
+        expected = small_extractor(**applied).fit().transform(images)
+        np.testing.assert_array_equal(extractor.transform(images), expected)
 
 
 def test_pipeline_grid_search_over_layers_pooling_and_c():

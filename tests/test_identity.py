@@ -142,3 +142,64 @@ def test_unpickled_copies_keep_the_precision_they_were_fitted_at(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pickle.loads(pickle.dumps(fitted(precision="float32", device="cpu")))
+
+
+class DoubledNet(TinyNet):
+    """TinyNet whose forward doubles its input: equal parameters, other features."""
+
+    def forward(self, x):
+        """Classify twice the input."""
+        return super().forward(2 * x)
+
+
+class MaskedNet(TinyNet):
+    """TinyNet with a non-persistent buffer that scales its input."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x):
+        """Classify the scaled input."""
+        return super().forward(self.scale * x)
+
+
+def test_the_code_of_every_module_counts():
+    """Another forward (a subclass, one set on the instance, one without source) counts."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    doubled = DoubledNet()
+    doubled.load_state_dict(net.state_dict())
+    patched = TinyNet()
+    patched.load_state_dict(net.state_dict())
+    patched.features[2].forward = lambda x: torch.relu(x) + 1  # on the instance
+    hooked = TinyNet()
+    hooked.load_state_dict(net.state_dict())
+    hooked.features[2].register_forward_hook(lambda module, args, output: output * 3)
+    namespace = {"TinyNet": TinyNet}
+    exec(
+        "class Net(TinyNet):\n    def forward(self, x):\n        return super().forward(x)",
+        namespace,
+    )
+    exec_class = namespace["Net"]
+    exec(
+        "class Net(TinyNet):\n    def forward(self, x):\n        return super().forward(-x)",
+        namespace,
+    )
+    negated = namespace["Net"]  # same name, no source file: told apart by bytecode
+    networks = [net, doubled, patched, hooked, exec_class(), negated()]
+    for network in networks[4:]:
+        network.load_state_dict(net.state_dict())
+    assert len({architecture_digest(m) for m in networks}) == len(networks)
+    assert key(fitted(net)) != key(fitted(doubled))
+
+
+def test_every_buffer_counts_persistent_or_not():
+    """A non-persistent buffer (not in the state_dict) with another value: another key."""
+    torch.manual_seed(0)
+    plain, scaled = MaskedNet(1.0), MaskedNet(0.5)
+    scaled.load_state_dict(plain.state_dict())
+    assert "scale" not in plain.state_dict()
+    assert architecture_digest(plain) != architecture_digest(scaled)
+    assert key(fitted(plain)) != key(fitted(scaled))
+    assert architecture_digest(MaskedNet(1.0)) == architecture_digest(plain)

@@ -3,17 +3,37 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from skdeep._images import ArraySource, ListSource, as_image_source, decode_image
-from skdeep._preprocess import Preprocessing
+from skdeep._preprocess import Preprocessing, prepare_images
 
 PREP = Preprocessing(resize_size=16, crop_size=16)
+# Network input without normalization: pixels scaled to [0, 1].
+UNIT = Preprocessing(resize_size=16, crop_size=16, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def raw_images(source, batch_size=5, **kwargs):
+    """Every image of ``source`` as read (unresized), in order."""
+    return [
+        image
+        for raw in source.batches(batch_size, PREP, **kwargs)
+        for pixels, _ in raw
+        for image in pixels
+    ]
 
 
 def all_batches(source, batch_size=5, **kwargs):
-    """Concatenate every batch of ``source``."""
-    return torch.cat(list(source.batches(batch_size, PREP, **kwargs)))
+    """Concatenate every raw batch of ``source`` (images of one size)."""
+    return torch.stack(raw_images(source, batch_size, **kwargs))
+
+
+def network_input(source, prep=UNIT, batch_size=8):
+    """Concatenate the network input of every batch of ``source``."""
+    cpu = torch.device("cpu")
+    return torch.cat([prepare_images(raw, prep, cpu) for raw in source.batches(batch_size, prep)])
 
 
 @pytest.mark.parametrize(
@@ -115,19 +135,17 @@ def test_list_of_files_decodes_lazily_and_matches_arrays(image_files, images):
     """List of files decodes lazily and matches arrays."""
     source = as_image_source(image_files)
     assert isinstance(source, ListSource)
-    prep = Preprocessing(resize_size=32, crop_size=32)
-    batch = torch.cat(list(source.batches(5, prep)))
-    assert batch.shape == (12, 3, 32, 32)
-    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    torch.testing.assert_close(batch, expected)
+    batch = all_batches(source)
+    assert batch.shape == (12, 3, 32, 32) and batch.dtype == torch.uint8
+    torch.testing.assert_close(batch, torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 def test_files_are_decoded_by_workers(image_files):
     """Files are decoded by workers."""
     source = as_image_source(image_files)
-    prep = Preprocessing(resize_size=32, crop_size=32)
-    batches = list(source.batches(4, prep, num_workers=2))
-    assert [len(b) for b in batches] == [4, 4, 4]
+    batches = list(source.batches(4, PREP, num_workers=2))
+    assert [sum(len(pixels) for pixels, _ in raw) for raw in batches] == [4, 4, 4]
+    assert all(len(raw) == 1 for raw in batches)  # images of one size: one run each
 
 
 def test_ragged_arrays_and_pil_images_are_brought_to_one_size():
@@ -138,7 +156,7 @@ def test_ragged_arrays_and_pil_images_are_brought_to_one_size():
         rng.random((12, 12)),
         Image.fromarray(rng.integers(0, 256, (40, 16), dtype=np.uint8)),
     ]
-    batch = torch.cat(list(as_image_source(items).batches(8, PREP)))
+    batch = network_input(as_image_source(items))
     assert batch.shape == (3, 3, 16, 16)
     assert 0.0 <= batch.min() and batch.max() <= 1.0
 
@@ -180,14 +198,59 @@ def test_fingerprints_identify_image_content(images, image_files):
 
 @pytest.mark.parametrize("suffix", ["png", "tif"])
 def test_16_bit_files_are_read_at_full_depth(tmp_path, suffix):
-    """16 bit files are read at full depth."""
+    """16 bit files are read at full depth: as the uint16 array they were saved from."""
     values = np.linspace(0, 65535, 24 * 24).astype(np.uint16).reshape(24, 24)
     path = tmp_path / f"deep.{suffix}"
     Image.fromarray(values).save(path)  # mode I;16
-    pixels = decode_image(str(path), 48)
-    assert pixels.shape == (24, 24, 1)
-    np.testing.assert_allclose(pixels[..., 0], values * (255 / 65535), rtol=1e-6, atol=1e-3)
-    assert (pixels > 254).mean() < 0.01  # not clipped to white
-    from_file = all_batches(as_image_source([str(path)]))
-    from_array = all_batches(as_image_source([values.astype(np.float32) / 65535]))
-    torch.testing.assert_close(from_file, from_array, atol=1e-5, rtol=1e-5)
+    pixels, value_range = decode_image(str(path), 48)
+    assert pixels.shape == (24, 24, 1) and value_range == (0.0, 65535.0)
+    np.testing.assert_array_equal(pixels[..., 0], values)  # not clipped to white
+    from_file = network_input(as_image_source([str(path)]))
+    from_array = network_input(as_image_source(values[None], value_range=(0, 65535)))
+    torch.testing.assert_close(from_file, from_array, atol=0, rtol=0)
+
+
+def _containers(images: np.ndarray, tmp_path) -> dict:
+    """Return the same pixels in every container skdeep takes."""
+    files = []
+    for index, image in enumerate(images):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(image if image.shape[-1] == 3 else image[..., 0]).save(path)
+        files.append(str(path))
+    as_pil = [Image.fromarray(image if image.shape[-1] == 3 else image[..., 0]) for image in images]
+    return {
+        "list": list(images),
+        "PIL images": as_pil,
+        "PNG files": files,
+        "flat rows": images.reshape(len(images), -1),
+    }
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    height=st.integers(4, 40),
+    width=st.integers(4, 40),
+    channels=st.sampled_from([1, 3]),
+    size=st.integers(4, 24),
+    interpolation=st.sampled_from(["bilinear", "bicubic", "nearest"]),
+)
+def test_the_same_pixels_give_the_same_input_in_every_container(
+    tmp_path_factory, height, width, channels, size, interpolation
+):
+    """Arrays, lists, ragged lists, PIL images and PNG files of the same pixels agree exactly."""
+    rng = np.random.default_rng(height * 41 + width)
+    images = rng.integers(0, 256, (3, height, width, channels), dtype=np.uint8)
+    prep = Preprocessing(size, size, interpolation=interpolation)
+    expected = network_input(as_image_source(images), prep)
+    containers = _containers(images, tmp_path_factory.mktemp("png"))
+    for name, X in containers.items():
+        shape = images.shape[1:] if name == "flat rows" else None
+        actual = network_input(as_image_source(X, image_shape=shape), prep)
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=name)
+    other = rng.integers(0, 256, (height + 3, width + 1, channels), dtype=np.uint8)
+    ragged = network_input(as_image_source([*images, other]), prep)[:3]
+    torch.testing.assert_close(ragged, expected, atol=0, rtol=0, msg="ragged list")
+    fingerprints = as_image_source(images).fingerprints()
+    assert as_image_source(list(images)).fingerprints() == fingerprints
