@@ -48,6 +48,41 @@ def replace_head(module: nn.Module, n_outputs: int) -> str:
     return name
 
 
+def reset_parameters(module: nn.Module, argument: str = "weights") -> None:
+    """Initialise every parameter of ``module`` at random, in place, as its layers do.
+
+    Each submodule's own ``reset_parameters`` (``_reset_parameters`` for attention)
+    draws from torch's random generator, so seed it first to repeat a draw. Batch norms
+    also forget their running statistics.
+
+    Raises
+    ------
+    ValueError
+        Some parameters belong to modules that have no such method (a bare
+        ``nn.Parameter`` such as a class token): they would keep their values, so the
+        network would be half random; the error names them.
+    """
+    reset = set()
+    for child in module.modules():
+        method = getattr(child, "reset_parameters", None) or getattr(
+            child, "_reset_parameters", None
+        )
+        if callable(method):
+            method()
+            reset |= {id(parameter) for parameter in child.parameters(recurse=False)}
+    left = [name for name, parameter in module.named_parameters() if id(parameter) not in reset]
+    if left:
+        shown = ", ".join(map(repr, left[:5])) + (
+            f" and {len(left) - 5} more" if len(left) > 5 else ""
+        )
+        raise ValueError(
+            f"{argument}=None asks for random weights, but the parameters {shown} of this "
+            f"{type(module).__name__} belong to modules without reset_parameters, so they "
+            "cannot be drawn again; pass a weights name such as weights='DEFAULT' to keep "
+            "the module's own parameters (set them yourself first for random ones)"
+        )
+
+
 def backbone_stages(module: nn.Module) -> list[str]:
     """List the backbone's blocks in forward order: what ``freeze=N`` counts.
 

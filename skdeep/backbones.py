@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from . import _timm
-from ._network import backbone_stages
+from ._network import backbone_stages, reset_parameters
 from ._preprocess import Preprocessing
 from ._weights import load_named_weights, load_weights_file, looks_like_path
 
@@ -66,7 +66,9 @@ def load_backbone(
     weights : str, path or None
         A torchvision weights name such as ``"IMAGENET1K_V1"`` or ``"DEFAULT"``, the
         path of a ``state_dict`` file, or None for random initialisation. For an
-        ``nn.Module`` backbone, a weights name keeps the module's own parameters.
+        ``nn.Module`` backbone, a weights name keeps the module's own parameters and
+        None draws them again with each layer's ``reset_parameters`` (see
+        :func:`skdeep._network.reset_parameters`), from torch's random generator.
     image_size : int, optional
         The input size; timm transformers are built for it.
 
@@ -80,6 +82,9 @@ def load_backbone(
         if looks_like_path(weights):
             load_weights_file(module, weights, type(backbone).__name__)
             return Backbone(module, Preprocessing(), f"the file {os.fspath(weights)!r}")
+        if weights is None:
+            reset_parameters(module)
+            return Backbone(module, Preprocessing())
         return Backbone(module, Preprocessing(), "the module's own parameters")
     if not isinstance(backbone, str):
         raise TypeError(

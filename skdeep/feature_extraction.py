@@ -53,7 +53,9 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         initialisation (seeded by ``random_state``). Weights that cannot be found
         raise :class:`~skdeep.WeightsUnavailableError` saying how to get them, never
         random weights. For a module backbone, a weights name keeps the module's own
-        parameters.
+        parameters, and None draws them again (each layer's ``reset_parameters``,
+        seeded by ``random_state``; a module with parameters outside such layers, a
+        bare ``nn.Parameter``, is refused).
     layers : str, list of str or None, default=None
         Module names to tap (keys of ``dict(model.named_modules())``), or
         ``"penultimate"``: the input of the classifier head, i.e. the pooled features
@@ -362,7 +364,7 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             backbone = load_backbone(self.backbone, weights, self.image_size)
         if random_weights is not None:
             backbone.module.load_state_dict(random_weights)
-        elif self.weights is None and isinstance(self.backbone, str):
+        elif self.weights is None:
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         model = backbone.module.eval().requires_grad_(False)
         # From here on layers_ holds module names ("intermediate:N" resolved).
