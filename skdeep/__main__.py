@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import sys
 import threading
@@ -166,6 +167,48 @@ def _add_extract(commands) -> None:
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# Options that take a count: the smallest value each accepts.
+_COUNTS = {
+    "batch_size": 1,
+    "image_size": 1,
+    "num_workers": 0,
+    "workers": 1,
+    "partition_size": 1,
+    "random_state": 0,
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Check the values of ``extract``'s options; name the option in any error.
+
+    Raises
+    ------
+    ValueError
+        A count below its minimum, an image shape that is not H W or H W C, or a value
+        range that is not two finite numbers, low below high.
+    """
+    for name, lowest in _COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < lowest:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} must be an integer of {lowest} or more; got {value}")
+    shape = args.image_shape
+    if shape is not None and (
+        len(shape) not in (2, 3) or min(shape[:2]) < 1 or shape[2:] not in ([], [1], [3])
+    ):
+        raise ValueError(
+            "--image-shape takes H W or H W C (positive H and W, C 1 or 3); got "
+            + " ".join(map(str, shape))
+        )
+    if args.value_range is not None:
+        low, high = args.value_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(
+                f"--value-range takes LOW HIGH, two finite numbers with LOW < HIGH; got "
+                f"{low:g} {high:g}"
+            )
+
+
 def extract(args: argparse.Namespace, cluster: _EarlyCluster | None = None) -> dict:
     """Run ``extract``: features of the INPUT images, written to ``--out``.
 
@@ -182,6 +225,7 @@ def extract(args: argparse.Namespace, cluster: _EarlyCluster | None = None) -> d
     from ._images import load_npy
     from .feature_extraction import FeatureExtractor
 
+    check_options(args)
     if args.input.endswith(".npy"):
         images = load_npy(args.input)
         paths, labels = None, None
@@ -335,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cache":
             print(cache(args))
             return 0
+        check_options(args)  # before a cluster starts for --workers
         to_store = args.out.rstrip("/").endswith(STORE_SUFFIX)
         if to_store and args.workers is not None and args.scheduler is None:
             cluster = _EarlyCluster(args.workers)  # starts while torch is imported

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from ._compat import optional_import
+from ._labels import check_labels
 
 __all__ = [
     "DomainAlignmentDisplay",
@@ -45,6 +46,47 @@ _BASIC_RECORDS = (
 )
 # Records of the losses on the target images' predictions.
 _PREDICTION_RECORDS = ("information", "class_confusion")
+
+
+def _check_history(history) -> list[dict]:
+    """Check ``history``: a non-empty list of per-epoch dicts, each with its ``epoch``."""
+    if (
+        not isinstance(history, (list, tuple))
+        or not history
+        or not all(isinstance(record, dict) and "epoch" in record for record in history)
+    ):
+        raise ValueError(
+            "history must be a non-empty list of dicts, one per epoch with an 'epoch' "
+            f"entry, as a fitted classifier's history_ holds; got {_describe(history)}"
+        )
+    return list(history)
+
+
+def _describe(value) -> str:
+    """Name what came, briefly: its type, and its length for sequences."""
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return repr(value) if value is None else f"a {type(value).__name__}"
+
+
+def _check_transformer(estimator, argument: str) -> None:
+    """Check that ``estimator`` is fitted and has ``transform``."""
+    if not hasattr(estimator, "transform"):
+        raise TypeError(
+            f"{argument} must be a fitted estimator with transform (a "
+            f"DomainAdaptedClassifier, say); got {type(estimator).__name__}"
+        )
+    check_is_fitted(estimator)
+
+
+def _image_count(X, argument: str) -> int:
+    """Return how many images ``X`` holds (a list, or an array of images)."""
+    try:
+        return len(X)
+    except TypeError:
+        raise TypeError(
+            f"{argument} must be images (an array or a list); got {_describe(X)}"
+        ) from None
 
 
 def _pyplot():
@@ -94,12 +136,18 @@ class TrainingHistoryDisplay:
     @classmethod
     def from_estimator(cls, estimator, ax=None) -> TrainingHistoryDisplay:
         """Draw the history of a fitted ``FineTuneClassifier`` or ``DomainAdaptedClassifier``."""
+        if not hasattr(estimator, "max_epochs"):  # not a classifier that trains
+            raise TypeError(
+                "estimator must be a fitted FineTuneClassifier or DomainAdaptedClassifier "
+                f"(it draws history_); got {type(estimator).__name__}"
+            )
         check_is_fitted(estimator)
         return cls(estimator.history_, type(estimator).__name__).plot(ax=ax)
 
     def panels(self) -> list[tuple[str, list[str]]]:
         """Return the panels to draw: a title and its records, for the records present."""
-        present = set().union(*(record.keys() for record in self.history))
+        history = _check_history(self.history)
+        present = set().union(*(record.keys() for record in history))
         divergences = sorted(present - set(_BASIC_RECORDS) - set(_PREDICTION_RECORDS))
         candidates = [
             ("loss", ["train_loss", "valid_loss"]),
@@ -117,6 +165,11 @@ class TrainingHistoryDisplay:
     def plot(self, ax=None) -> TrainingHistoryDisplay:
         """Draw the curves; ``ax`` may give one axes per panel."""
         panels = self.panels()
+        if not panels:
+            raise ValueError(
+                "history holds nothing to draw: no train_loss, train_accuracy, lr or "
+                f"divergence records; got the records {sorted(self.history[0])}"
+            )
         self.figure_, self.ax_ = _axes(ax, len(panels))
         self.lines_ = {}
         epochs = [record["epoch"] for record in self.history]
@@ -198,6 +251,19 @@ class DomainAlignmentDisplay:
         ax : matplotlib Axes or array of them, optional
             One per panel.
         """
+        _check_transformer(estimator, "estimator")
+        if source_only is not None:
+            _check_transformer(source_only, "source_only")
+        for labels, images, name in (
+            (y_source, X_source, "source"),
+            (y_target, X_target, "target"),
+        ):
+            count = _image_count(images, f"X_{name}")
+            if labels is not None and (np.ndim(labels) != 1 or len(labels) != count):
+                raise ValueError(
+                    f"y_{name} must hold one label per image of X_{name} ({count}); got "
+                    f"an array of shape {np.shape(labels)}"
+                )
         models = [model for model in (source_only, estimator) if model is not None]
         projection = PCA(n_components=2) if projection is None else projection
         if not hasattr(projection, "fit_transform"):
@@ -233,8 +299,40 @@ class DomainAlignmentDisplay:
         titles = ["source only", "adapted"] if source_only is not None else ["features"]
         return cls(embeddings, domains, labels, titles).plot(ax=ax)
 
+    def _check(self) -> None:
+        """Check that embeddings, domains, labels and titles fit together."""
+        domains = np.asarray(self.domains)
+        if domains.ndim != 1 or not set(domains.tolist()) <= {"source", "target"}:
+            raise ValueError(
+                "domains must be a 1-D array of 'source' and 'target'; got "
+                f"{sorted(set(map(str, domains.ravel().tolist())))[:4]}"
+            )
+        if not isinstance(self.embeddings, (list, tuple)) or not self.embeddings:
+            raise ValueError(
+                "embeddings must be a non-empty list of arrays (n_images, 2), one per "
+                f"panel; got {_describe(self.embeddings)}"
+            )
+        for index, embedding in enumerate(self.embeddings):
+            shape = np.shape(embedding)
+            if len(shape) != 2 or shape[1] != 2 or shape[0] != len(domains):
+                raise ValueError(
+                    f"embeddings[{index}] must have shape ({len(domains)}, 2), one row per "
+                    f"entry of domains; got {shape}"
+                )
+        if self.labels is not None and np.shape(self.labels) != (len(domains),):
+            raise ValueError(
+                f"labels must hold one label per row ({len(domains)}); got shape "
+                f"{np.shape(self.labels)}"
+            )
+        if self.titles is not None and len(self.titles) != len(self.embeddings):
+            raise ValueError(
+                f"titles must hold one title per panel ({len(self.embeddings)}); got "
+                f"{len(self.titles)}"
+            )
+
     def plot(self, ax=None) -> DomainAlignmentDisplay:
         """Draw one scatter per panel: blue source, orange target, a marker per class."""
+        self._check()
         self.figure_, self.ax_ = _axes(ax, len(self.embeddings), width=4.6)
         labels = self.labels if self.labels is not None else np.full(len(self.domains), None)
         classes = sorted({label for label in labels if label is not None}, key=str)
@@ -291,10 +389,27 @@ def layer_probe_scores(extractor, X, y, layers=None, cv=5, classifier=None) -> d
     dict
         Layer name (as given) to the array of its fold scores.
     """
+    from .feature_extraction import FeatureExtractor  # the estimator module, where it is used
+
+    if not isinstance(extractor, FeatureExtractor):
+        raise TypeError(
+            f"extractor must be a FeatureExtractor (its parameters say what to probe); got "
+            f"{type(extractor).__name__}"
+        )
     layers = extractor.layers if layers is None else layers
-    if layers is None or isinstance(layers, str) or len(layers) < 1:
+    if (
+        not isinstance(layers, (list, tuple))
+        or len(layers) < 1
+        or not all(isinstance(layer, str) for layer in layers)
+    ):
         raise ValueError(
             f"layers: name the layers to compare, as in layers=['layer2', 'layer4']; got {layers!r}"
+        )
+    y = check_labels(y, _image_count(X, "X"))
+    if classifier is not None and not (hasattr(classifier, "fit") and hasattr(classifier, "score")):
+        raise TypeError(
+            f"classifier must be a scikit-learn classifier (fit and score); got "
+            f"{type(classifier).__name__}"
         )
     probe = clone(extractor).set_params(layers=list(layers))
     features = probe.fit_transform(X)
@@ -339,6 +454,20 @@ class LayerProbeDisplay:
     def __init__(self, scores: dict):
         self.scores = scores
 
+    def _check(self) -> None:
+        """Check ``scores``: layer names to non-empty 1-D arrays of finite numbers."""
+        if not isinstance(self.scores, dict) or not self.scores:
+            raise ValueError(
+                "scores must be a non-empty dict of layer names to fold scores, as "
+                f"layer_probe_scores returns; got {_describe(self.scores)}"
+            )
+        for name, values in self.scores.items():
+            values = np.asarray(values)
+            if values.ndim != 1 or not len(values) or values.dtype.kind not in "iuf":
+                raise ValueError(
+                    f"scores[{name!r}] must be a 1-D array of fold scores; got {values!r}"
+                )
+
     @classmethod
     def from_estimator(
         cls, extractor, X, y, layers=None, cv=5, classifier=None, ax=None
@@ -348,6 +477,7 @@ class LayerProbeDisplay:
 
     def plot(self, ax=None) -> LayerProbeDisplay:
         """Draw one bar per layer (mean accuracy, the standard deviation as an error bar)."""
+        self._check()
         self.figure_, (self.ax_,) = _axes(ax, 1, width=max(4.0, 1.1 * len(self.scores)))
         names = list(self.scores)
         means = [float(np.mean(self.scores[name])) for name in names]

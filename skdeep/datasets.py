@@ -76,6 +76,10 @@ def load_digits_images(size: int | None = None) -> tuple[np.ndarray, np.ndarray]
     """
     from sklearn.datasets import load_digits
 
+    if size is not None and (
+        isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size < 1
+    ):
+        raise ValueError(f"size must be a positive integer or None; got {size!r}")
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     if size is not None and size != 8:
@@ -163,6 +167,11 @@ def load_cifar10(
     """
     import torchvision
 
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path; got {type(root).__name__}")
+    for name, value in (("train", train), ("download", download)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {value!r}")
     root = os.path.expanduser(root)
     try:
         data = torchvision.datasets.CIFAR10(root, train=train, download=download)
@@ -205,6 +214,10 @@ def load_mnist_m_like(
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer; got {seed!r}")
+    if images is None and labels is not None:
+        raise ValueError("labels go with images: pass images too, or neither (MNIST 5k's)")
     if images is None:
         images, default_labels = load_mnist_5k()
         labels = default_labels if labels is None else labels
@@ -213,6 +226,11 @@ def load_mnist_m_like(
         raise ValueError(
             f"images must be grey uint8 digits (n, H, W); got an array of shape "
             f"{images.shape} and dtype {images.dtype}"
+        )
+    if labels is not None and np.shape(labels) != (len(images),):
+        raise ValueError(
+            f"labels must hold one label per image ({len(images)}); got an array of shape "
+            f"{np.shape(labels)}"
         )
     paths, _ = load_sample_photos("imagenet")
     photos = [Image.fromarray(photo) for photo in load_sample_images().images]

@@ -26,6 +26,14 @@ from skdeep import (
 )
 from skdeep.__main__ import build_parser, extract
 from skdeep._base import _shared_networks
+from skdeep._display import (
+    DomainAlignmentDisplay,
+    LayerProbeDisplay,
+    TrainingHistoryDisplay,
+    layer_probe_scores,
+)
+from skdeep.datasets import load_cifar10, load_digits_images, load_mnist_m_like
+from skdeep.metrics import PredictionEntropyScorer, SoftNeighborhoodDensityScorer
 
 from .conftest import TinyNet, separable_images
 
@@ -92,6 +100,59 @@ def store_of_another_npy_file(tmp_path):
     out = tmp_path / "f.zarr"
     extract_store(extractor, str(tmp_path / "a.npy"), out, n_workers=0, verbose=False)
     extract_store(extractor, str(tmp_path / "b.npy"), out, n_workers=0, verbose=False)
+
+
+def cli(tmp_path, *options):
+    """Run ``python -m skdeep extract`` on a small .npy file with ``options``."""
+    np.save(tmp_path / "images.npy", np.zeros((2, 8, 8), np.uint8))
+    argv = ["extract", str(tmp_path / "images.npy"), "--out", str(tmp_path / "f.joblib")]
+    return extract(build_parser().parse_args([*argv, *options]))
+
+
+def adapt_with(divergence):
+    """Fit a tiny adapter with a callable ``divergence`` and a constant weight."""
+    return tiny_adapter(divergence=divergence, divergence_schedule="constant").fit(
+        X_SOURCE, Y_SOURCE, X_target=255 - X_SOURCE
+    )
+
+
+def pairwise(source, target):
+    """Return a matrix, not a scalar."""
+    return torch.cdist(source, target)
+
+
+def nothing(source, target):
+    """Return None."""
+
+
+def not_a_number(source, target):
+    """Return NaN."""
+    return (source.mean() - target.mean()) * float("nan")
+
+
+def through_numpy(source, target):
+    """Return a value computed outside torch: no gradient."""
+    return torch.tensor(float(np.abs(source.detach().numpy()).mean()))
+
+
+def one_argument(rows):
+    """Take one argument only."""
+    return rows.mean()
+
+
+class ProbaOnly:
+    """An estimator with predict_proba only, for scorer arguments checked before it runs."""
+
+    classes_ = np.array(["horizontal", "vertical"])
+
+    def predict_proba(self, X):
+        """Return uniform probabilities."""
+        return np.full((len(X), 2), 0.5)
+
+
+def fitted_tiny_extractor():
+    """Return a fitted FeatureExtractor on TinyNet at 24 px."""
+    return FeatureExtractor(TinyNet(), image_size=24).fit()
 
 
 X_SOURCE, Y_SOURCE = separable_images(n_per_class=8, size=24)
@@ -215,6 +276,197 @@ CATALOGUE = [
         store_of_another_npy_file,
         ValueError,
         r"out: '.*f.zarr' was made from another \.npy file",
+    ),
+    BadInput(
+        "a divergence callable returning a matrix",
+        lambda tmp: adapt_with(pairwise),
+        ValueError,
+        r"divergence=pairwise must return one value \(a scalar tensor\); it returned a "
+        r"tensor of shape \(8, 8\)",
+    ),
+    BadInput(
+        "a divergence callable returning None",
+        lambda tmp: adapt_with(nothing),
+        TypeError,
+        "divergence=nothing must return a tensor holding one value .* it returned NoneType",
+    ),
+    BadInput(
+        "a divergence callable returning NaN",
+        lambda tmp: adapt_with(not_a_number),
+        ValueError,
+        r"divergence=not_a_number returned nan on finite rows .* must return a finite value",
+    ),
+    BadInput(
+        "a divergence callable computed outside torch",
+        lambda tmp: adapt_with(through_numpy),
+        ValueError,
+        "divergence=through_numpy returned a value without a gradient",
+    ),
+    BadInput(
+        "a divergence callable of one argument",
+        lambda tmp: adapt_with(one_argument),
+        TypeError,
+        r"divergence must take two arguments, the source and the target rows .* one_argument "
+        r"takes \(rows\)",
+    ),
+    BadInput(
+        "devices=True",
+        lambda tmp: tiny_adapter(devices=True).fit(X_SOURCE, Y_SOURCE, X_target=X_SOURCE),
+        ValueError,
+        "devices must be None, a positive int .* got True",
+    ),
+    BadInput(
+        "devices listing something other than an index",
+        lambda tmp: tiny_adapter(devices=[0, "a"]).fit(X_SOURCE, Y_SOURCE, X_target=X_SOURCE),
+        ValueError,
+        r"devices must be .* list of distinct CUDA device indices; got \[0, 'a'\]",
+    ),
+    BadInput(
+        "a scorer's sample_domain shorter than X",
+        lambda tmp: PredictionEntropyScorer()(
+            ProbaOnly(), X_SOURCE, Y_SOURCE, sample_domain=np.zeros(5, int)
+        ),
+        ValueError,
+        "sample_domain has 5 entries but X has 16 images",
+    ),
+    BadInput(
+        "a scorer's y shorter than X",
+        lambda tmp: PredictionEntropyScorer()(ProbaOnly(), X_SOURCE, Y_SOURCE[:-1]),
+        ValueError,
+        "y has 15 labels but X has 16 images",
+    ),
+    BadInput(
+        "a scorer's temperature of zero",
+        lambda tmp: SoftNeighborhoodDensityScorer(temperature=0)(ProbaOnly(), X_SOURCE, Y_SOURCE),
+        ValueError,
+        "temperature must be a positive finite number; got 0",
+    ),
+    BadInput(
+        "a scorer given an estimator without predict_proba",
+        lambda tmp: PredictionEntropyScorer()(object(), X_SOURCE, Y_SOURCE),
+        TypeError,
+        "estimator must be a fitted classifier with predict_proba; object has no predict_proba",
+    ),
+    BadInput(
+        "score with sample_weight shorter than X",
+        lambda tmp: (
+            tiny_adapter()
+            .fit(X_SOURCE, Y_SOURCE, X_target=X_SOURCE)
+            .score(X_SOURCE, Y_SOURCE, sample_weight=np.ones(3))
+        ),
+        ValueError,
+        r"sample_weight must hold one weight per image, shape \(16,\); got an array of shape",
+    ),
+    BadInput(
+        "a history display of an empty history",
+        lambda tmp: TrainingHistoryDisplay([]).plot(),
+        ValueError,
+        "history must be a non-empty list of dicts, one per epoch .* got a list of length 0",
+    ),
+    BadInput(
+        "a history display of a FeatureExtractor",
+        lambda tmp: TrainingHistoryDisplay.from_estimator(fitted_tiny_extractor()),
+        TypeError,
+        "estimator must be a fitted FineTuneClassifier or DomainAdaptedClassifier .* got "
+        "FeatureExtractor",
+    ),
+    BadInput(
+        "an alignment display with labels shorter than its images",
+        lambda tmp: DomainAlignmentDisplay.from_estimator(
+            fitted_tiny_extractor(), X_SOURCE, X_SOURCE, y_source=Y_SOURCE[:-1]
+        ),
+        ValueError,
+        r"y_source must hold one label per image of X_source \(16\); got an array of shape "
+        r"\(15,\)",
+    ),
+    BadInput(
+        "an alignment display of embeddings that do not fit the domains",
+        lambda tmp: DomainAlignmentDisplay(
+            [np.zeros((3, 2))], np.array(["source", "target"])
+        ).plot(),
+        ValueError,
+        r"embeddings\[0\] must have shape \(2, 2\), one row per entry of domains; got "
+        r"\(3, 2\)",
+    ),
+    BadInput(
+        "a layer-probe display of no scores",
+        lambda tmp: LayerProbeDisplay({}).plot(),
+        ValueError,
+        "scores must be a non-empty dict of layer names to fold scores",
+    ),
+    BadInput(
+        "the layer-probe helper given a classifier, not an extractor",
+        lambda tmp: layer_probe_scores(FineTuneClassifier(), X_SOURCE, Y_SOURCE, ["layer1"]),
+        TypeError,
+        "extractor must be a FeatureExtractor .* got FineTuneClassifier",
+    ),
+    BadInput(
+        "the layer-probe helper given one layer name as a string",
+        lambda tmp: layer_probe_scores(random_resnet(), X_SOURCE, Y_SOURCE, "layer1"),
+        ValueError,
+        r"layers: name the layers to compare, as in layers=\['layer2', 'layer4'\]; got 'layer1'",
+    ),
+    BadInput(
+        "the layer-probe helper given fewer labels than images",
+        lambda tmp: layer_probe_scores(
+            random_resnet(), X_SOURCE, Y_SOURCE[:-1], ["layer1", "layer2"]
+        ),
+        ValueError,
+        "y has 15 labels but X has 16 images",
+    ),
+    BadInput(
+        "load_digits_images(size=0)",
+        lambda tmp: load_digits_images(size=0),
+        ValueError,
+        "size must be a positive integer or None; got 0",
+    ),
+    BadInput(
+        "load_mnist_m_like with labels of another length",
+        lambda tmp: load_mnist_m_like(np.zeros((3, 28, 28), np.uint8), labels=[0, 1]),
+        ValueError,
+        r"labels must hold one label per image \(3\); got an array of shape \(2,\)",
+    ),
+    BadInput(
+        "load_mnist_m_like with a seed that is not an integer",
+        lambda tmp: load_mnist_m_like(np.zeros((3, 28, 28), np.uint8), seed=0.5),
+        TypeError,
+        "seed must be an integer; got 0.5",
+    ),
+    BadInput(
+        "load_cifar10(train='yes')",
+        lambda tmp: load_cifar10(tmp, train="yes"),
+        TypeError,
+        "train must be True or False; got 'yes'",
+    ),
+    BadInput(
+        "python -m skdeep extract --batch-size 0",
+        lambda tmp: cli(tmp, "--batch-size", "0"),
+        ValueError,
+        "--batch-size must be an integer of 1 or more; got 0",
+    ),
+    BadInput(
+        "python -m skdeep extract --num-workers -1",
+        lambda tmp: cli(tmp, "--num-workers", "-1"),
+        ValueError,
+        "--num-workers must be an integer of 0 or more; got -1",
+    ),
+    BadInput(
+        "python -m skdeep extract --workers 0",
+        lambda tmp: cli(tmp, "--workers", "0"),
+        ValueError,
+        "--workers must be an integer of 1 or more; got 0",
+    ),
+    BadInput(
+        "python -m skdeep extract --image-shape with four values",
+        lambda tmp: cli(tmp, "--image-shape", "8", "8", "3", "1"),
+        ValueError,
+        r"--image-shape takes H W or H W C \(positive H and W, C 1 or 3\); got 8 8 3 1",
+    ),
+    BadInput(
+        "python -m skdeep extract --value-range upside down",
+        lambda tmp: cli(tmp, "--value-range", "1", "0"),
+        ValueError,
+        "--value-range takes LOW HIGH, two finite numbers with LOW < HIGH; got 1 0",
     ),
     BadInput(
         "y shorter than X",
