@@ -1,13 +1,17 @@
-"""Fine-tune an ImageNet ResNet-18 on CIFAR-10, or on MNIST when offline.
-
-Run:  .venv/bin/python examples/fine_tune.py [--n-train 10000] [--epochs 3]
-
-Online, CIFAR-10 and the ResNet-18 weights come through torchvision's downloaders (a
-random subset keeps a CPU run short; a GPU is picked up automatically). Offline, the
-script says so and fine-tunes the offline MobileNet-V2 weights on MNIST 5k instead.
-Either way it prints the training history and the test accuracy, and draws the history
-to ``examples/images/training_history.png``.
 """
+Fine-tuning a pretrained network
+================================
+
+:class:`~skdeep.FineTuneClassifier` fine-tunes an ImageNet ResNet-18 on CIFAR-10 when
+torchvision can download both, or the offline MobileNet-V2 weights on MNIST 5k when
+not. Either way the script prints the training history and the test accuracy, and draws
+the history to ``examples/images/training_history.png``.
+
+Run:  ``.venv/bin/python examples/fine_tune.py [--n-train 10000] [--epochs 3]`` (a few
+minutes on a CPU; a GPU is picked up automatically).
+"""
+
+# sphinx_gallery_thumbnail_path = '../examples/images/training_history.png'
 
 import argparse
 from pathlib import Path
@@ -18,6 +22,25 @@ from sklearn.model_selection import train_test_split
 from skdeep import FineTuneClassifier, TrainingHistoryDisplay, WeightsUnavailableError
 from skdeep.backbones import load_backbone
 from skdeep.datasets import DatasetUnavailableError, load_cifar10, load_mnist_5k
+
+# The gallery runs an example from its own folder, without __file__.
+HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()
+
+parser = argparse.ArgumentParser(description="Fine-tune a pretrained network.")
+parser.add_argument("--n-train", type=int, default=10_000)
+parser.add_argument("--n-test", type=int, default=2_000)
+parser.add_argument("--epochs", type=int, default=3)
+args = parser.parse_args()
+
+# %%
+# The data: CIFAR-10 online, MNIST offline
+# ----------------------------------------
+#
+# Online, CIFAR-10 and the ResNet-18 weights come through torchvision's downloaders (a
+# random subset keeps a CPU run short). Offline, :func:`~skdeep.datasets.load_cifar10`
+# raises :class:`~skdeep.datasets.DatasetUnavailableError` (or the weights
+# :class:`~skdeep.WeightsUnavailableError`), and the script fine-tunes MobileNet-V2 on
+# MNIST instead, with random crops only: digits must not be mirrored.
 
 
 def cifar10(n_train: int, n_test: int):
@@ -40,40 +63,47 @@ def mnist():
     """Load MNIST 5k (4,000 train, 1,000 test) and the MobileNet-V2 settings."""
     images, labels = load_mnist_5k()
     split = train_test_split(images, labels, test_size=1000, stratify=labels, random_state=0)
-    # Digits must not be mirrored: random crops only.
     return "MNIST 5k", dict(backbone="mobilenet_v2", image_size=48, augment="crop"), *split
 
 
-def main() -> None:
-    """Fine-tune, then print the training history and the test accuracy."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=10_000)
-    parser.add_argument("--n-test", type=int, default=2_000)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+name, settings, X_train, X_test, y_train, y_test = cifar10(args.n_train, args.n_test) or mnist()
 
-    name, settings, X_train, X_test, y_train, y_test = cifar10(args.n_train, args.n_test) or mnist()
-    clf = FineTuneClassifier(
-        **settings, max_epochs=args.epochs, early_stopping=True, random_state=0, verbose=True
+# %%
+# Fine-tuning
+# -----------
+#
+# ``early_stopping=True`` holds out a tenth of the training images and keeps the weights
+# of the best validation epoch; ``verbose=True`` shows a progress bar per epoch.
+
+clf = FineTuneClassifier(
+    **settings, max_epochs=args.epochs, early_stopping=True, random_state=0, verbose=True
+)
+print(f"{name}: fine-tuning {settings['backbone']} on {len(X_train)} images")
+clf.fit(X_train, y_train)
+
+# %%
+# The history, and the test accuracy
+# ----------------------------------
+#
+# ``history_`` holds one record per epoch; :class:`~skdeep.TrainingHistoryDisplay`
+# draws it.
+
+print("\n| epoch | train loss | train accuracy | learning rate | seconds |")
+print("|-------|------------|----------------|---------------|---------|")
+for record in clf.history_:
+    print(
+        f"| {record['epoch']:5d} | {record['train_loss']:10.4f} | "
+        f"{record['train_accuracy']:14.3f} | {record['lr']:13.2e} | {record['seconds']:7.1f} |"
     )
-    print(f"{name}: fine-tuning {settings['backbone']} on {len(X_train)} images")
-    clf.fit(X_train, y_train)
+print(f"\n{name} test accuracy: {clf.score(X_test, y_test):.3f} ({len(X_test)} images)")
+picture = HERE / "images" / "training_history.png"
+picture.parent.mkdir(exist_ok=True)
+TrainingHistoryDisplay.from_estimator(clf).figure_.savefig(picture, dpi=100, bbox_inches="tight")
+print(f"drew {picture}")
 
-    print("\n| epoch | train loss | train accuracy | learning rate | seconds |")
-    print("|-------|------------|----------------|---------------|---------|")
-    for record in clf.history_:
-        print(
-            f"| {record['epoch']:5d} | {record['train_loss']:10.4f} | "
-            f"{record['train_accuracy']:14.3f} | {record['lr']:13.2e} | {record['seconds']:7.1f} |"
-        )
-    print(f"\n{name} test accuracy: {clf.score(X_test, y_test):.3f} ({len(X_test)} images)")
-    picture = Path(__file__).parent / "images" / "training_history.png"
-    picture.parent.mkdir(exist_ok=True)
-    TrainingHistoryDisplay.from_estimator(clf).figure_.savefig(
-        picture, dpi=100, bbox_inches="tight"
-    )
-    print(f"drew {picture}")
-
-
-if __name__ == "__main__":
-    main()
+# %%
+# The picture this script drew when it was last run (the documentation build does not
+# run this example):
+#
+# .. image:: /../examples/images/training_history.png
+#    :alt: Training loss, validation accuracy and learning rate per epoch

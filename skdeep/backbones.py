@@ -68,7 +68,7 @@ def load_backbone(
         path of a ``state_dict`` file, or None for random initialisation. For an
         ``nn.Module`` backbone, a weights name keeps the module's own parameters and
         None draws them again with each layer's ``reset_parameters`` (see
-        :func:`skdeep._network.reset_parameters`), from torch's random generator.
+        ``skdeep._network.reset_parameters``), from torch's random generator.
     image_size : int, optional
         The input size; timm transformers are built for it.
 

@@ -16,9 +16,11 @@ that dies; a rerun of :func:`extract` after an interruption computes only the ch
 that are missing. skdeep adds no scheduler of its own.
 
 :func:`local_cluster` starts what ``--workers`` starts: single-threaded worker processes
-on 127.0.0.1, without Dask's ``MALLOC_TRIM_THRESHOLD_`` (it slowed inference by 40%
-here; set ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_`` to null in the
-Dask configuration of your own clusters for the same gain).
+on 127.0.0.1, without Dask's ``MALLOC_TRIM_THRESHOLD_`` (with it, glibc hands every
+large tensor's memory back at once and single-threaded inference slows down; set
+``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_`` to null in the Dask
+configuration of your own clusters for the same gain). :data:`WORKER_CONFIG` is that
+setting, as a Dask configuration.
 
 One GPU per worker: with ``device="auto"`` each worker uses the GPU it sees, so give
 each worker its own with ``CUDA_VISIBLE_DEVICES`` (dask-cuda's ``LocalCUDACluster``
