@@ -96,7 +96,7 @@ class PeakMemory(Sampler):
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    """Format rows as a Markdown table (it pastes straight into the README)."""
+    """Format rows as a Markdown table (as the documentation's pages quote it)."""
     cells = [[_format(value) for value in row] for row in rows]
     widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
     lines = [
@@ -113,8 +113,8 @@ class Report:
 
     The file starts with the date, the command, the machine (CPU model and instruction
     sets, threads, GPU) and the versions of the libraries, since the figures depend
-    on all of them. The README quotes these files. A run on a GPU writes
-    ``results/<name>_cuda.md``, so that it never overwrites the CPU's figures.
+    on all of them. The documentation's benchmark pages quote these files. A run on a
+    GPU writes ``results/<name>_cuda.md``, so that it never overwrites the CPU's figures.
     """
 
     def __init__(self, name: str, device: torch.device, libraries: tuple[str, ...] = ()):

@@ -825,7 +825,7 @@ def joint(args, device, report) -> None:
         accuracy_table(records, list(methods), DEFAULTS),
     )  # fmt: skip
     # The defaults ran last, seeds 0-31 then 32-63, to a rule written down before
-    # (see the README), as divergence_weight=0.3 beside the previous defaults.
+    # (docs/benchmarks/domain_adaptation.md), as divergence_weight=0.3 beside the previous defaults.
     halves = {"0-31": range(32), "32-63": range(32, 64)}
     block_table(
         report,
@@ -860,7 +860,7 @@ def joint(args, device, report) -> None:
         [row[:-1] for row in two_machine_rows(records, final_records, compared, PREVIOUS)],
     )
     # Seeds 16-31 and then 32-63 were each run after the previous block's results were
-    # known, as confirmations written down beforehand (see the README).
+    # known, as confirmations written down beforehand (docs/benchmarks/domain_adaptation.md).
     blocks = {"0-15": range(16), "16-31": range(16, 32), "32-63": range(32, 64)}
     blocks = {name: seeds for name, seeds in blocks.items() if seeds[0] < len(args.seeds)}
     if "32-63" in blocks:
@@ -875,7 +875,7 @@ def joint(args, device, report) -> None:
             seed_block_rows(records, PREVIOUS, rivals, blocks, spread=True),
         )
         # The joint MMD ran on seeds 32-63 a session after the rest, to a rule written
-        # down before (see the README).
+        # down before (docs/benchmarks/domain_adaptation.md).
         block_table(
             report,
             "The joint MMD against the previous defaults and skada's DAN by block of seeds",

@@ -11,7 +11,7 @@ given and runs the network in int8 through fbgemm/oneDNN (the ``x86`` backend):
    correction, Nagel et al. 2019, "Data-Free Quantization").
 3. ``convert_fx`` turns it into int8 kernels; the outputs come back in float.
 
-The choices, measured on MobileNet-V2 with ImageNet weights (README, int8 section):
+The choices, measured on MobileNet-V2 with ImageNet weights (docs/benchmarks/int8.md):
 
 - Activations use all 8 bits (histogram observer, on a sample of each batch); weights
   are rounded per output channel to integers in [-64, 64], about 7 bits. CPUs without
@@ -29,8 +29,8 @@ biases) is all a pickle stores: the int8 network is rebuilt from the float weigh
 these where the extractor is loaded, and gives identical features.
 
 PyTorch has deprecated ``torch.ao.quantization`` in favour of torchao's PT2E flow;
-the FX flow still works in the torch versions skdeep supports (see the README for
-what was measured and why this path was kept).
+the FX flow still works in the torch versions skdeep supports (see docs/benchmarks/int8.md
+for what was measured and why this path was kept).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _sampled_histogram_observer() -> type:
     ``torch.histc`` was most of the calibration time. An evenly strided sample of each
     batch's activations, with their exact minimum and maximum, keeps the observed range
     and gave MobileNet-V2 features at least as close to float32 as the full histograms
-    did (README, int8 section), in less time. Defined on first use, so that only the
+    did (docs/benchmarks/int8.md), in less time. Defined on first use, so that only the
     int8 path imports ``torch.ao.quantization``.
     """
     from torch.ao.quantization import HistogramObserver
@@ -232,7 +232,7 @@ class _WeightRoundingError:
         observer = _weight_observer()()
         observer(weight)
         scale, zero_point = observer.calculate_qparams()
-        with warnings.catch_warnings():  # quantized tensors are deprecated, see the README
+        with warnings.catch_warnings():  # quantized tensors are deprecated
             warnings.simplefilter("ignore")
             # Rounded exactly as convert_fx will round them.
             rounded = torch.quantize_per_channel(weight, scale, zero_point, 0, torch.qint8)
