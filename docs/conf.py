@@ -87,6 +87,7 @@ sphinx_gallery_conf = {
     "remove_config_comments": True,
     "abort_on_example_error": True,
     "show_memory": False,
+    "write_computation_times": False,  # those pages load scripts from a CDN
     "min_reported_time": 1,
     "within_subsection_order": "FileNameSortKey",
 }
