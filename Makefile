@@ -44,6 +44,7 @@ lint: $(STAMP)
 # Warnings are errors and every cross-reference must resolve (-n); nothing is fetched.
 # The gallery runs examples/plot_*.py only; SKDEEP_DOCS_RUN_EXAMPLES='.*' runs them all.
 docs: $(STAMP)
+	rm -rf docs/generated docs/auto_examples  # no page of a removed name or example
 	$(BIN)/python -m sphinx -b html -E -q -W --keep-going -n docs docs/_build/html
 	@echo "documentation in docs/_build/html/index.html"
 

@@ -10,21 +10,28 @@ CUDA, with NCCL; ``n`` CPU processes with gloo). Two ways in:
   process group that exists (:func:`active_context`) and every rank ends fitted.
 
 PyTorch does the work: DistributedDataParallel averages gradients, and collectives
-reduce the metrics and gather the features of a domain-adaptation penalty. skdeep only
-decides which rows each rank takes: every global batch of ``batch_size`` images is cut
-into equal parts, one per rank, in order, so that with synchronized batch norms
-(:class:`SynchronizedBatchNorm`) and DDP's averaged gradients, n ranks take the steps
-one process would take with that batch.
+reduce the metrics and gather the features of a domain-adaptation penalty. Which rows
+each rank takes is the data plan's decision (:mod:`skdeep._data_plan`).
+
+Process lifecycle of spawned ranks: the parent hosts the rendezvous store on a port the
+operating system picks (nothing can take it in between); every rank watches its parent
+and, when the parent is gone (killed, even by SIGKILL), removes the shared temporary
+folder and exits; a collective that does not complete within ``collective_timeout``
+seconds raises on the ranks that wait, naming the rank and the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import pickle
-import socket
+import re
+import shutil
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -38,9 +45,9 @@ from torch import nn
 
 from ._compat import BatchNorm
 
-# How long a collective may wait for a peer before failing (a rank that died mid-step).
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_FOLDER_PREFIX = "skdeep-ranks-"  # then the parent's process id and a dash
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass
@@ -56,22 +63,26 @@ class DistributedContext:
     spawned : bool
         Whether skdeep spawned the ranks (rank 0 then hands the result back) or
         torchrun did.
+    timeout : float
+        Seconds a collective waits for the other ranks (for error messages).
     """
 
     rank: int
     world_size: int
     device: torch.device
     spawned: bool = False
+    timeout: float = 300.0
 
     @property
     def is_main(self) -> bool:
         """Whether this is rank 0, the one that prints and writes."""
         return self.rank == 0
 
-    def part(self, batch: int) -> slice:
-        """Return this rank's part of a global batch of ``batch`` images (equal, in order)."""
-        size = batch // self.world_size
-        return slice(self.rank * size, (self.rank + 1) * size)
+    def broadcast_int(self, value: int) -> int:
+        """Return rank 0's ``value`` on every rank."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, 0)
+        return int(tensor.item())
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the ranks (a new tensor; no gradient)."""
@@ -125,12 +136,15 @@ class _Gather(torch.autograd.Function):
 _active: DistributedContext | None = None
 
 
-def active_context(devices, device: torch.device) -> DistributedContext | None:
+def active_context(
+    devices, device: torch.device, timeout: float = 300.0
+) -> DistributedContext | None:
     """Return the context this ``fit`` trains in: a spawned rank's, torchrun's, or None.
 
     Under torchrun with ``devices`` of 2 or more, the process group is initialised
-    here (once; an existing one is used as it is): on the GPU of this process's local
-    rank when the estimator's resolved ``device`` is CUDA (NCCL), else on the CPU (gloo).
+    here (once, with collectives timing out after ``timeout`` seconds; an existing one
+    is used as it is): on the GPU of this process's local rank when the estimator's
+    resolved ``device`` is CUDA (NCCL), else on the CPU (gloo).
     """
     if _active is not None:
         return _active
@@ -157,8 +171,47 @@ def active_context(devices, device: torch.device) -> DistributedContext | None:
         device = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+        dist.init_process_group(
+            backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout)
+        )
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), device, timeout=timeout)
+
+
+@contextlib.contextmanager
+def watch_collectives(context: DistributedContext | None, where: str):
+    """Turn a failed collective into an error that names this rank and ``where`` it failed.
+
+    A collective fails when another rank died or raised (its connection closes), or when
+    one does not arrive within the context's timeout. Alone (``context`` None), nothing
+    is watched.
+    """
+    if context is None:
+        yield
+        return
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, dist.DistError) and not _COLLECTIVE_FAILURE.search(text):
+            raise
+        timed_out = re.search(r"timed out|timeout", text, re.IGNORECASE)
+        reason = (
+            f"did not complete within collective_timeout={context.timeout:g} s (another "
+            "process hangs, or is slower than that)"
+            if timed_out
+            else "failed (another process died or raised)"
+        )
+        raise RuntimeError(
+            f"rank {context.rank} of {context.world_size}: a collective at {where} "
+            f"{reason}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}"
+        ) from exc
+
+
+# What a collective's failure says when PyTorch raises it as a plain RuntimeError (the
+# gradient averaging of DistributedDataParallel, inside backward).
+_COLLECTIVE_FAILURE = re.compile(
+    r"gloo|nccl|timed out|connection (closed|reset)|peer|ProcessGroup", re.IGNORECASE
+)
 
 
 def in_process_group() -> bool:
@@ -233,7 +286,13 @@ def check_devices(devices, device: torch.device) -> list[int] | int | None:
 # ----------------------------------------------------------------------------------------
 
 
-def spawn_fit(estimator, fit: Callable, arguments: dict, processes: list[int] | int, timeout=None):
+def spawn_fit(
+    estimator,
+    fit: Callable,
+    arguments: dict,
+    processes: list[int] | int,
+    collective_timeout: float = 300.0,
+):
     """Run ``fit(estimator, **arguments)`` in data-parallel ranks; return rank 0's estimator.
 
     Parameters
@@ -248,8 +307,8 @@ def spawn_fit(estimator, fit: Callable, arguments: dict, processes: list[int] | 
         values are pickled.
     processes : int or list of int
         The number of CPU processes, or the CUDA device of each rank.
-    timeout : float, optional
-        Seconds to wait for the ranks (None: no limit).
+    collective_timeout : float, default=300.0
+        Seconds a collective waits for the other ranks before it fails.
 
     Raises
     ------
@@ -261,14 +320,25 @@ def spawn_fit(estimator, fit: Callable, arguments: dict, processes: list[int] | 
 
     gpus = processes if isinstance(processes, list) else None
     world_size = len(gpus) if gpus else int(processes)
-    with tempfile.TemporaryDirectory(prefix="skdeep-ranks-") as folder:
+    _remove_abandoned_folders()
+    prefix = f"{_FOLDER_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
         shared = {key: _shareable(value, folder, key) for key, value in arguments.items()}
         payload = os.path.join(folder, "payload.pkl")
         with open(payload, "wb") as file:
             pickle.dump((estimator, fit, shared), file)
+        # The rendezvous store lives in this process, on a port the system picks when it
+        # binds: no other process can take the port between choosing and binding it.
+        store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=collective_timeout),
+        )
         context = mp.start_processes(
             _run_rank,
-            args=(world_size, _free_port(), gpus, payload, folder),
+            args=(world_size, store.port, gpus, payload, folder, os.getpid(), collective_timeout),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -289,8 +359,34 @@ def spawn_fit(estimator, fit: Callable, arguments: dict, processes: list[int] | 
                 if process.is_alive():
                     process.kill()
                 process.join(timeout=10)
+            del store
         with open(os.path.join(folder, "result.pkl"), "rb") as file:
             return pickle.load(file)
+
+
+def _remove_abandoned_folders() -> None:
+    """Remove the shared folders of fits whose calling process no longer exists.
+
+    The ranks remove their folder when the calling process dies; this catches the case
+    where the ranks died with it (a whole process group killed at once).
+    """
+    pattern = re.compile(re.escape(_FOLDER_PREFIX) + r"(\d+)-")
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            match = pattern.match(name)
+            if match and not _process_exists(int(match[1])):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _shareable(value, folder: str, key: str):
@@ -310,16 +406,43 @@ class _MappedArray:
         return np.load(self.path, mmap_mode="r")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _exit_with_parent(parent: int, folder: str) -> None:
+    """Watch the calling process from a thread; once it is gone, clean up and exit.
+
+    Whatever killed the parent (SIGKILL included), the ranks do not train on as
+    orphans, and the shared copy of the data does not outlive them.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(1)
+
+    # torch's spawn asks Linux to send each rank SIGINT when the parent's thread ends:
+    # the rank would take it for Ctrl-C, end its fit as interrupted and exit before
+    # this thread could clean up (the parent's process can outlive that thread by a
+    # moment). The watch replaces that signal.
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
+    threading.Thread(target=watch, name="skdeep-parent-watch", daemon=True).start()
 
 
-def _run_rank(rank: int, world_size: int, port: int, gpus, payload: str, folder: str) -> None:
+def _run_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    gpus,
+    payload: str,
+    folder: str,
+    parent: int,
+    collective_timeout: float,
+) -> None:
     """Run one spawned rank: join the group, fit, and (rank 0) save the result."""
     global _active
 
+    _exit_with_parent(parent, folder)
     try:
         with open(payload, "rb") as file:
             estimator, fit, shared = pickle.load(file)
@@ -333,14 +456,18 @@ def _run_rank(rank: int, world_size: int, port: int, gpus, payload: str, folder:
             torch.cuda.set_device(device)
         else:  # the cores are shared out among the ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        timeout = datetime.timedelta(seconds=collective_timeout)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group(
             "nccl" if gpus else "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=COLLECTIVE_TIMEOUT,
+            timeout=timeout,
         )
-        _active = DistributedContext(rank, world_size, device, spawned=True)
+        _active = DistributedContext(
+            rank, world_size, device, spawned=True, timeout=collective_timeout
+        )
         try:
             fitted = fit(estimator, **arguments)
             if rank == 0:

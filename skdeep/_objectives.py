@@ -92,6 +92,13 @@ class Supervised:
         """Trainable parameters of the objective itself, which the optimizer adds."""
         return []
 
+    def distribute(self, context) -> None:
+        """Prepare for data-parallel steps among the ranks of ``context`` (nothing here).
+
+        Called once before training when several ranks train together
+        (:class:`~skdeep._distributed.DistributedContext`).
+        """
+
     def batches(self, source_batches: Iterable) -> Iterable:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""
         return source_batches
@@ -211,6 +218,10 @@ class DomainAlignment(Supervised):
                 yield
             finally:
                 self._taps = None
+
+    def distribute(self, context) -> None:
+        """Compare the features of every rank's rows: gather them, with gradients."""
+        self.gather = context.gather
 
     def batches(self, source_batches: Iterable) -> Iterator:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""
@@ -374,6 +385,17 @@ class AdversarialPenalty(DomainAlignment):
     def __init__(self, criterion, classifier, layers, weight, schedule, target_batches, **options):
         super().__init__(criterion, layers, weight, schedule, target_batches, **options)
         self.classifier = classifier
+        self._classify = classifier  # what rows run through: a DDP wrapper among ranks
+
+    def distribute(self, context) -> None:
+        """Gather features, and train one domain classifier on every rank.
+
+        The classifier is wrapped in DistributedDataParallel: rank 0's initial weights
+        reach every rank, and its gradients are averaged, so that the ranks' classifiers
+        stay equal although each draws its own dropout.
+        """
+        super().distribute(context)
+        self._classify = context.wrap(self.classifier)
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module, forward=None):
@@ -392,7 +414,7 @@ class AdversarialPenalty(DomainAlignment):
             [torch.cat([source[layer], target[layer]]).float() for layer in self.layers],
             dim=1,
         )
-        logits = self.classifier(GradientReversal.apply(rows, weight)).squeeze(1)
+        logits = self._classify(GradientReversal.apply(rows, weight)).squeeze(1)
         n = len(source[self.layers[0]])
         domains = torch.cat([torch.zeros(n), torch.ones(len(rows) - n)]).to(logits.device)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, domains)

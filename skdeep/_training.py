@@ -20,6 +20,7 @@ from torch import nn
 
 from ._compat import BatchNorm
 from ._device import autocast
+from ._distributed import watch_collectives
 from ._objectives import StepResult, Supervised
 from ._progress import progress_bar
 
@@ -217,7 +218,10 @@ class Trainer:
                     with progress_bar(n_samples, description, self._shows) as bar:
                         record = self._train_epoch(objective, batches, epoch, bar)
                         if validate is not None:
-                            record["valid_loss"], record["valid_accuracy"] = validate()
+                            with watch_collectives(
+                                self.context, f"the validation of epoch {epoch}"
+                            ):
+                                record["valid_loss"], record["valid_accuracy"] = validate()
                         bar.set_postfix(_summary(record), refresh=True)
                     record["lr"] = self.optimizer.param_groups[0]["lr"]
                     record["seconds"] = time.perf_counter() - record.pop("start")
@@ -248,13 +252,18 @@ class Trainer:
             module.eval()
         totals = _EpochTotals(self.device)
         world = 1 if self.context is None else self.context.world_size
-        for batch in batches:
-            out = self._optimizer_step(objective, batch)
+        for step, batch in enumerate(batches, 1):
+            with watch_collectives(self.context, f"epoch {epoch}, step {step}"):
+                out = self._optimizer_step(objective, batch)
             totals.add(out)
             if self._shows:
                 bar.set_postfix(loss=f"{totals.mean_loss():.4f}", refresh=False)
                 bar.update(out.n_labeled * world)
-        return {"epoch": epoch, **totals.summary(epoch, self.context), "start": start}
+        if not totals.steps:  # the data plan gives every epoch a step: never report none
+            raise RuntimeError(f"epoch {epoch} took no training step")
+        with watch_collectives(self.context, f"the end of epoch {epoch}"):
+            summary = totals.summary(epoch, self.context)
+        return {"epoch": epoch, **summary, "start": start}
 
     def _optimizer_step(self, objective, batch) -> StepResult:
         """Forward, backward and update for one batch (with mixed precision)."""
@@ -319,11 +328,11 @@ class _EpochTotals:
                 "lower lr, or use precision='float32'"
             )
         summary = {
-            "train_loss": loss / max(self.labeled, 1),
-            "train_accuracy": self.correct.item() / max(self.labeled, 1),
+            "train_loss": loss / self.labeled,
+            "train_accuracy": self.correct.item() / self.labeled,
         }
         for key, total in self.metrics.items():
-            summary[key] = float(total) / max(self.steps, 1)
+            summary[key] = float(total) / self.steps
         return summary
 
 
@@ -344,14 +353,7 @@ def recalibrate_batch_norm(
     ``frozen`` modules keep their statistics. With ``world_size`` ranks, each batch is
     one rank's part of a global batch (synchronized batch norms see the whole).
     """
-    frozen_ids = {id(inner) for module in frozen for inner in module.modules()}
-    norms = [
-        module
-        for module in model.modules()
-        if isinstance(module, BatchNorm)
-        and module.track_running_stats
-        and id(module) not in frozen_ids
-    ]
+    norms = [norm for norm in training_batch_norms(model, frozen) if norm.track_running_stats]
     if not norms:
         return
     model.eval()
@@ -367,6 +369,19 @@ def recalibrate_batch_norm(
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.eval()
+
+
+def training_batch_norms(model: nn.Module, frozen: list[nn.Module]) -> list[nn.Module]:
+    """Return the batch norms of ``model`` that train: those outside the ``frozen`` modules.
+
+    Frozen modules stay in eval mode while training, with their batch norms.
+    """
+    frozen_ids = {id(inner) for module in frozen for inner in module.modules()}
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, BatchNorm) and id(module) not in frozen_ids
+    ]
 
 
 def _snapshot(model: nn.Module) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 from functools import partial
 from numbers import Real
 from typing import ClassVar
@@ -251,6 +252,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         warm_start=False,
         devices=None,
         sync_batch_norm=False,
+        collective_timeout=300.0,
     ):
         super().__init__(
             backbone=backbone,
@@ -282,6 +284,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             warm_start=warm_start,
             devices=devices,
             sync_batch_norm=sync_batch_norm,
+            collective_timeout=collective_timeout,
         )
         self.divergence = divergence
         self.divergence_weight = divergence_weight
@@ -326,10 +329,6 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         """
         source = self._image_source(X)
         y = check_labels(y, len(source))
-        processes = self._processes_to_spawn()
-        if processes is not None:
-            arguments = dict(X=X, y=y, sample_domain=sample_domain, X_target=X_target)
-            return self._fit_in_processes(processes, **arguments)
         unlabeled = unlabeled_rows(y)
         domains = self._check_domains(sample_domain, unlabeled, len(source), X_target)
         labeled_source = (domains >= 0) & ~unlabeled
@@ -346,9 +345,15 @@ class DomainAdaptedClassifier(FineTuneClassifier):
                 f"{type(self).__name__} needs at least two target images: mark them with "
                 "y == -1 (or sample_domain < 0), or pass X_target"
             )
-        n_source = int(labeled_source.sum())
-        self._train(source, codes, partial(self._objective, target, target_rows, n_source))
+        processes = self._processes_to_spawn()
+        if processes is not None:
+            arguments = dict(X=X, y=y, sample_domain=sample_domain, X_target=X_target)
+            return self._fit_in_processes(processes, codes, **arguments)
+        self._train(source, codes, partial(self._objective, target, target_rows))
         return self
+
+    def _separate_domain_passes(self) -> bool:
+        return self.batch_norm == "per_domain"
 
     def _check_domains(self, sample_domain, unlabeled, n_images, X_target) -> np.ndarray:
         if sample_domain is None:
@@ -366,14 +371,15 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             )
         return domains
 
-    def _objective(self, target, target_rows, n_source, criterion, rng: np.random.Generator):
+    def _objective(self, target, target_rows, criterion, rng: np.random.Generator, plan):
         """Make the training objective of ``divergence`` (supervised when every weight is 0).
 
         The target side draws from its own random generators, seeded from ``rng``
         without consuming it, so that the source side draws exactly what
-        FineTuneClassifier would: with every weight at 0 the two train alike.
+        FineTuneClassifier would: with every weight at 0 the two train alike. Which
+        target rows each step takes is the data ``plan``'s decision.
         """
-        calibration = self._calibration_target(target, target_rows, n_source)
+        calibration = self._calibration_target(target, target_rows, plan)
         calibrate_on = "target" if self.recalibrate_bn == "target" else "both"
         weights = (self.divergence_weight, self.information_weight, self.class_confusion_weight)
         if not any(weights):
@@ -400,7 +406,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             class_confusion_weight=self.class_confusion_weight,
         )
         schedule = SCHEDULES[self.divergence_schedule]
-        batches = self._target_batches(target, target_rows, target_rng, generator)
+        batches = self._target_batches(target, target_rows, plan, generator)
         if self.divergence == "adversarial":
             width = sum(
                 len(pooled_names(layer, tuple(probe.outputs[layer].shape), layouts[layer], "avg"))
@@ -450,7 +456,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
             return partial(linear_time_mmd, **options)
         return partial(mmd, unbiased=self.mmd_estimator == "unbiased", **options)
 
-    def _calibration_target(self, target, target_rows, n_source):
+    def _calibration_target(self, target, target_rows, plan):
         """Unaugmented target batches for the recalibration pass (None: source only).
 
         As many target images as source images, in batches like theirs, so that "both"
@@ -458,27 +464,20 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         """
         if self.recalibrate_bn not in ("target", "both", True):
             return None
+        return lambda: self._step_images(
+            target, target_rows, plan.target_in_order(len(target_rows))
+        )
 
-        def batches():
-            rows, _, part = self._parts(np.resize(target_rows, n_source))
-            return self._input_batches(target, rows, batch_size=part)
+    def _target_batches(self, target, rows, plan, generator):
+        """Endless augmented target batches, each the size of its step's source batch.
 
-        return batches
-
-    def _target_batches(self, target, rows, rng: np.random.Generator, generator):
-        """Endless target batches of ``batch_size`` images, reshuffled after each pass.
-
-        In data-parallel training, this process's part of each.
+        In data-parallel training, this process's part of each (see the data plan).
         """
         augmentations = parse_augment(self.augment)
-        while True:
-            order = rng.permutation(rows)
-            usable = len(order) - len(order) % self.batch_size
-            local, sizes, part = self._parts(order[:usable] if usable else order)
-            batches = self._input_batches(target, local, batch_size=part)
-            for size, images in zip(sizes, batches, strict=True):
-                share = None if self._context is None else self._context.part(size)
-                yield augment(images, augmentations, generator, share, size)
+        for epoch in itertools.count(1):
+            steps = plan.target_epoch(epoch, len(rows))
+            for step, images in zip(steps, self._step_images(target, rows, steps), strict=True):
+                yield augment(images, augmentations, generator, step.share, step.global_size)
 
     # --- scoring --------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from numbers import Integral, Real
 from typing import ClassVar
 
@@ -20,6 +20,14 @@ from . import _distributed
 from ._augment import augment, parse_augment
 from ._base import BACKBONE_CONSTRAINTS, BackboneMixin
 from ._compat import Interval, StrOptions, fit_context
+from ._data_plan import (
+    MIN_PART_WITH_BATCH_NORM,
+    DataPlan,
+    agree_seed,
+    evaluation_rows,
+    rank_seed,
+    regroup,
+)
 from ._device import PRECISIONS, fork_rng, resolve_device
 from ._inference import optimize_for_inference
 from ._labels import check_labels, encode_labels
@@ -32,8 +40,14 @@ from ._network import (
     check_layer_names,
     replace_head,
 )
-from ._objectives import DomainAlignment, Supervised
-from ._training import Trainer, make_optimizer, make_scheduler, recalibrate_batch_norm
+from ._objectives import Supervised
+from ._training import (
+    Trainer,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_batch_norm,
+    training_batch_norms,
+)
 from .backbones import load_backbone
 
 FINE_TUNE_CONSTRAINTS = {
@@ -63,6 +77,7 @@ FINE_TUNE_CONSTRAINTS = {
     "warm_start": ["boolean"],
     "devices": [None, Interval(Integral, 1, None, closed="left"), list, tuple],
     "sync_batch_norm": ["boolean"],
+    "collective_timeout": [Interval(Real, 0, None, closed="neither")],
 }
 
 
@@ -97,7 +112,9 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         Passes over the training images.
     batch_size : int, default=32
         Images per optimizer step (and per inference batch). A final batch of a
-        single image is skipped in that epoch, since batch norm needs two.
+        single image joins the batch before it while batch norms train (they cannot
+        train on one image), so every image trains once per epoch; ``fit`` refuses a
+        single training image then.
     lr : float, default=1e-3
         Learning rate of the new head.
     backbone_lr : float or None, default=None
@@ -167,23 +184,43 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         picks the GPUs. ``fit`` starts the processes itself (the calling script needs
         ``if __name__ == "__main__":``), or, under ``torchrun``, joins the process
         group torchrun made (then ``devices`` must equal its number of processes).
-        ``batch_size`` stays the global batch: each process takes an equal part of
-        every batch (it must divide ``batch_size``) and DistributedDataParallel
-        averages the gradients (with ``sync_batch_norm``, the steps are exactly those
-        of one process with that batch). An epoch's last batch is dropped when it does
-        not split evenly. Arrays are shared with the processes through a memory-mapped
-        file; image files are decoded by each process for its part. The fitted
-        estimator is an ordinary one, which predicts in one process.
+        ``batch_size`` stays the global batch, a multiple of the number of
+        processes: each process takes an equal part of every batch, and
+        DistributedDataParallel averages the gradients. Every training image is
+        trained once per epoch: an epoch's last batch is padded to split evenly by
+        repeating fewer images than there are processes, and one whose parts would
+        hold a single image (which batch norm cannot train on) joins the batch
+        before it. ``fit`` refuses, before any process starts, when no cut gives
+        every process two images while batch norms train (fewer training images than
+        processes plus one, or ``batch_size`` below twice the processes). All
+        processes agree on one seed, rank 0's when ``random_state`` is None: they
+        shuffle, split and initialise alike, while each draws its own dropout.
+        Arrays are shared with the processes through a memory-mapped file; image
+        files are decoded by each process for its part. Processes end with ``fit``,
+        also when the calling process is killed (they then remove the shared copy
+        of the data). The fitted estimator is an ordinary one, which predicts in one
+        process.
     sync_batch_norm : bool, default=False
         With ``devices``, whether batch norms normalize each batch with the statistics
-        of the global batch, so that the steps are exactly those of one process (two
-        collectives per batch norm and step: epochs three times slower than
-        unsynchronized with gloo between two CPU processes, see
+        of the global batch (two collectives per batch norm and step: epochs three
+        times slower than unsynchronized with gloo between two CPU processes, see
         ``benchmarks/bench_distributed.py``). False, as in PyTorch's
         DistributedDataParallel and Lightning, normalizes each process's part with its
         own statistics, as a smaller batch would. Either way the recalibration
         (``recalibrate_bn``) computes the running statistics over the global batches,
         and every process ends with the same model. Ignored in one process.
+        ``n`` processes take exactly the steps of one process (to float rounding)
+        when batch norms are synchronized, the network draws no random numbers while
+        training (no dropout or stochastic depth: each process draws its own), and
+        every epoch's last batch needs neither padding nor joining: the number of
+        training images modulo ``batch_size`` is 0, or a multiple of ``n`` larger
+        than ``n``.
+    collective_timeout : float, default=300.0
+        With ``devices``, seconds a process waits for the others in one collective
+        (averaging gradients, gathering features, summing metrics) before it fails;
+        ``fit`` then raises an error that names the process and the step. Used when
+        skdeep starts the process group (always with spawned processes; under
+        ``torchrun``, unless the script made the group itself).
 
     Attributes
     ----------
@@ -251,6 +288,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         warm_start=False,
         devices=None,
         sync_batch_norm=False,
+        collective_timeout=300.0,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -281,6 +319,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self.warm_start = warm_start
         self.devices = devices
         self.sync_batch_norm = sync_batch_norm
+        self.collective_timeout = collective_timeout
 
     _derived_state = ("_predictor_model", "_context")
 
@@ -304,10 +343,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """
         source = self._image_source(X)
         y = check_labels(y, len(source))
+        codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
         processes = self._processes_to_spawn()
         if processes is not None:
-            return self._fit_in_processes(processes, X=X, y=y)
-        codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
+            return self._fit_in_processes(processes, codes, X=X, y=y)
         self._train(source, codes)
         return self
 
@@ -320,60 +359,84 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             return None
         return processes
 
-    def _fit_in_processes(self, processes, **arguments):
-        """Fit in data-parallel processes; take rank 0's fitted state as this estimator's."""
-        payload = copy.deepcopy(self)
-        if payload.random_state is None:  # every rank must draw the same batches
-            payload.random_state = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-        fitted = _distributed.spawn_fit(payload, _fit_in_rank, arguments, processes)
+    def _fit_in_processes(self, processes, codes: np.ndarray, **arguments):
+        """Fit in data-parallel processes; take rank 0's fitted state as this estimator's.
+
+        The data plan of the ranks is made here first, so that a fit it refuses (too few
+        rows for the processes) fails before any process starts.
+        """
+        world_size = len(processes) if isinstance(processes, list) else int(processes)
+        self._check_data_plan(codes, world_size)
+        fitted = _distributed.spawn_fit(
+            copy.deepcopy(self), _fit_in_rank, arguments, processes, self.collective_timeout
+        )
         parameters = self.get_params(deep=False)
         for key, value in vars(fitted).items():
             if key not in parameters:
                 setattr(self, key, value)
         return self
 
-    def _data_parallel_context(self):
-        """Join the ranks this fit trains with, and take this rank's device (None: alone)."""
-        context = _distributed.active_context(self.devices, self.device_)
-        if context is None:
-            return None
-        if self.batch_size % context.world_size:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of the {context.world_size} "
-                f"processes of devices={self.devices!r}: it is the global batch, which the "
-                "processes share out equally"
-            )
-        if getattr(self, "batch_norm", "joint") == "per_domain":
-            raise ValueError(
-                "batch_norm='per_domain' runs source and target through the network apart, "
-                "which DistributedDataParallel does not allow within one step; use "
-                "batch_norm='joint' with devices"
-            )
-        self.device_ = context.device
-        return context
+    def _check_data_plan(self, codes: np.ndarray, world_size: int) -> None:
+        """Make the data plan that the ranks will make, for its checks alone.
 
-    def _parts(self, order: np.ndarray) -> tuple[np.ndarray, list[int], int]:
-        """Return this process's rows of the global batches of ``order``.
-
-        Returns the rows, the size of each global batch, and the size of this
-        process's part of a full one. Alone, every row; in data-parallel training,
-        each global batch's equal part (the last batch is dropped when it does not
-        split evenly).
+        On the network built here (or the fitted one, for a warm start): whether batch
+        norms train decides the smallest part a rank may take.
         """
-        sizes = [
-            min(self.batch_size, len(order) - s) for s in range(0, len(order), self.batch_size)
-        ]
+        n_labeled = int((codes >= 0).sum())
+        n_train = n_labeled - self._validation_count(n_labeled)
+        if self.warm_start and hasattr(self, "model_"):
+            model, head_name = self.model_, self.head_name_
+        else:
+            with fork_rng(torch.device("cpu"), 0):  # leave the caller's generator alone
+                model, head_name, _ = self._build_network()
+        frozen = self._frozen_module_names(model, head_name)
+        self._data_plan(n_train, model, frozen, seed=0, world_size=world_size, rank=0)
+
+    def _separate_domain_passes(self) -> bool:
+        """Whether a step runs source and target images through the network apart."""
+        return False
+
+    def _data_plan(self, n_train, model, frozen, seed, world_size=1, rank=0) -> DataPlan:
+        """Which rows each rank trains at each step (see :mod:`skdeep._data_plan`)."""
+        frozen_modules = [model.get_submodule(name) for name in frozen]
+        trains_batch_norm = bool(training_batch_norms(model, frozen_modules))
+        return DataPlan(
+            n_train,
+            self.batch_size,
+            world_size,
+            rank,
+            seed,
+            min_part=MIN_PART_WITH_BATCH_NORM if trains_batch_norm else 1,
+            devices=self.devices,
+            domains_apart=self._separate_domain_passes(),
+        )
+
+    def _join_ranks(self):
+        """Join the ranks this fit trains with (None: it trains alone)."""
+        return _distributed.active_context(
+            self.devices, resolve_device(self.device), self.collective_timeout
+        )
+
+    def _distribute(self, model: nn.Module, objective) -> nn.Module | None:
+        """Prepare ``model`` and ``objective`` for data-parallel steps; return the DDP wrapper.
+
+        Synchronized batch norms (``sync_batch_norm``), DistributedDataParallel, and the
+        objective's own collectives (gathered features, a synchronized domain classifier).
+        None when training alone.
+        """
         context = self._context
         if context is None:
-            return order, sizes, self.batch_size
-        if sizes and sizes[-1] % context.world_size:
-            sizes.pop()
-        parts = [
-            order[start : start + size][context.part(size)]
-            for start, size in zip(range(0, len(order), self.batch_size), sizes, strict=False)
-        ]
-        local = np.concatenate(parts) if parts else order[:0]
-        return local, sizes, self.batch_size // context.world_size
+            return None
+        if self.sync_batch_norm:
+            _distributed.synchronize_batch_norms(model, context)
+        objective.distribute(context)
+        return context.wrap(model)
+
+    def _leave_ranks(self, model: nn.Module | None) -> None:
+        """Put the plain batch norms back and forget the ranks (the fitted model is plain)."""
+        if self._context is not None and model is not None:
+            _distributed.unsynchronize_batch_norms(model)
+        self._context = None
 
     def _encode_labels(self, y: np.ndarray, labeled: np.ndarray) -> np.ndarray:
         """Set ``classes_`` and return integer codes (-1 for rows not ``labeled``)."""
@@ -387,47 +450,37 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         return codes
 
+    # --- training, step by step -----------------------------------------------------------
+
     def _train(self, source, codes: np.ndarray, make_objective: Callable | None = None) -> None:
         """Build (or reuse) the network and train it on the labeled ``codes``.
 
-        ``make_objective(criterion, rng)`` returns the training objective (default:
-        :class:`~skdeep._objectives.Supervised`); domain adaptation passes its own.
+        ``make_objective(criterion, rng, plan)`` returns the training objective
+        (default: :class:`~skdeep._objectives.Supervised`); domain adaptation passes
+        its own.
         """
-        if not self.warm_start:
-            vars(self).pop("history_", None)  # until this fit ends, it is not fitted
-        self._predictor_model = None
-        augmentations = parse_augment(self.augment)
-        seed = self._torch_seed()
-        rng = np.random.default_rng(seed)
-        train_rows, valid_rows = self._split_validation(np.flatnonzero(codes >= 0), codes, rng)
-        if not (self.warm_start and hasattr(self, "model_")):
-            with fork_rng(torch.device("cpu"), seed):  # the new head's initialisation
-                self.model_, self.head_name_, self.preprocessing_ = self._build_network()
-        self._resolve_hardware()
-        context = self._context = self._data_parallel_context()
-        model = self.model_ = self.model_.to(self.device_, memory_format=torch.channels_last)
-        if not hasattr(self, "history_"):  # a new network (warm starts trained already)
-            check_input_size(model, self.preprocessing_.crop_size, self.device_)
+        self._forget_training()
+        context = self._context = self._join_ranks()
+        model = None
         try:
-            with fork_rng(self.device_, seed):  # dropout, and the objective's own layers
-                frozen = self._freeze(model)
+            seed = agree_seed(self._torch_seed(), context)
+            rng = np.random.default_rng(seed)
+            train_rows, valid_rows = self._split_validation(np.flatnonzero(codes >= 0), codes, rng)
+            model = self._prepare_network(seed)
+            frozen = self._freeze(model)
+            ranks = (1, 0) if context is None else (context.world_size, context.rank)
+            plan = self._data_plan(len(train_rows), model, frozen, seed, *ranks)
+            with fork_rng(self.device_, rank_seed(seed, plan.rank)):  # dropout: per rank
                 criterion = self._loss_function(codes[train_rows])
-                objective = (make_objective or (lambda c, r: Supervised(c)))(criterion, rng)
-                forward_model = None
-                if context is not None:
-                    if self.sync_batch_norm:
-                        _distributed.synchronize_batch_norms(model, context)
-                    forward_model = context.wrap(model)
-                    if isinstance(objective, DomainAlignment):
-                        objective.gather = context.gather
-                trainer = self._trainer(
-                    model, frozen, len(train_rows), objective.parameters(), forward_model
-                )
+                objective = (make_objective or _supervised)(criterion, rng, plan)
+                forward_model = self._distribute(model, objective)
+                trainer = self._trainer(model, frozen, plan, objective.parameters(), forward_model)
+                augmentations = parse_augment(self.augment)
                 generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
                 result = trainer.fit(
                     objective,
                     epoch_batches=lambda epoch: self._epoch_batches(
-                        source, codes, train_rows, rng, generator, augmentations
+                        source, codes, train_rows, plan.epoch(epoch), generator, augmentations
                     ),
                     n_samples=len(train_rows),
                     validate=(
@@ -436,34 +489,63 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                         else None
                     ),
                 )
-                local_norms = context is not None and not self.sync_batch_norm
-                if self.recalibrate_bn and not result.interrupted:
-                    if local_norms:  # statistics of the global batches, as one process
-                        _distributed.synchronize_batch_norms(model, context)
-                    rows, _, part = self._parts(train_rows)
-                    recalibrate_batch_norm(
-                        model,
-                        trainer.frozen,
-                        objective.calibration_batches(
-                            self._input_batches(source, rows, batch_size=part)
-                        ),
-                        self.device_,
-                        self.precision_,
-                        1 if context is None else context.world_size,
-                    )
-                elif local_norms:
-                    context.broadcast_buffers(model)  # every rank keeps rank 0's statistics
+                self._recalibrate(model, trainer, objective, source, train_rows, plan, result)
         finally:
-            if context is not None:
-                _distributed.unsynchronize_batch_norms(model)
-            self._context = None
+            self._leave_ranks(model)
+        self._record_training(frozen, result)
+
+    def _forget_training(self) -> None:
+        """Until this fit ends, the estimator is not fitted (warm starts keep their history)."""
+        if not self.warm_start:
+            vars(self).pop("history_", None)
+        self._predictor_model = None
+
+    def _prepare_network(self, seed: int) -> nn.Module:
+        """Build the network (or keep the warm-started one) on this rank's device."""
+        if not (self.warm_start and hasattr(self, "model_")):
+            with fork_rng(torch.device("cpu"), seed):  # the new head's initialisation
+                self.model_, self.head_name_, self.preprocessing_ = self._build_network()
+        self._resolve_hardware()
+        if self._context is not None:
+            self.device_ = self._context.device
+        model = self.model_ = self.model_.to(self.device_, memory_format=torch.channels_last)
+        if not hasattr(self, "history_"):  # a new network (warm starts trained already)
+            check_input_size(model, self.preprocessing_.crop_size, self.device_)
+        return model
+
+    def _recalibrate(self, model, trainer, objective, source, train_rows, plan, result) -> None:
+        """Recompute the trained batch norms' statistics (``recalibrate_bn``), as one process.
+
+        With unsynchronized batch norms, the pass synchronizes them, so that the
+        statistics are those of the global batches; without a pass, every rank keeps
+        rank 0's.
+        """
+        context = self._context
+        local_norms = context is not None and not self.sync_batch_norm
+        if not self.recalibrate_bn or result.interrupted:
+            if local_norms:
+                context.broadcast_buffers(model)
+            return
+        if local_norms:
+            _distributed.synchronize_batch_norms(model, context)
+        batches = self._step_images(source, train_rows, plan.in_order())
+        recalibrate_batch_norm(
+            model,
+            trainer.frozen,
+            objective.calibration_batches(batches),
+            self.device_,
+            self.precision_,
+            plan.world_size,
+        )
+
+    def _record_training(self, frozen: list[str], result) -> None:
         self.frozen_modules_ = frozen
         self.history_ = (getattr(self, "history_", []) if self.warm_start else []) + result.history
         self.n_epochs_ = len(result.history)
         self.best_epoch_ = result.best_epoch
 
     def _trainer(
-        self, model: nn.Module, frozen: list[str], n_train: int, extra=(), forward_model=None
+        self, model: nn.Module, frozen: list[str], plan: DataPlan, extra=(), forward_model=None
     ) -> Trainer:
         """Make the training loop with this estimator's optimizer, schedule and stopping.
 
@@ -475,15 +557,15 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         optimizer = make_optimizer(
             self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay, extra
         )
-        steps_per_epoch = self._steps_per_epoch(n_train)
+        total_steps = self.max_epochs * plan.steps_per_epoch
         return Trainer(
             model=model,
             optimizer=optimizer,
-            scheduler=make_scheduler(optimizer, self.scheduler, self.max_epochs * steps_per_epoch),
+            scheduler=make_scheduler(optimizer, self.scheduler, total_steps),
             device=self.device_,
             dtype=self.precision_,
             max_epochs=self.max_epochs,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=plan.steps_per_epoch,
             early_stopping=self.early_stopping,
             n_iter_no_change=self.n_iter_no_change,
             tol=self.tol,
@@ -509,41 +591,59 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     def _freeze(self, model: nn.Module) -> list[str]:
         """Turn off gradients of the frozen modules; return their names."""
+        names = self._frozen_module_names(model, self.head_name_)
         model.requires_grad_(True)
-        freeze, head_name = self.freeze, self.head_name_
+        if self.freeze == "backbone":
+            head_ids = {id(p) for p in model.get_submodule(self.head_name_).parameters()}
+            for parameter in model.parameters():
+                parameter.requires_grad_(id(parameter) in head_ids)
+            return names
+        for name in names:
+            model.get_submodule(name).requires_grad_(False)
+        return names
+
+    def _frozen_module_names(self, model: nn.Module, head_name: str) -> list[str]:
+        """Return the modules that ``freeze`` names (every stage for "backbone"), checked."""
+        freeze = self.freeze
         stages = backbone_stages(model)
         if freeze is None:
             return []
         if freeze == "backbone":
-            head_ids = {id(p) for p in model.get_submodule(head_name).parameters()}
-            for parameter in model.parameters():
-                parameter.requires_grad_(id(parameter) in head_ids)
             return stages
         if isinstance(freeze, Integral):
             if freeze > len(stages):
                 raise ValueError(
                     f"freeze={freeze} but the backbone has {len(stages)} stages: {stages}"
                 )
-            names = stages[:freeze]
-        else:
-            names = list(freeze)
-            if not all(isinstance(name, str) for name in names):
-                raise ValueError(f"freeze must list module names; got {freeze!r}")
-            check_layer_names(model, names, argument="freeze")
-            for name in names:
-                holds_head = head_name == name or head_name.startswith(name + ".")
-                if name in (PENULTIMATE, LOGITS) or holds_head:
-                    raise ValueError(f"freeze: {name!r} holds the new classifier head")
+            return stages[:freeze]
+        names = list(freeze)
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError(f"freeze must list module names; got {freeze!r}")
+        check_layer_names(model, names, argument="freeze")
         for name in names:
-            model.get_submodule(name).requires_grad_(False)
+            holds_head = head_name == name or head_name.startswith(name + ".")
+            if name in (PENULTIMATE, LOGITS) or holds_head:
+                raise ValueError(f"freeze: {name!r} holds the new classifier head")
         return names
 
-    def _split_validation(self, labeled: np.ndarray, codes: np.ndarray, rng):
+    def _validation_count(self, n_labeled: int) -> int:
+        """Labeled rows held out for early stopping (0 without it)."""
         if not self.early_stopping:
+            return 0
+        n_valid = int(np.ceil(self.validation_fraction * n_labeled))
+        if n_labeled - n_valid < 2:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves "
+                f"{n_labeled - n_valid} training image(s) of {n_labeled}"
+            )
+        return n_valid
+
+    def _split_validation(self, labeled: np.ndarray, codes: np.ndarray, rng):
+        n_valid = self._validation_count(len(labeled))
+        if not n_valid:
             return labeled, labeled[:0]
         labels = codes[labeled]
         counts = np.bincount(labels)
-        n_valid = int(np.ceil(self.validation_fraction * len(labeled)))
         stratify = labels if counts[counts > 0].min() >= 2 and n_valid >= len(counts) else None
         train_rows, valid_rows = train_test_split(
             labeled,
@@ -551,11 +651,6 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             stratify=stratify,
             random_state=int(rng.integers(2**31)),
         )
-        if len(train_rows) < 2:
-            raise ValueError(
-                f"validation_fraction={self.validation_fraction} leaves {len(train_rows)} "
-                "training image(s)"
-            )
         return np.sort(train_rows), np.sort(valid_rows)
 
     def _loss_function(self, train_codes: np.ndarray) -> nn.Module:
@@ -581,29 +676,28 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             weight = torch.tensor(values, dtype=torch.float32, device=self.device_)
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing)
 
-    def _steps_per_epoch(self, n_train: int) -> int:
-        full, rest = divmod(n_train, self.batch_size)
-        world = 1 if self._context is None else self._context.world_size
-        return full + (rest > 1 and rest % world == 0)
+    def _epoch_batches(self, source, codes, rows, steps, generator, augmentations):
+        """Yield this rank's augmented training batches of one epoch: (images, label codes).
 
-    def _epoch_batches(self, source, codes, rows, rng, generator, augmentations):
-        """Shuffled, augmented training batches: (images, label codes) on the device.
-
-        In data-parallel training, this process's part of each global batch, augmented
-        with the random draws of the whole batch.
+        ``steps`` come from the data plan; augmentation draws for each whole global
+        batch and takes this rank's share of the draws, so that every part gets what
+        one process would give it.
         """
-        order = rng.permutation(rows)
-        if len(order) % self.batch_size == 1:
-            order = order[:-1]  # batch norm cannot train on a batch of one
-        local, sizes, part = self._parts(order)
-        labels = torch.as_tensor(codes[local], device=self.device_)
-        batches = self._input_batches(source, local, batch_size=part)
+        labels = torch.as_tensor(codes[rows[np.concatenate([s.rows for s in steps])]])
+        labels = labels.to(self.device_)
         start = 0
-        for size, images in zip(sizes, batches, strict=True):
-            share = None if self._context is None else self._context.part(size)
-            images = augment(images, augmentations, generator, share, size)
+        for step, images in zip(steps, self._step_images(source, rows, steps), strict=True):
+            images = augment(images, augmentations, generator, step.share, step.global_size)
             yield images, labels[start : start + len(images)]
             start += len(images)
+
+    def _step_images(self, source, rows: np.ndarray, steps) -> Iterator[torch.Tensor]:
+        """Network-ready images of the plan's ``steps`` (positions into ``rows``)."""
+        if not steps:
+            return iter(())
+        positions = rows[np.concatenate([step.rows for step in steps])]
+        batches = self._input_batches(source, positions, batch_size=len(steps[0].rows))
+        return regroup(batches, [len(step.rows) for step in steps])
 
     def _evaluate(self, source, codes, rows) -> tuple[float, float]:
         """Compute the validation loss (cross-entropy) and accuracy of the training network.
@@ -614,7 +708,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self.model_.eval()
         context = self._context
         if context is not None:
-            rows = np.array_split(rows, context.world_size)[context.rank]
+            rows = evaluation_rows(rows, context.rank, context.world_size)
         loss, correct = torch.zeros(()), torch.zeros(())
         if len(rows):
             logits = self._pooled_features(source, self.model_, [LOGITS], None, rows, None, False)
@@ -743,6 +837,11 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.non_deterministic = False
         return tags
+
+
+def _supervised(criterion: nn.Module, rng, plan) -> Supervised:
+    """Return the objective of plain fine-tuning: the criterion on labeled batches."""
+    return Supervised(criterion)
 
 
 def _fit_in_rank(estimator, **arguments):

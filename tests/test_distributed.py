@@ -8,6 +8,8 @@ when a rank fails; the tests check that none is left behind.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import multiprocessing
 import os
 import pickle
@@ -24,8 +26,9 @@ from sklearn.model_selection import GridSearchCV
 from torch import nn
 
 from skdeep import DomainAdaptedClassifier, FineTuneClassifier
+from skdeep._preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-from .conftest import TinyNet, separable_images, tiny_training
+from .conftest import SlowNet, TinyNet, separable_images, tiny_training
 
 
 @pytest.fixture(autouse=True)
@@ -193,18 +196,18 @@ def test_a_killed_rank_fails_fit_clearly_instead_of_hanging():
 
 
 def test_the_fitted_estimator_pickles_clones_and_grid_searches():
-    """Pickles load and predict in one process; clone keeps devices; GridSearchCV works."""
+    """GridSearchCV works; its refit pickles and predicts in one process; clone keeps devices."""
     X, y = separable_images(n_per_class=12, size=24)
-    clf = FineTuneClassifier(**tiny_training(device="cpu", devices=2, max_epochs=1)).fit(X, y)
-    restored = pickle.loads(pickle.dumps(clf))
-    np.testing.assert_array_equal(restored.predict(X), clf.predict(X))
-    assert clone(clf).get_params()["devices"] == 2 and not hasattr(clone(clf), "model_")
     search = GridSearchCV(
         FineTuneClassifier(**tiny_training(device="cpu", devices=2, max_epochs=1)),
         {"lr": [0.01]},
         cv=2,
     ).fit(X, y)
-    assert search.best_estimator_.devices == 2 and 0 <= search.best_score_ <= 1
+    clf = search.best_estimator_
+    assert clf.devices == 2 and 0 <= search.best_score_ <= 1
+    restored = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(restored.predict(X), clf.predict(X))
+    assert clone(clf).get_params()["devices"] == 2 and not hasattr(clone(clf), "model_")
 
 
 @pytest.mark.parametrize(
@@ -257,12 +260,16 @@ import sys
 import numpy as np
 import torch
 from skdeep import FineTuneClassifier
-from tests.conftest import separable_images, tiny_training
+from tests.conftest import tiny_training
+from tests.test_distributed import RecordingNet, numbered_images
 
 if __name__ == "__main__":
-    X, y = separable_images(n_per_class=12, size=24)
+    X, y = numbered_images(24)
     recalibrate = sys.argv[2] == "recalibrate"
-    params = tiny_training(device="cpu", devices=2, max_epochs=2, recalibrate_bn=recalibrate)
+    params = tiny_training(
+        device="cpu", devices=2, max_epochs=2, recalibrate_bn=recalibrate, random_state=None,
+        backbone=RecordingNet(sys.argv[1]),
+    )
     clf = FineTuneClassifier(**params).fit(X, y)
     rank = torch.distributed.get_rank()
     np.save(sys.argv[1] + f"/rank{rank}.npy", clf.predict_proba(X))
@@ -270,11 +277,12 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("recalibration", ["recalibrate", "none"])
-def test_torchrun_ranks_join_its_group_and_end_alike(tmp_path, recalibration):
-    """Under torchrun --nproc-per-node 2, fit joins the group; both ranks predict alike.
+def test_torchrun_ranks_join_its_group_agree_on_a_seed_and_end_alike(tmp_path, recalibration):
+    """Under torchrun --nproc-per-node 2, with random_state=None: one shuffle, one model.
 
-    Batch norms are not synchronized (the default): the ranks' running statistics come
-    from a recalibration over the global batches, or are rank 0's.
+    The ranks agree on rank 0's seed, so the rows of each epoch are split between them,
+    not drawn twice. Batch norms are not synchronized (the default): the ranks' running
+    statistics come from a recalibration over the global batches, or are rank 0's.
     """
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT)
@@ -289,3 +297,306 @@ def test_torchrun_ranks_join_its_group_and_end_alike(tmp_path, recalibration):
     first, second = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(first, second)
     assert first.shape == (24, 2)
+    trained = read_trained_rows(tmp_path, world_size=2, steps_per_epoch=3)
+    for epoch in trained:  # 24 rows, batch 8: three steps of 4 images on each rank
+        assert not set(epoch[0]) & set(epoch[1])
+        assert sorted(epoch[0] + epoch[1]) == list(range(24))
+
+
+# ----------------------------------------------------------------------------------------
+# The data plan end to end: which images each rank trains on
+# ----------------------------------------------------------------------------------------
+
+
+def numbered_images(n: int, size: int = 24):
+    """Image ``i`` is filled with the value ``i``; two classes, alternating."""
+    X = np.repeat(np.arange(n, dtype=np.uint8), size * size * 3).reshape(n, size, size, 3)
+    return X, np.array(["even", "odd"] * (n // 2) + ["even"] * (n % 2))
+
+
+class RecordingNet(TinyNet):
+    """TinyNet that records the images each process trains on, and a dropout-like draw.
+
+    It reads the number of each image of :func:`numbered_images` back from its input,
+    normalized with ImageNet's mean and standard deviation, and appends one line per
+    training batch to ``<folder>/rank<r>.txt``: the numbers, then a draw of torch's
+    global generator (the stream dropout draws from).
+    """
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = str(folder)
+
+    def forward(self, x):
+        """Record the batch's image numbers and a random draw, then classify."""
+        if self.training:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            pixels = x[:, 0, 0, 0].float() * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+            numbers = torch.round(pixels * 255).int().tolist()
+            draw = torch.rand(()).item()
+            with open(os.path.join(self.folder, f"rank{rank}.txt"), "a") as file:
+                file.write(" ".join(map(str, numbers)) + f" | {draw!r}\n")
+        return super().forward(x)
+
+
+def read_records(folder, rank: int) -> list[tuple[list[int], float]]:
+    """One (image numbers, draw) per training batch of ``rank``, in order."""
+    records = []
+    for line in (folder / f"rank{rank}.txt").read_text().splitlines():
+        numbers, draw = line.split(" | ")
+        records.append(([int(n) for n in numbers.split()], float(draw)))
+    return records
+
+
+def read_trained_rows(folder, world_size: int, steps_per_epoch: int) -> list[list[list[int]]]:
+    """For each epoch, each rank's trained image numbers."""
+    per_rank = [read_records(folder, rank) for rank in range(world_size)]
+    assert len({len(records) for records in per_rank}) == 1  # equal steps on every rank
+    epochs = len(per_rank[0]) // steps_per_epoch
+    assert epochs * steps_per_epoch == len(per_rank[0])
+    return [
+        [
+            [
+                row
+                for rows, _ in records[e * steps_per_epoch : (e + 1) * steps_per_epoch]
+                for row in rows
+            ]
+            for records in per_rank
+        ]
+        for e in range(epochs)
+    ]
+
+
+def test_two_ranks_train_every_row_once_per_epoch_when_rows_are_fewer_than_a_batch(
+    tmp_path, monkeypatch
+):
+    """15 images, batch 32, random_state=None: each epoch trains all 15 on two ranks.
+
+    One global batch of 16 (one image repeated as padding), parts of 8; the numbers of
+    history_ come from those steps. The ranks draw their own dropout streams, and the
+    rendezvous store is bound by the parent on a port the system chose.
+    """
+    from torch import distributed
+
+    ports = []
+    real_store = distributed.TCPStore
+
+    def recording_store(host, port, *args, **kwargs):
+        ports.append((host, port, kwargs.get("is_master")))
+        return real_store(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "TCPStore", recording_store)
+    X, y = numbered_images(15)
+    params = tiny_training(
+        device="cpu", devices=2, batch_size=32, max_epochs=2, random_state=None,
+        backbone=RecordingNet(tmp_path),
+    )  # fmt: skip
+    clf = FineTuneClassifier(**params).fit(X, y)
+    assert ports == [("127.0.0.1", 0, True)]
+    for epoch in read_trained_rows(tmp_path, world_size=2, steps_per_epoch=1):
+        assert len(epoch[0]) == len(epoch[1]) == 8
+        assert sorted(set(epoch[0] + epoch[1])) == list(range(15))
+    assert [record["epoch"] for record in clf.history_] == [1, 2]
+    assert all(record["train_loss"] > 0.1 for record in clf.history_)
+    draws = [[draw for _, draw in read_records(tmp_path, rank)] for rank in range(2)]
+    assert draws[0] != draws[1]  # each rank its own dropout
+
+
+def test_one_process_trains_a_last_image_alone_with_the_batch_before(tmp_path):
+    """9 images, batch 8, batch norms training: one step of 9, not 8 and one dropped."""
+    X, y = numbered_images(9)
+    params = tiny_training(device="cpu", max_epochs=2, backbone=RecordingNet(tmp_path))
+    FineTuneClassifier(**params).fit(X, y)
+    batches = [rows for rows, _ in read_records(tmp_path, 0)]
+    assert [sorted(rows) for rows in batches] == [list(range(9))] * 2
+
+
+class PooledNormNet(TinyNet):
+    """TinyNet with a batch norm after the global pooling: it cannot train on one image."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(16))
+
+    def forward(self, x):
+        """Pool, normalize over the batch, classify."""
+        return self.fc(self.pool(self.features(x)))
+
+
+def test_a_last_global_batch_of_two_images_does_not_leave_a_rank_one_image():
+    """10 images, batch 8, two ranks: 8 + 2 would give each rank one image; 10 train at once."""
+    X, y = separable_images(n_per_class=5, size=24)
+    params = tiny_training(device="cpu", devices=2, backbone=PooledNormNet(), max_epochs=2)
+    clf = FineTuneClassifier(**params).fit(X, y)
+    assert [record["epoch"] for record in clf.history_] == [1, 2]
+
+
+def test_too_few_rows_for_the_processes_are_refused_before_any_process_starts(monkeypatch):
+    """Two images on two ranks with batch norms: refused in the caller, with what to change."""
+    from skdeep import _distributed
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(_distributed, "spawn_fit", no_spawn)
+    X, y = separable_images(n_per_class=1, size=24)
+    clf = FineTuneClassifier(**tiny_training(device="cpu", devices=2))
+    with pytest.raises(ValueError, match=r"2 training image\(s\) with batch_size=8 and devices=2"):
+        clf.fit(X, y)
+    frozen = FineTuneClassifier(**tiny_training(device="cpu", devices=2, freeze="backbone"))
+    with pytest.raises(AssertionError, match="a process was started"):
+        frozen.fit(X, y)  # no batch norm trains: parts of one image are fine
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Raise TimeoutError in the main thread if the block runs longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_three_target_images_cycle_on_two_ranks():
+    """A target set smaller than a batch: its images repeat in every target batch, no hang."""
+    X_source, y_source = separable_images(n_per_class=8, size=24)
+    X_target, _ = separable_images(n_per_class=2, size=24, seed=3)
+    clf = DomainAdaptedClassifier(**tiny_training(device="cpu", devices=2, max_epochs=2))
+    with deadline(120):
+        clf.fit(X_source, y_source, X_target=255 - X_target[:3])
+    assert [record["epoch"] for record in clf.history_] == [1, 2]
+    assert all(record["mmd"] > 0 for record in clf.history_)
+
+
+class RecordingAdapter(DomainAdaptedClassifier):
+    """Writes each rank's domain classifier, as it ends training, to ``<folder>/rank<r>.pt``."""
+
+    def _objective(self, *args, **kwargs):
+        self._objective_made = super()._objective(*args, **kwargs)
+        return self._objective_made
+
+    def _record_training(self, frozen, result):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        state = self._objective_made.classifier.state_dict()
+        torch.save(state, os.path.join(self.record_folder, f"rank{rank}.pt"))
+        del self._objective_made  # the fitted estimator pickles back to the caller
+        super()._record_training(frozen, result)
+
+
+def test_the_domain_classifier_is_one_on_every_rank(tmp_path):
+    """DANN on two ranks: each draws its own dropout, the classifiers stay equal."""
+    X_source, y_source = separable_images(n_per_class=8, size=24)
+    X_target, _ = separable_images(n_per_class=8, size=24, seed=3)
+    clf = RecordingAdapter(
+        **tiny_training(device="cpu", devices=2, max_epochs=2, divergence="adversarial")
+    )
+    clf.record_folder = str(tmp_path)
+    clf.fit(X_source, y_source, X_target=255 - X_target)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7, msg=key)
+    alone = RecordingAdapter(**tiny_training(device="cpu", max_epochs=2, divergence="adversarial"))
+    alone.record_folder = str(tmp_path)
+    alone.fit(X_source, y_source, X_target=255 - X_target)  # the classifier did train
+    assert not torch.equal(torch.load(tmp_path / "rank0.pt")["0.weight"], first["0.weight"])
+
+
+class HangingNet(TinyNet):
+    """TinyNet whose rank 1 stops for a minute on its second training batch."""
+
+    batches = 0
+
+    def forward(self, x):
+        """Sleep on rank 1's second batch."""
+        if self.training and torch.distributed.is_initialized():
+            HangingNet.batches += 1
+            if torch.distributed.get_rank() == 1 and HangingNet.batches == 2:
+                time.sleep(60)
+        return super().forward(x)
+
+
+def test_a_collective_that_does_not_arrive_fails_with_the_rank_and_the_step():
+    """collective_timeout=3: rank 0 waits 3 s for rank 1 at step 2, then fit fails, naming both."""
+    X, y = separable_images(n_per_class=8, size=24)
+    params = tiny_training(device="cpu", devices=2, backbone=HangingNet(), collective_timeout=3)
+    start = time.monotonic()
+    with pytest.raises(
+        RuntimeError,
+        match=r"rank 0 of 2: a collective at epoch 1, step 2 did not complete within "
+        r"collective_timeout=3 s",
+    ):
+        FineTuneClassifier(**params).fit(X, y)
+    assert time.monotonic() - start < 40
+
+
+class PidNet(SlowNet):
+    """SlowNet that writes its process id to ``<folder>/<pid>`` as it starts training."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = str(folder)
+
+    def forward(self, x):
+        """Say who trains, then train slowly."""
+        if self.training:
+            open(os.path.join(self.folder, str(os.getpid())), "w").close()
+        return super().forward(x)
+
+
+KILLED_PARENT_SCRIPT = """
+import sys
+from skdeep import FineTuneClassifier
+from tests.conftest import separable_images, tiny_training
+from tests.test_distributed import PidNet
+
+if __name__ == "__main__":
+    X, y = separable_images(n_per_class=8, size=24)
+    params = tiny_training(device="cpu", devices=2, max_epochs=1000, backbone=PidNet(sys.argv[1]))
+    FineTuneClassifier(**params).fit(X, y)
+"""
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_ranks_end_and_remove_the_shared_data_when_the_caller_is_killed(tmp_path, signal_number):
+    """The calling process killed mid-fit: its ranks exit, and the temporary folder goes."""
+    script, pids, temporary = tmp_path / "fit.py", tmp_path / "pids", tmp_path / "tmp"
+    script.write_text(KILLED_PARENT_SCRIPT)
+    pids.mkdir()
+    temporary.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(temporary)}
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)], env=environment)
+    try:
+        deadline_at = time.monotonic() + 120
+        while len(os.listdir(pids)) < 2 and time.monotonic() < deadline_at:
+            time.sleep(0.2)
+        ranks = [int(name) for name in os.listdir(pids)]
+        assert len(ranks) == 2, "the ranks did not start training"
+        assert glob.glob(str(temporary / "skdeep-ranks-*"))
+        parent.send_signal(signal_number)
+        parent.wait(timeout=30)
+        deadline_at = time.monotonic() + 30
+        while any(map(is_running, ranks)) and time.monotonic() < deadline_at:
+            time.sleep(0.2)
+        assert not any(map(is_running, ranks))
+        assert not glob.glob(str(temporary / "skdeep-ranks-*"))
+    finally:
+        parent.kill()
+        parent.wait()

@@ -1,5 +1,7 @@
 """Tests of DomainAdaptedClassifier: row-aligned targets, the MMD penalty, scoring."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -86,10 +88,13 @@ def test_the_penalty_brings_the_domains_together(domains):
         features = [torch.from_numpy(clf.transform(X)).double() for X in (X_source, X_target)]
         return mmd(*features).item(), clf
 
-    source_only, _ = feature_mmd(0.0)
+    # A negligible weight trains like source only, and still records the divergence.
+    source_only, unadapted = feature_mmd(1e-6)
     adapted, clf = feature_mmd(5.0)
     assert adapted < 0.7 * source_only
-    assert clf.history_[-1]["mmd"] < clf.history_[0]["mmd"]
+    # The recorded divergence of the training batches follows: lower once training acts.
+    recorded = [(a["mmd"], u["mmd"]) for a, u in zip(clf.history_, unadapted.history_, strict=True)]
+    assert all(with_penalty < without for with_penalty, without in recorded[1:])
 
 
 def test_class_confusion_alone_is_not_dropped(domains):
@@ -174,19 +179,29 @@ def test_source_and_target_of_different_sizes(domains):
     ],
 )
 def test_kernel_and_layer_options_each_shrink_the_penalty(domains, options):
-    """Kernel and layer options each shrink the penalty.
+    """Kernel and layer options each bring the domains' features closer than no penalty.
 
-    Unbiased estimates: the biased one has a floor that tiny batches make large (the
-    next test checks the default).
+    Measured on the fitted penultimate features of every image, with the Laplacian
+    reference of the next test (the per-batch estimates in ``history_`` are too noisy
+    at batches of 8 to compare epochs). A penalty that did nothing would train exactly
+    like the unpenalized network, and give the same gap.
     """
     X_source, y_source, X_target, _ = domains
+    settings = dict(max_epochs=4, divergence_schedule="constant", class_confusion_weight=0.0)
+    plain = tiny_adapter(**settings, divergence_weight=0.0)
+    plain.fit(X_source, y_source, X_target=X_target)
     clf = tiny_adapter(
-        max_epochs=4, divergence_weight=5.0, divergence_schedule="constant",
-        **{"mmd_estimator": "unbiased", **options},
-    )  # fmt: skip
+        **settings, divergence_weight=5.0, **{"mmd_estimator": "unbiased", **options}
+    )
     clf.fit(X_source, y_source, X_target=X_target)
-    penalties = [record["mmd"] for record in clf.history_]
-    assert penalties[-1] < 0.5 * penalties[0], penalties
+    assert feature_gap(clf, X_source, X_target) < feature_gap(plain, X_source, X_target)
+    assert all(np.isfinite(record["mmd"]) for record in clf.history_)
+
+
+def feature_gap(clf, X_source, X_target) -> float:
+    """Unbiased Laplacian MMD between the fitted penultimate features of both domains."""
+    source, target = (torch.from_numpy(clf.transform(X)) for X in (X_source, X_target))
+    return mmd(source, target, "laplacian", unbiased=True).item()
 
 
 def test_the_default_penalty_pulls_the_domains_together(domains):
@@ -201,13 +216,10 @@ def test_the_default_penalty_pulls_the_domains_together(domains):
         class_confusion_weight=0.0,
     )  # fmt: skip
 
-    def gap(clf):
-        source, target = (torch.from_numpy(clf.transform(X)) for X in (X_source, X_target))
-        return mmd(source, target, "laplacian", unbiased=True).item()
-
     adapted = tiny_adapter(**settings).fit(X_source, y_source, X_target=X_target)
     plain = tiny_adapter(**{**settings, "divergence_weight": 0.0})
     plain.fit(X_source, y_source, X_target=X_target)
+    gap = partial(feature_gap, X_source=X_source, X_target=X_target)
     assert gap(adapted) < 0.5 * gap(plain)
 
 
