@@ -288,6 +288,10 @@ def test_the_version_has_one_source():
 
 
 def test_the_wheel_ships_py_typed():
-    """The marker file exists and is package data (tools/check_dist.py checks the wheel)."""
+    """The marker file exists and is declared package data.
+
+    ``MANIFEST.in`` grafts ``skdeep/`` too; ``tools/check_dist.py`` (``make dist-check``)
+    checks the outcome: the wheel holds ``skdeep/py.typed``.
+    """
     assert (ROOT / "skdeep" / "py.typed").exists()
     assert 'skdeep = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
