@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._timm import read_by_timm
+
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 TOKENS = "tokens"
@@ -146,8 +148,14 @@ def _torchvision_rule(model: nn.Module, name: str, module: nn.Module) -> Layout 
 
 
 def _feature_info_entry(model: nn.Module, name: str) -> dict | None:
-    """Return the entry of timm's ``feature_info`` for module ``name``, if it lists one."""
+    """Return the entry of timm's ``feature_info`` for module ``name``, if it lists one.
+
+    ``"intermediate:K"`` (read through ``forward_intermediates``) is its K-th entry.
+    """
     info = getattr(model, "feature_info", None)
+    index = read_by_timm(name)
+    if index is not None and isinstance(info, list) and index < len(info):
+        return info[index] if isinstance(info[index], dict) else None
     if isinstance(info, list):
         for entry in info:
             if isinstance(entry, dict) and entry.get("module") == name:
@@ -191,6 +199,9 @@ def _timm_rule(model: nn.Module, name: str, module: nn.Module) -> Layout | None:
 
 def stated_layout(model: nn.Module, name: str) -> Layout | None:
     """Return what the model's family or declarations say ``name`` outputs (None: nothing)."""
+    if read_by_timm(name) is not None:
+        # timm's forward_intermediates returns maps (N, C, H, W) unless told otherwise.
+        return Layout(CHANNELS_FIRST)
     modules = dict(model.named_modules())
     if name not in modules:
         return None  # "penultimate" and "logits": rows, measured

@@ -19,8 +19,33 @@ LOGITS = "logits"
 """Layer name of the network's output (the class scores)."""
 
 
+def head_names(module: nn.Module) -> list[str]:
+    """Name the classifier head(s): the modules whose input ``"penultimate"`` is.
+
+    A timm model's are those its ``pretrained_cfg`` names (two for distilled models:
+    ``head`` and ``head_dist``, whose inputs' mean is timm's pre-logits); any other
+    network's is its last ``nn.Linear`` (or else ``nn.Conv2d``). FeatureExtractor's
+    ``"penultimate"`` and FineTuneClassifier's new head follow this one rule.
+    """
+    names = _timm.classifier_names(module)
+    if names is not None:
+        return names
+    return [_last_linear(module)[0]]
+
+
 def find_head(module: nn.Module) -> tuple[str, nn.Module]:
-    """Find the classifier head: the last ``nn.Linear`` (or else ``nn.Conv2d``)."""
+    """Find the (first) classifier head of :func:`head_names`: its name and module."""
+    name = head_names(module)[0]
+    return name, module.get_submodule(name)
+
+
+def holds_head(module: nn.Module, name: str) -> bool:
+    """Whether the module called ``name`` is, or holds, a classifier head."""
+    return any(head == name or head.startswith(name + ".") for head in head_names(module))
+
+
+def _last_linear(module: nn.Module) -> tuple[str, nn.Module]:
+    """Return the last ``nn.Linear`` (or else ``nn.Conv2d``) of ``module``."""
     for kind in (nn.Linear, nn.Conv2d):
         heads = [(name, child) for name, child in module.named_modules() if isinstance(child, kind)]
         if heads:
@@ -39,7 +64,7 @@ def replace_head(module: nn.Module, n_outputs: int) -> str:
     timm_head = _timm.replace_head(module, n_outputs)
     if timm_head is not None:
         return timm_head
-    name, head = find_head(module)
+    name, head = _last_linear(module)
     if isinstance(head, nn.Linear):
         new_head = nn.Linear(head.in_features, n_outputs)
     else:
@@ -91,17 +116,14 @@ def backbone_stages(module: nn.Module) -> list[str]:
     The classifier head is never a stage; the other layers of its container (VGG's
     fully connected layers, say) are.
     """
-    head_name, _ = find_head(module)
     stages = []
     for name, child in module.named_children():
-        inside_head = head_name == name or head_name.startswith(name + ".")
-        if inside_head or (isinstance(child, nn.Sequential) and len(child) > 1):
+        if holds_head(module, name) or (isinstance(child, nn.Sequential) and len(child) > 1):
             parts = [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
         else:
             parts = [(name, child)]
         for part_name, part in parts:
-            holds_head = head_name == part_name or head_name.startswith(part_name + ".")
-            if not holds_head and any(True for _ in part.parameters()):
+            if not holds_head(module, part_name) and any(True for _ in part.parameters()):
                 stages.append(part_name)
     return stages
 
@@ -154,9 +176,13 @@ def _forward_error(module: nn.Module, size: int, device: torch.device) -> Runtim
 
 
 def resolve_layer_names(
-    module: nn.Module, layers: list[str], argument: str = "layers"
+    module: nn.Module, layers: list[str], argument: str = "layers", read_by_timm: bool = False
 ) -> list[str]:
     """Check the layers to tap, with timm's ``"intermediate:N"`` replaced by module names.
+
+    With ``read_by_timm``, an intermediate whose module the model lacks becomes
+    ``"intermediate:K"`` (K from 0), read through timm's ``forward_intermediates``
+    (see :func:`skdeep._timm.intermediate_module`).
 
     Raises
     ------
@@ -164,14 +190,14 @@ def resolve_layer_names(
         An unknown module name, a bad intermediate index, or two names for one module.
     """
     resolved = [
-        _timm.intermediate_module(module, layer, argument)
+        _timm.intermediate_module(module, layer, argument, read_by_timm)
         if layer.startswith(_timm.INTERMEDIATE)
         else layer
         for layer in layers
     ]
     if len(set(resolved)) < len(resolved):
         raise ValueError(f"{argument}: {layers!r} name one module twice (they are {resolved!r})")
-    check_layer_names(module, resolved, argument)
+    check_layer_names(module, [n for n in resolved if _timm.read_by_timm(n) is None], argument)
     return resolved
 
 

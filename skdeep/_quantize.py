@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from ._compat import conv_forward
-from ._network import LOGITS, PENULTIMATE, find_head
+from ._network import LOGITS, PENULTIMATE, find_head, head_names
+from ._timm import read_by_timm
 
 BACKEND = "x86"
 WEIGHT_RANGE = (-64, 64)  # see the module docstring
@@ -98,6 +99,18 @@ def tapped_graph(model: nn.Module, layers: list[str]) -> TappedGraph:
     """
     from torchvision.models.feature_extraction import create_feature_extractor
 
+    by_timm = [layer for layer in layers if read_by_timm(layer) is not None]
+    if by_timm:
+        raise ValueError(
+            f"layers: {by_timm} are read through timm's forward_intermediates, which "
+            "precision='int8' cannot quantize; use precision='float32', or tap modules by name"
+        )
+    if PENULTIMATE in layers and len(head_names(model)) > 1:
+        raise ValueError(
+            f"layers: 'penultimate' of this {type(model).__name__} is the mean of the inputs "
+            f"of its classifiers {head_names(model)}, which precision='int8' cannot tap; use "
+            "precision='float32'"
+        )
     try:
         names = _node_names(model, layers)
         graph = create_feature_extractor(model, return_nodes={n: n for n in names.values()})

@@ -15,8 +15,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import _timm
 from ._layouts import PROBE_IMAGES, ROWS, Layout, parse_layout, pool, resolve_layouts
-from ._network import LOGITS, PENULTIMATE, check_input_size, find_head
+from ._network import LOGITS, PENULTIMATE, check_input_size, head_names
 
 
 def parse_layers(value, argument: str) -> list[str]:
@@ -47,9 +48,18 @@ class LayerTaps:
     """Context manager that records the outputs of named modules.
 
     Hooks are registered on entry and always removed on exit, so nothing is left on
-    the module. ``"penultimate"`` taps the input of the classifier head and
-    ``"logits"`` is the network's own output. Each output is kept as it is when its
-    hook fires (a copy), so that an in-place operation later in the forward pass (a
+    the module. ``"penultimate"`` is what the classifier head receives and ``"logits"``
+    the network's output. For a timm model they are timm's own: the batch runs as
+    ``forward_features``, then ``forward_head(..., pre_logits=True)`` gives the
+    pre-logits (its global pooling; for distilled models the mean of the class and
+    distillation tokens, for CrossViT both branches) and ``forward_head`` the logits.
+    Elsewhere, and where the batches run through a wrapper (``forward``), a hook reads
+    the input of the head (:func:`skdeep._network.head_names`; two heads that take
+    inputs of one shape, as distilled timm models, give their mean).
+    ``"intermediate:K"`` (see :func:`skdeep._timm.intermediate_module`) is the K-th
+    output of the timm model's own ``forward_intermediates``, run after the forward
+    pass with the hooks silent. Each output is kept as it is when its hook fires (a
+    copy), so that an in-place operation later in the forward pass (a
     ``ReLU(inplace=True)``, a residual ``+=``) cannot change it.
 
     Parameters
@@ -82,16 +92,28 @@ class LayerTaps:
         self.calls: Counter = Counter()  # how often each layer fired in the last run
         self.order: list[str] = []  # layers in the order they first fired in the last run
         self._handles: list = []
+        # Layers read through timm's forward_intermediates, by index.
+        self.by_timm = {
+            layer: index
+            for layer in self.layers
+            if (index := _timm.read_by_timm(layer)) is not None
+        }
+        self._head_inputs: dict[str, torch.Tensor] = {}
+        self._recording = True
+        # timm's own head reads "penultimate" and "logits" (not through a wrapper).
+        self._timm_head = forward is None and _timm.has_timm_head(module)
 
     def __enter__(self) -> LayerTaps:
         if getattr(self.module, "returns_layers", False):
             return self  # an int8 graph returns its tapped layers itself
         for layer in self.layers:
-            if layer == PENULTIMATE:
-                _, head = find_head(self.module)
-                hook = partial(self._record_input, layer)
-                self._handles.append(head.register_forward_pre_hook(hook))
-            elif layer != LOGITS:
+            if layer == PENULTIMATE and not self._timm_head:
+                heads = head_names(self.module)
+                for head in heads:
+                    hook = partial(self._record_head_input, head, len(heads))
+                    target = self.module.get_submodule(head)
+                    self._handles.append(target.register_forward_pre_hook(hook))
+            elif layer not in (PENULTIMATE, LOGITS) and layer not in self.by_timm:
                 hook = partial(self._record_output, layer)
                 target = self.module.get_submodule(layer)
                 self._handles.append(target.register_forward_hook(hook))
@@ -102,10 +124,28 @@ class LayerTaps:
             handle.remove()
         self._handles.clear()
 
-    def _record_input(self, layer, module, args):
-        self._record(layer, args[0])
+    def _record_head_input(self, head: str, count: int, module, args):
+        """Record the penultimate rows: the head's input, or the mean of the heads' inputs."""
+        if not self._recording:
+            return
+        self._head_inputs[head] = args[0]
+        if len(self._head_inputs) == count:
+            inputs = list(self._head_inputs.values())
+            self._head_inputs = {}
+            if len({tuple(value.shape) for value in inputs}) > 1:
+                raise ValueError(
+                    f"layers: 'penultimate' of this {type(self.module).__name__} joins the "
+                    f"inputs of its classifiers {head_names(self.module)} "
+                    "in a way of its own, which a hook cannot read (skdeep reads it with "
+                    "timm's forward_head, which training through a wrapper, as with "
+                    "devices, cannot use); tap a module by name instead"
+                )
+            # (x + x_dist) / 2 for two heads, exactly as timm's pre-logits are computed.
+            self._record(PENULTIMATE, inputs[0] if count == 1 else sum(inputs) / count)
 
     def _record_output(self, layer, module, args, output):
+        if not self._recording:
+            return
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"layers: {layer!r} returns a {type(output).__name__}, not a tensor; "
@@ -130,17 +170,21 @@ class LayerTaps:
         self.outputs = {}
         self.calls.clear()
         self.order = []
+        self._head_inputs = {}
         if getattr(self.module, "returns_layers", False):
             outputs = self.module(inputs)
             self.outputs = {layer: self._keep(layer, outputs[layer]) for layer in self.layers}
             return self.outputs
-        try:
-            output = self.forward(inputs)
-        except _StopForward:
-            pass
-        else:
-            if LOGITS in self.layers:
-                self._record(LOGITS, output)
+        if len(self.by_timm) < len(self.layers):  # layers that hooks read
+            try:
+                output = self._run_forward(inputs)
+            except _StopForward:
+                pass
+            else:
+                if LOGITS in self.layers:
+                    self._record(LOGITS, output)
+        if self.by_timm:
+            self._read_intermediates(inputs)
         missing = [layer for layer in self.layers if layer not in self.outputs]
         if missing:
             raise ValueError(
@@ -148,6 +192,29 @@ class LayerTaps:
                 "give no features; choose modules that the forward pass calls"
             )
         return self.outputs
+
+    def _run_forward(self, inputs: torch.Tensor):
+        """Run the batch; a timm model's "penultimate" is recorded on the way."""
+        if not self._timm_head:
+            return self.forward(inputs)
+        features = self.module.forward_features(inputs)
+        if PENULTIMATE in self.layers:
+            self._record(PENULTIMATE, self.module.forward_head(features, pre_logits=True))
+        return self.module.forward_head(features)
+
+    def _read_intermediates(self, inputs: torch.Tensor) -> None:
+        """Record the layers read through timm's ``forward_intermediates``."""
+        indices = sorted(set(self.by_timm.values()))
+        self._recording = False  # the hooks of other layers stay silent
+        try:
+            outputs = self.module.forward_intermediates(
+                inputs, indices=indices, intermediates_only=True
+            )
+        finally:
+            self._recording = True
+        by_index = dict(zip(indices, outputs, strict=True))
+        for layer, index in self.by_timm.items():
+            self._record(layer, by_index[index])
 
 
 class LayerFeatures(LayerTaps):
@@ -274,7 +341,8 @@ def probe_layers(
                 f"layers: {repeated} run several times in one forward pass (the module is "
                 "reused), so their output is ambiguous; tap the block that contains them"
             )
-        deepest = None if taps.order[-1] == LOGITS else taps.order[-1]
+        hooked = [layer for layer in taps.order if layer not in taps.by_timm]
+        deepest = None if not hooked or hooked[-1] == LOGITS else hooked[-1]
         try:
             with LayerTaps(module, layers, stop_after=deepest) as taps:
                 wide_outputs = taps.run(torch.cat([inputs, inputs.flip(-1)], dim=-1))
@@ -301,3 +369,81 @@ def verified_layouts(
         module, layers, probe.outputs, probe.wide_outputs, size, pooling, declared
     )
     return probe, layouts
+
+
+def intermediate_readers(
+    module: nn.Module,
+    requested: list[str],
+    resolved: list[str],
+    declared: dict | None = None,
+    size: int = 224,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Choose how each timm ``"intermediate:N"`` is read: a hook, or ``forward_intermediates``.
+
+    A hook on the module timm's ``feature_info`` names is kept where it gives timm's
+    intermediate (the same spatial mean on the probe images: the hook may see tokens
+    where timm returns a map); where it cannot (the module returns a tuple, never runs,
+    or timm transforms its output), the layer becomes ``"intermediate:K"``, read
+    through the model's own ``forward_intermediates``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network (eval mode).
+    requested, resolved : list of str
+        The layers as asked for and as :func:`skdeep._network.resolve_layer_names`
+        resolved them, in the same order.
+    declared : dict, optional
+        Declared layouts, keyed by resolved name.
+    size, device
+        As in :func:`verified_layouts`.
+
+    Returns
+    -------
+    list of str
+        ``resolved``, with the intermediates that hooks cannot read replaced.
+    """
+    if not hasattr(module, "forward_intermediates"):
+        return list(resolved)
+    declared = declared or {}
+    chosen = list(resolved)
+    for position, (layer, name) in enumerate(zip(requested, resolved, strict=True)):
+        if not layer.startswith(_timm.INTERMEDIATE) or _timm.read_by_timm(name) is not None:
+            continue
+        index = _timm.intermediate_index(module, layer)
+        try:
+            layout = {name: declared[name]} if name in declared else None
+            probe, layouts = verified_layouts(module, [name], None, layout, size, device)
+        except (TypeError, ValueError):  # a tuple, a module that never runs, no layout
+            chosen[position] = f"{_timm.INTERMEDIATE}{index}"
+            continue
+        try:
+            expected = _timm.intermediate_means(module, index, probe.inputs)
+        except Exception:  # timm's own method fails here: the hook it is
+            continue
+        if expected is None:
+            continue
+        ours = pool(probe.outputs[name], layouts[name], "avg").float()
+        if ours.shape != expected.shape or not torch.allclose(ours, expected, 1e-3, 1e-4):
+            chosen[position] = f"{_timm.INTERMEDIATE}{index}"
+    return chosen
+
+
+def check_timm_forward(module: nn.Module, size: int, device: torch.device | str = "cpu") -> None:
+    """Check that a timm model's forward is ``forward_head(forward_features(x))``.
+
+    skdeep reads a timm model's ``"penultimate"`` and ``"logits"`` that way (see
+    :class:`LayerTaps`); one pass of two probe images (``size`` pixels) in eval mode
+    checks it (:func:`skdeep._timm.check_forward`). Other networks are left alone.
+    """
+    if not _timm.has_timm_head(module):
+        return
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(PROBE_IMAGES, 3, size, size, generator=generator).to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        _timm.check_forward(module, inputs)
+    finally:
+        module.train(was_training)

@@ -149,13 +149,17 @@ def preprocessing(config: dict) -> Preprocessing:
     )
 
 
-def intermediate_module(module: nn.Module, layer: str, argument: str = "layers") -> str:
-    """Name the module behind timm's intermediate feature ``"intermediate:N"``.
+def is_timm_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm model (its class comes from timm)."""
+    return type(module).__module__.startswith("timm.")
+
+
+def intermediate_index(module: nn.Module, layer: str, argument: str = "layers") -> int:
+    """Return the index, from 0, of timm's intermediate feature ``"intermediate:N"``.
 
     N counts the entries of the model's ``feature_info`` (negative from the end), as
     timm's ``forward_intermediates(indices=...)`` and ``out_indices`` do: the blocks of
-    a vision transformer, the stages of a CNN. The hook on that module sees the
-    tensor ``forward_intermediates`` returns before its optional norm and reshaping.
+    a vision transformer, the stages of a CNN.
 
     Raises
     ------
@@ -181,87 +185,132 @@ def intermediate_module(module: nn.Module, layer: str, argument: str = "layers")
         raise ValueError(
             f"{argument}: {layer!r} is out of range: this {type(module).__name__} has "
             f"{len(info)} intermediate features, so N runs from {-len(info)} to "
-            f"{len(info) - 1} ({', '.join(entry['module'] for entry in info)})"
+            f"{len(info) - 1} ({', '.join(str(entry.get('module')) for entry in info)})"
         )
-    name = info[index]["module"]
-    if name not in dict(module.named_modules()):
-        raise ValueError(
-            f"{argument}: {layer!r} is the module {name!r} in timm's feature_info of this "
-            f"{type(module).__name__}, but the model has no module of that name; tap a "
-            "module by its name instead (see dict(model.named_modules()))"
-        )
-    return name
+    return index % len(info)
 
 
-def check_intermediates(
-    model: nn.Module,
-    requested: list[str],
-    resolved: list[str],
-    pooled: dict,
-    probe_input,
-    argument: str = "layers",
-) -> None:
-    """Check that hooked ``"intermediate:N"`` taps are what ``forward_intermediates`` returns.
+def intermediate_module(
+    module: nn.Module, layer: str, argument: str = "layers", read_by_timm: bool = False
+) -> str:
+    """Name what reads timm's intermediate feature ``"intermediate:N"``.
 
-    skdeep reads an intermediate through a hook on the module timm's ``feature_info``
-    names; timm's own ``forward_intermediates`` may transform that output (a norm, a
-    reshape). Their spatial means must agree on the probe input, else the tap would
-    not be the intermediate the user asked for.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The timm model (float32, eval mode).
-    requested, resolved : list of str
-        The layers as asked for and as module names, in the same order.
-    pooled : dict
-        The average-pooled rows ``(B, C)`` skdeep computes for each resolved layer on
-        ``probe_input``.
-    probe_input : tensor
-        The input those rows were computed on.
+    The module that timm's ``feature_info`` lists for it, whose output a hook sees.
+    Where the model has no module of that name, ``"intermediate:K"`` (K the index from
+    0) when ``read_by_timm``: the feature is then read through the model's own
+    ``forward_intermediates`` (see :class:`skdeep._taps.LayerTaps`).
 
     Raises
     ------
     ValueError
-        A tap disagrees with ``forward_intermediates``.
+        A bad index (see :func:`intermediate_index`), or no module of that name and not
+        ``read_by_timm``.
+    """
+    index = intermediate_index(module, layer, argument)
+    name = module.feature_info[index].get("module")
+    if name in dict(module.named_modules()):
+        return name
+    if read_by_timm and hasattr(module, "forward_intermediates"):
+        return f"{INTERMEDIATE}{index}"
+    raise ValueError(
+        f"{argument}: {layer!r} is the module {name!r} in timm's feature_info of this "
+        f"{type(module).__name__}, but the model has no module of that name; tap a "
+        "module by its name instead (see dict(model.named_modules()))"
+    )
+
+
+def read_by_timm(layer: str) -> int | None:
+    """Return the index of a layer read by ``forward_intermediates`` (None: a hooked one)."""
+    if layer.startswith(INTERMEDIATE) and layer[len(INTERMEDIATE) :].isdigit():
+        return int(layer[len(INTERMEDIATE) :])
+    return None
+
+
+def intermediate_means(model: nn.Module, index: int, inputs) -> object:
+    """Return the spatial mean of ``forward_intermediates`` output ``index`` on ``inputs``.
+
+    Returns rows ``(B, C)``, or None where timm gives no map or token sequence.
     """
     import torch
 
-    wanted = {
-        int(layer[len(INTERMEDIATE) :]) % len(model.feature_info): name
-        for layer, name in zip(requested, resolved, strict=True)
-        if layer.startswith(INTERMEDIATE)
-    }
-    if not wanted or not hasattr(model, "forward_intermediates"):
-        return
-    indices = sorted(wanted)
     with torch.inference_mode():
-        outputs = model.forward_intermediates(probe_input, indices=indices, intermediates_only=True)
-    for index, output in zip(indices, outputs, strict=True):
-        name = wanted[index]
-        if isinstance(output, (tuple, list)) or output.ndim not in (3, 4):
-            continue  # nothing to compare a mean with
-        expected = output.float().mean((2, 3) if output.ndim == 4 else 1)
-        ours = pooled[name].float()
-        if ours.shape != expected.shape or not torch.allclose(ours, expected, 1e-3, 1e-4):
-            raise ValueError(
-                f"{argument}: 'intermediate:{index}' is the module {name!r} of timm's "
-                f"feature_info, but timm's forward_intermediates returns something else "
-                f"for it (a norm or another transform of that output), so skdeep cannot tap "
-                f"it with a hook; tap {name!r} by name for the module's own output"
-            )
+        (output,) = model.forward_intermediates(inputs, indices=[index], intermediates_only=True)
+    if not isinstance(output, torch.Tensor) or output.ndim not in (3, 4):
+        return None
+    return output.float().mean((2, 3) if output.ndim == 4 else 1)
+
+
+def classifier_names(module: nn.Module) -> list[str] | None:
+    """Name the classifier head(s) of a timm model, as its ``pretrained_cfg`` does.
+
+    Distilled models (DeiT, LeViT) have two: ``("head", "head_dist")``. None for
+    modules that are not timm models, or whose configuration names no existing module.
+    """
+    if not is_timm_model(module):
+        return None
+    config = getattr(module, "pretrained_cfg", None) or {}
+    names = config.get("classifier") if isinstance(config, dict) else None
+    names = [names] if isinstance(names, str) else list(names or [])
+    modules = dict(module.named_modules())
+    if not names or not all(name in modules for name in names):
+        return None
+    return names
+
+
+def has_timm_head(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm model with timm's ``forward_features`` and ``forward_head``."""
+    return (
+        is_timm_model(module)
+        and hasattr(module, "forward_features")
+        and hasattr(module, "forward_head")
+    )
+
+
+def check_forward(model: nn.Module, inputs, argument: str = "layers") -> None:
+    """Check that ``model(x)`` is ``forward_head(forward_features(x))`` on ``inputs``.
+
+    skdeep reads a timm model's pre-logits (``"penultimate"``) and logits through
+    timm's own ``forward_features`` and ``forward_head``; that is the model's output
+    only where its forward is those two.
+
+    Raises
+    ------
+    ValueError
+        The two differ.
+    """
+    import torch
+
+    if not has_timm_head(model):
+        return
+    with torch.inference_mode():
+        direct = model(inputs)
+        split = model.forward_head(model.forward_features(inputs))
+    same = (
+        isinstance(direct, torch.Tensor)
+        and isinstance(split, torch.Tensor)
+        and direct.shape == split.shape
+        and torch.allclose(direct.float(), split.float(), 1e-4, 1e-5)
+    )
+    if not same:
+        raise ValueError(
+            f"{argument}: skdeep reads the 'penultimate' and 'logits' of timm models with "
+            f"timm's forward_features and forward_head, but this {type(model).__name__}'s "
+            "forward computes something else; tap a module by name instead (see "
+            "dict(model.named_modules()))"
+        )
 
 
 def replace_head(module: nn.Module, n_outputs: int) -> str | None:
     """Give a timm model a new head with timm's ``reset_classifier``; return its name.
 
-    Returns None for modules that are not timm models.
+    The first of :func:`classifier_names` (distilled models get both of theirs
+    replaced). Returns None for modules that are not timm models.
     """
-    if not (type(module).__module__.startswith("timm.") and hasattr(module, "reset_classifier")):
+    if not (is_timm_model(module) and hasattr(module, "reset_classifier")):
         return None
     module.reset_classifier(n_outputs)
-    names = module.pretrained_cfg.get("classifier") or "head"
-    name = names[0] if isinstance(names, (list, tuple)) else names
-    if not isinstance(module.get_submodule(name), (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"the timm model's classifier {name!r} is not a linear layer")
-    return name
+    names = classifier_names(module) or ["head"]
+    for name in names:
+        if not isinstance(module.get_submodule(name), (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"the timm model's classifier {name!r} is not a linear layer")
+    return names[0]

@@ -21,10 +21,10 @@ from ._feature_cache import FeatureCache
 from ._identity import architecture_digest, feature_identity, identity_digest
 from ._images import is_dask_array
 from ._inference import optimize_for_inference
-from ._layouts import POOLINGS, pool, pooled_names
-from ._network import PENULTIMATE, resolve_layer_names
+from ._layouts import POOLINGS, pooled_names
+from ._network import LOGITS, PENULTIMATE, resolve_layer_names
 from ._preprocess import Preprocessing
-from ._taps import parse_layers, verified_layouts
+from ._taps import intermediate_readers, parse_layers, verified_layouts
 from ._weights import WeightsChangedError, state_digest
 from .backbones import load_backbone
 
@@ -34,7 +34,11 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
 
     ``fit`` loads the network (nothing is learned); ``transform`` runs batched
     inference and returns one row of pooled features per image. Only the layers up
-    to the deepest requested one are computed.
+    to the deepest requested one are computed. ``value_range``, ``image_shape``,
+    ``batch_size``, ``num_workers``, ``memory`` and ``verbose`` are read each time
+    ``transform`` runs; the other parameters shape what ``fit`` builds, so setting one
+    of them after ``fit`` makes ``transform`` ask for ``fit`` again
+    (:class:`~sklearn.exceptions.NotFittedError`) rather than use stale settings.
 
     Parameters
     ----------
@@ -59,10 +63,15 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
     layers : str, list of str or None, default=None
         Module names to tap (keys of ``dict(model.named_modules())``), or
         ``"penultimate"``: the input of the classifier head, i.e. the pooled features
-        the classifier sees, or ``"logits"``: the network's output. timm models also
-        take ``"intermediate:N"``, the N-th of the intermediate features timm lists
-        in ``feature_info`` (transformer blocks, CNN stages; ``-1`` is the last), as
-        its ``forward_intermediates(indices=...)`` counts them. None means
+        the classifier sees (for timm models, timm's pre-logits,
+        ``forward_head(forward_features(x), pre_logits=True)``: for distilled models
+        the mean of the class and distillation tokens), or ``"logits"``: the
+        network's output. timm models also take ``"intermediate:N"``, the N-th of the
+        intermediate features timm lists in ``feature_info`` (transformer blocks, CNN
+        stages; ``-1`` is the last), as its ``forward_intermediates(indices=...)``
+        counts and computes them: a hook on the module ``feature_info`` names reads it
+        where that gives the same values, ``forward_intermediates`` itself elsewhere
+        (then ``layers_`` names it ``"intermediate:K"``, K from 0). None means
         ``"penultimate"``. With several layers each is pooled and the results are
         concatenated in the order given.
     pooling : {"avg", "max", "avgmax", "cls", "mean", "cls+mean"} or None, default="avg"
@@ -141,7 +150,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         Resize, crop and normalization applied to every image.
     layers_ : list of str
         The tapped layers, in output order, by module name (``"intermediate:N"``
-        resolved).
+        resolved to its module, or to ``"intermediate:K"`` where timm's
+        ``forward_intermediates`` reads it).
     layouts_ : dict of str
         The layout of each tapped layer (see ``layouts``), e.g. ``"tokens:1:cls"``.
     feature_names_out_ : ndarray of str
@@ -259,17 +269,17 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
         self._int8_calibration = None
         self.weights_digest_ = self.architecture_digest_ = None  # recorded by this build
         network, self.preprocessing_ = self._build_network()
+        size = self.preprocessing_.crop_size
+        # timm intermediates that a hook cannot read come from forward_intermediates.
+        self.layers_ = intermediate_readers(
+            network, requested, self.layers_, self._declared_layouts(requested), size, self.device_
+        )
         declared = self._declared_layouts(requested)
         probe, layouts = verified_layouts(
-            network,
-            self.layers_,
-            self.pooling,
-            declared,
-            self.preprocessing_.crop_size,
-            self.device_,
+            network, self.layers_, self.pooling, declared, size, self.device_
         )
-        averaged = {layer: pool(probe.outputs[layer], layouts[layer], "avg") for layer in layouts}
-        _timm.check_intermediates(network, requested, self.layers_, averaged, probe.inputs)
+        if {PENULTIMATE, LOGITS} & set(probe.outputs):  # read with timm's own head
+            _timm.check_forward(network, probe.inputs)
         self._stop_layer = probe.deepest
         self.layouts_ = {layer: str(layout) for layer, layout in layouts.items()}
         names = []
@@ -368,7 +378,8 @@ class FeatureExtractor(BackboneMixin, TransformerMixin, BaseEstimator):
             self._random_weights = {k: v.clone() for k, v in backbone.module.state_dict().items()}
         model = backbone.module.eval().requires_grad_(False)
         # From here on layers_ holds module names ("intermediate:N" resolved).
-        self.layers_ = resolve_layer_names(model, self.layers_)
+        if self.weights_digest_ is None:  # the first build, in fit: resolve once
+            self.layers_ = resolve_layer_names(model, self.layers_, read_by_timm=True)
         self._check_network(model, backbone.source)
         preprocessing = backbone.preprocessing.with_image_size(self.image_size)
         return model.to(self.device_), preprocessing

@@ -414,39 +414,40 @@ def test_grid_search_tunes_timm_and_torchvision_backbones(photos):
 # The smallest model (by parameter count) of every timm module that defines
 # forward_intermediates, up to 30 M parameters, in timm 1.0; the larger ones (BEiT,
 # SAM, VGG, NASNet, ... base models) take too long to build for a test. Image sizes
-# other than 64 are those the network needs.
+# other than 64 are those the network needs. Some of them hooks cannot read (the module
+# feature_info names is missing, returns a tuple or list, or never runs: CoaT, CrossViT,
+# EfficientViM, HRNet, MViTv2, PiT, TNT, Twins): skdeep reads those through timm's own
+# forward_intermediates.
 TIMM_FAMILIES = {
-    "test_byobnet": 64, "cait_xxs24_224": 64, "convit_tiny": 64, "convmixer_768_32": 64,
-    "test_convnext": 64, "cpubone_nano": 64, "csatv2": 64, "cs3darknet_focus_s": 64,
-    "cspnext_tiny": 64, "davit_tiny": 64, "deit_tiny_patch16_224": 64, "densenet121": 64,
+    "test_byobnet": 64, "cait_xxs24_224": 64, "coat_tiny": 64, "convit_tiny": 64,
+    "convmixer_768_32": 64, "test_convnext": 64, "cpubone_nano": 64, "crossvit_tiny_240": 240,
+    "csatv2": 64, "cs3darknet_focus_s": 64, "cspnext_tiny": 64, "davit_tiny": 64,
+    "deit_tiny_patch16_224": 64, "deit_tiny_distilled_patch16_224": 64, "densenet121": 64,
     "dla46x_c": 64, "dpn48b": 64, "edgenext_xx_small": 64, "efficientformer_l1": 224,
-    "efficientformerv2_s0": 64, "test_efficientnet": 64, "efficientvit_b0": 64,
-    "efficientvit_m0": 64, "vit_tiny_patch16_dinov3_qkvb": 64, "fasternet_t0": 64,
-    "fastvit_t8": 64, "focalnet_tiny_srf": 64, "gcvit_xxtiny": 64, "ghostnet_050": 64,
-    "hgnetv2_b0": 64, "hiera_tiny_224": 64, "sam2_hiera_tiny": 64, "iformer_t": 64,
-    "inception_next_atto": 64, "inception_v3": 96, "lcnetv2_small": 64, "levit_128s": 64,
-    "lowformer_b0": 64, "test_mambaout": 64, "test_coatnet": 64, "poolformerv2_s12": 64,
-    "gmlp_ti16_224": 64, "mobilenetv3_small_050": 64, "nest_tiny": 64, "test_nfnet": 64,
+    "efficientformerv2_s0": 64, "test_efficientnet": 64, "efficientvim_m1": 64,
+    "efficientvit_b0": 64, "efficientvit_m0": 64, "vit_tiny_patch16_dinov3_qkvb": 64,
+    "fasternet_t0": 64, "fastvit_t8": 64, "focalnet_tiny_srf": 64, "gcvit_xxtiny": 64,
+    "ghostnet_050": 64, "hgnetv2_b0": 64, "hiera_tiny_224": 64, "hrnet_w18_small": 64,
+    "sam2_hiera_tiny": 64, "iformer_t": 64, "inception_next_atto": 64, "inception_v3": 96,
+    "lcnetv2_small": 64, "levit_128s": 64, "lowformer_b0": 64, "test_mambaout": 64,
+    "test_coatnet": 64, "mvitv2_tiny": 64, "poolformerv2_s12": 64, "gmlp_ti16_224": 64,
+    "mobilenetv3_small_050": 64, "nest_tiny": 64, "test_nfnet": 64, "pit_ti_224": 64,
     "pvt_v2_b0": 64, "rdnet_tiny": 64, "regnetx_002": 64, "repghostnet_050": 64,
     "repvit_m1": 64, "test_resnet": 64, "resnetv2_18": 64, "rexnet_100": 64,
     "legacy_seresnet18": 64, "sequencer2d_s": 64, "shvit_s1": 64, "starnet_s050": 64,
     "swiftformer_xs": 64, "swin_tiny_patch4_window7_224": 64,
     "swinv2_tiny_window16_256": 64, "swinv2_cr_tiny_224": 64, "tiny_vit_5m_224": 64,
-    "visformer_tiny": 64, "test_vit": 64, "test_vit_relpos": 64, "volo_d1_224": 64,
-    "ese_vovnet19b_slim_dw": 64, "legacy_xception": 64, "xception41p": 64,
-    "xcit_nano_12_p8_224": 64,
+    "tnt_s_legacy_patch16_224": 64, "twins_svt_small": 64, "visformer_tiny": 64,
+    "test_vit": 64, "test_vit_relpos": 64, "volo_d1_224": 64, "ese_vovnet19b_slim_dw": 64,
+    "legacy_xception": 64, "xception41p": 64, "xcit_nano_12_p8_224": 64,
 }  # fmt: skip
-# Families whose last intermediate cannot be tapped with a hook, and the error they give.
-TIMM_REFUSED = {
-    "coat_tiny": r"layers: \['parallel_blocks'\] never ran in the forward pass",
-    "crossvit_tiny_240": r"layers: 'blocks.2' returns a list, not a tensor",
-    "efficientvim_m1": r"layers: 'stages.2' returns a tuple, not a tensor",
-    "hrnet_w18_small": r"layers: 'stage4' returns a list, not a tensor",
-    "mvitv2_tiny": r"layers: 'intermediate:-1' is the module 'block.3' .* has no module",
-    "pit_ti_224": r"layers: 'transformers.2' returns a tuple, not a tensor",
-    "tnt_s_legacy_patch16_224": r"layers: 'blocks.11' returns a tuple, not a tensor",
-    "twins_svt_small": r"layers: 'intermediate:-1' is the module 'block.3' .* has no module",
-}
+# Families skdeep refuses, and the reason its error gives: none in this timm release.
+TIMM_REFUSED: dict[str, str] = {}
+# Families whose last intermediate a hook on its module cannot read.
+READ_BY_TIMM = {
+    "coat_tiny", "crossvit_tiny_240", "efficientvim_m1", "hrnet_w18_small", "mvitv2_tiny",
+    "pit_ti_224", "tnt_s_legacy_patch16_224", "twins_svt_small",
+}  # fmt: skip
 
 
 def two_images(size: int) -> np.ndarray:
@@ -455,9 +456,11 @@ def two_images(size: int) -> np.ndarray:
 
 
 def test_the_timm_family_sweep_covers_enough_families():
-    """At least 30 timm families are swept, and each appears once."""
+    """At least 30 timm families are swept, each once, and refusals are the exception."""
     assert len(TIMM_FAMILIES) + len(TIMM_REFUSED) >= 30
     assert not set(TIMM_FAMILIES) & set(TIMM_REFUSED)
+    assert len(TIMM_REFUSED) <= len(TIMM_FAMILIES) // 10
+    assert READ_BY_TIMM <= set(TIMM_FAMILIES)
 
 
 def skip_unless_this_timm_has(name: str) -> None:
@@ -473,26 +476,69 @@ def skip_unless_this_timm_has(name: str) -> None:
 
 
 @pytest.mark.parametrize("name, size", sorted(TIMM_FAMILIES.items()))
-def test_timm_last_intermediates_pool_like_forward_intermediates(name, size):
-    """``intermediate:-1`` averaged by skdeep equals timm's own intermediate averaged."""
+def test_timm_intermediates_and_pre_logits_are_timms_own(name, size):
+    """``intermediate:-1`` and ``penultimate`` are what timm itself computes.
+
+    The last intermediate averaged by skdeep equals ``forward_intermediates``' output
+    averaged (read by a hook where one can, by timm otherwise), and the penultimate
+    rows are timm's pre-logits, ``forward_head(forward_features(x), pre_logits=True)``.
+    """
     skip_unless_this_timm_has(name)
     images = two_images(size)
-    extractor, features = extract(f"timm:{name}", "intermediate:-1", "avg", images, image_size=size)
+    extractor, features = extract(
+        f"timm:{name}", ["intermediate:-1", "penultimate"], "avg", images, image_size=size
+    )
+    assert extractor.layers_[0].startswith("intermediate:") == (name in READ_BY_TIMM)
+    model, batch = extractor.model_, model_input(extractor, images)
     with torch.inference_mode():
-        (own,) = extractor.model_.forward_intermediates(
-            model_input(extractor, images), indices=[-1], intermediates_only=True
-        )
+        (own,) = model.forward_intermediates(batch, indices=[-1], intermediates_only=True)
+        pre_logits = model.forward_head(model.forward_features(batch), pre_logits=True)
     assert own.ndim == 4  # (N, C, H, W), as timm returns intermediates by default
-    np.testing.assert_allclose(features, own.mean((2, 3)).numpy(), rtol=1e-4, atol=1e-4)
+    width = own.shape[1]
+    np.testing.assert_allclose(features[:, :width], own.mean((2, 3)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(features[:, width:], pre_logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name, message", sorted(TIMM_REFUSED.items()))
-def test_timm_intermediates_that_hooks_cannot_read_are_clear_errors(name, message):
-    """Where a hook cannot read the last intermediate, fit says so and names it."""
+def test_timm_families_skdeep_cannot_read_are_clear_errors(name, message):
+    """Where skdeep cannot read the last intermediate, fit says so and names it."""
     skip_unless_this_timm_has(name)
-    size = 240 if name.startswith("crossvit") else 64  # CrossViT takes only its own size
     with pytest.raises((ValueError, TypeError), match=message):
-        extract(f"timm:{name}", "intermediate:-1", "avg", two_images(size), image_size=size)
+        extract(f"timm:{name}", "intermediate:-1", "avg", two_images(64), image_size=64)
+
+
+def test_a_distilled_models_penultimate_is_both_tokens_for_both_estimators(photos):
+    """DeiT distilled: pre-logits average the class and distillation tokens, one head rule.
+
+    The last Linear, ``head_dist``, sees the distillation token alone; FeatureExtractor
+    took its input, while FineTuneClassifier named ``head`` its head and trained
+    ``head_dist`` at the backbone's rate (frozen with ``freeze="backbone"``).
+    """
+    from skdeep import FineTuneClassifier
+
+    name = "timm:deit_tiny_distilled_patch16_224"
+    extractor, features = extract(name, "penultimate", "avg", photos)
+    model, batch = extractor.model_, model_input(extractor, photos)
+    with torch.inference_mode():
+        tokens = model.forward_features(batch)
+    np.testing.assert_allclose(features, (tokens[:, 0] + tokens[:, 1]) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features, tokens[:, 1], atol=1e-3)
+    clf = FineTuneClassifier(
+        name, weights=None, image_size=32, max_epochs=1, batch_size=4, freeze="backbone",
+        lr=0.1, random_state=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    clf.fit(photos, np.array(["a", "b"] * 2))
+    assert clf.head_name_ == "head"
+    assert all(p.requires_grad for p in clf.model_.head_dist.parameters())
+    assert clf.frozen_modules_ and "head_dist" not in clf.frozen_modules_
+    batch = model_input(clf, photos)
+    with torch.inference_mode():
+        tokens = clf.model_.eval().forward_features(batch)
+    np.testing.assert_allclose(
+        clf.transform(photos), (tokens[:, 0] + tokens[:, 1]) / 2, rtol=1e-4, atol=1e-5
+    )
+    assert clf.get_feature_names_out().shape == (192,)
 
 
 def _cls_free_mean(tokens):
