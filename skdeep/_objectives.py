@@ -18,6 +18,7 @@ No scikit-learn here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -302,6 +303,74 @@ class DivergencePenalty(DomainAlignment):
     def label_arguments(self, target: dict, labels: torch.Tensor) -> tuple:
         """Return what the divergence takes after the rows: nothing here."""
         return ()
+
+
+class CheckedDivergence:
+    """A user's divergence, its signature checked once and its value at every call.
+
+    A callable that returns something other than one finite, differentiable value
+    would fail deep inside torch, or train on NaN and blame the learning rate; this
+    wrapper stops with an error that names the ``divergence`` parameter instead.
+
+    Parameters
+    ----------
+    function : callable
+        ``function(source_rows, target_rows)``.
+    argument : str, default="divergence"
+        The parameter's name, for the messages.
+
+    Raises
+    ------
+    TypeError
+        ``function`` does not take two arguments.
+    """
+
+    def __init__(self, function: Callable, argument: str = "divergence"):
+        self.function = function
+        self.argument = argument
+        self.name = getattr(function, "__name__", type(function).__name__)
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # builtins without a signature: trusted
+            return
+        try:
+            signature.bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"{argument} must take two arguments, the source and the target rows "
+                f"(divergence(source_rows, target_rows)); {self.name} takes {signature}"
+            ) from None
+
+    def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return the divergence of the rows, a 0-dimensional tensor, once checked."""
+        value = self.function(source, target)
+        where = f"{self.argument}={self.name}"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{where} must return a tensor holding one value (a differentiable "
+                f"scalar); it returned {type(value).__name__}"
+            )
+        if value.numel() != 1:
+            raise ValueError(
+                f"{where} must return one value (a scalar tensor); it returned a tensor "
+                f"of shape {tuple(value.shape)} for rows of shapes {tuple(source.shape)} "
+                f"and {tuple(target.shape)}"
+            )
+        if not torch.isfinite(value).all() and torch.isfinite(source).all():
+            if torch.isfinite(target).all():
+                raise ValueError(
+                    f"{where} returned {value.item()} on finite rows (shapes "
+                    f"{tuple(source.shape)} and {tuple(target.shape)}); it must return a "
+                    "finite value"
+                )
+        wants_gradient = torch.is_grad_enabled() and (source.requires_grad or target.requires_grad)
+        if wants_gradient and not value.requires_grad:
+            raise ValueError(
+                f"{where} returned a value without a gradient (computed outside torch, or "
+                "detached), so it cannot train the network; compute it with torch "
+                "operations on the rows it receives"
+            )
+        return value.reshape(())
 
 
 class JointDivergencePenalty(DivergencePenalty):

@@ -38,9 +38,13 @@ from ._network import (
     backbone_stages,
     check_input_size,
     check_layer_names,
+    head_names,
+    holds_head,
     replace_head,
 )
 from ._objectives import Supervised
+from ._taps import check_timm_forward
+from ._timm import has_timm_head
 from ._training import (
     Trainer,
     make_optimizer,
@@ -229,7 +233,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     model_ : torch.nn.Module
         The fine-tuned network (in eval mode, on ``device_``).
     head_name_ : str
-        Name of the new classifier head inside ``model_``.
+        Name of the new classifier head inside ``model_``. timm models with several
+        classifiers (distilled DeiT: ``head`` and ``head_dist``) get all of them new,
+        trained at ``lr``; this is the first. ``transform`` gives what they receive,
+        timm's pre-logits, as :class:`~skdeep.FeatureExtractor`'s ``"penultimate"``.
     frozen_modules_ : list of str
         Names of the modules that were not trained.
     history_ : list of dict
@@ -552,7 +559,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         ``extra`` parameters (a training objective's own) learn at the head's rate;
         ``forward_model`` is the DistributedDataParallel wrapper in data-parallel fits.
         """
-        head = model.get_submodule(self.head_name_)
+        # Every classifier head (two for distilled timm models) learns at the head's rate.
+        head = nn.ModuleList(model.get_submodule(name) for name in head_names(model))
         backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
         optimizer = make_optimizer(
             self.optimizer, model, head, self.lr, backbone_lr, self.weight_decay, extra
@@ -583,7 +591,10 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """
         backbone = load_backbone(self.backbone, self.weights, self.image_size)
         head_name = replace_head(backbone.module, len(self.classes_))
-        return backbone.module, head_name, backbone.preprocessing.with_image_size(self.image_size)
+        preprocessing = backbone.preprocessing.with_image_size(self.image_size)
+        # A timm model's "penultimate" and "logits" are read through its own head.
+        check_timm_forward(backbone.module, preprocessing.crop_size)
+        return backbone.module, head_name, preprocessing
 
     def _training_size(self) -> int | None:
         # "auto" precision depends on the input size; the same precision predicts.
@@ -594,7 +605,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         names = self._frozen_module_names(model, self.head_name_)
         model.requires_grad_(True)
         if self.freeze == "backbone":
-            head_ids = {id(p) for p in model.get_submodule(self.head_name_).parameters()}
+            heads = [model.get_submodule(name) for name in head_names(model)]
+            head_ids = {id(p) for head in heads for p in head.parameters()}
             for parameter in model.parameters():
                 parameter.requires_grad_(id(parameter) in head_ids)
             return names
@@ -621,8 +633,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(f"freeze must list module names; got {freeze!r}")
         check_layer_names(model, names, argument="freeze")
         for name in names:
-            holds_head = head_name == name or head_name.startswith(name + ".")
-            if name in (PENULTIMATE, LOGITS) or holds_head:
+            if name in (PENULTIMATE, LOGITS) or holds_head(model, name):
                 raise ValueError(f"freeze: {name!r} holds the new classifier head")
         return names
 
@@ -828,6 +839,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         head = self.model_.get_submodule(self.head_name_)
         width = head.in_features if isinstance(head, nn.Linear) else head.in_channels
+        if has_timm_head(self.model_):  # timm's pre-logits, of all its heads
+            width = getattr(self.model_, "head_hidden_size", None) or self.model_.num_features
         names = pooled_names(PENULTIMATE, (1, width), Layout(ROWS), "avg")
         return np.asarray(names, dtype=object)
 
