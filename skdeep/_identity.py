@@ -100,7 +100,7 @@ def _callable_digest(function) -> str:
         )
     try:
         text = inspect.getsource(function)
-    except (OSError, TypeError):
+    except Exception:  # no source file (a notebook, exec), or one inspect cannot parse
         text = _bytecode(code)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
@@ -108,7 +108,7 @@ def _callable_digest(function) -> str:
 def _class_source(kind: type) -> str:
     try:
         return inspect.getsource(kind)
-    except (OSError, TypeError):
+    except Exception:  # as in _callable_digest
         return "".join(
             _bytecode(value.__code__) for value in vars(kind).values() if inspect.isfunction(value)
         )

@@ -152,7 +152,7 @@ class _UnlabeledTargetScorer:
                 f"{type(estimator).__name__} has no {missing[0]}"
             )
         source = X if isinstance(X, (list, tuple)) else np.asarray(X)
-        if source.ndim == 0:
+        if not isinstance(source, (list, tuple)) and source.ndim == 0:
             raise ValueError(f"X must be images, one per row; got {type(X).__name__}")
         y = check_labels(np.zeros(len(source)) if y is None else y, len(source))
         if sample_domain is not None:

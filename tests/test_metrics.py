@@ -161,6 +161,13 @@ def test_scorers_read_target_rows_without_their_labels(fitted_and_rows, scorer):
         scorer(clf, X[:24], y[:24])
 
 
+def test_scorers_take_lists_of_images(fitted_and_rows):
+    """A list of images scores as the array of the same images does."""
+    clf, X, y = fitted_and_rows
+    for scorer in (PredictionEntropyScorer(), SoftNeighborhoodDensityScorer()):
+        assert scorer(clf, list(X), y) == pytest.approx(scorer(clf, X, y))
+
+
 def test_entropy_scorer_is_minus_the_target_entropy(fitted_and_rows):
     """The entropy scorer equals minus the entropy of predict_proba on the target rows."""
     clf, X, y = fitted_and_rows
