@@ -32,6 +32,10 @@ def check_labels(y, n_images: int, argument: str = "y") -> np.ndarray:
     """
     if y is None:
         raise ValueError(f"{argument} is required: one label per image; got None")
+    if not isinstance(getattr(y, "dtype", np.dtype(object)), np.dtype):
+        # pandas' extension dtypes (nullable integers, strings, categories): their
+        # values as objects, missing ones as pd.NA, so that integers stay integers.
+        y = np.asarray(y, dtype=object)
     y = np.asarray(y)
     if y.ndim != 1:
         y = column_or_1d(y, warn=True)

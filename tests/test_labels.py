@@ -63,6 +63,8 @@ def test_one_rule_finds_the_unlabeled_rows_of_every_kind_of_label_array(rows, ki
     assert (codes[~labeled] == -1).all() and (codes[labeled] >= 0).all()
     if kind in ("int", "float", "int object", "Int64", "Int64 missing", "float missing"):
         assert classes.dtype.kind in "iuf"  # numbers, not objects
+    if kind in ("int", "int object", "Int64", "Int64 missing"):
+        assert classes.dtype.kind in "iu"  # integers stay integers
 
 
 def test_neither_booleans_nor_zeros_are_unlabeled():
