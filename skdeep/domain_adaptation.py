@@ -487,7 +487,9 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         y = check_labels(y, len(source))
         labeled = np.flatnonzero(~unlabeled_rows(y))
         if not len(labeled):
-            raise ValueError("score needs labeled rows; every row of y is -1")
+            raise ValueError(
+                "score needs labeled rows; every row of y is unlabeled (-1, '-1' or missing)"
+            )
         logits = self._outputs(source, LOGITS, labeled)
         correct = self.classes_[logits.argmax(axis=1)] == y[labeled]
         weights = None

@@ -142,7 +142,7 @@ def test_score_ignores_unlabeled_rows(domains):
     clf = tiny_adapter().fit(X, numeric_rows)
     assert clf.classes_.tolist() == [3, 5]
     assert clf.score(X, numeric_rows) == clf.score(X_source, numeric)
-    with pytest.raises(ValueError, match="every row of y is -1"):
+    with pytest.raises(ValueError, match="every row of y is unlabeled"):
         clf.score(X_target, -np.ones(len(X_target), int))
 
 
@@ -384,10 +384,45 @@ def domain_accuracy(clf, domains):
 
 
 def test_per_domain_batch_norm_runs_the_domains_apart(domains):
-    """batch_norm="per_domain" trains with separate passes: other weights than joint."""
-    X_source, y_source, X_target, _ = domains
-    joint = tiny_adapter(max_epochs=1).fit(X_source, y_source, X_target=X_target)
-    apart = tiny_adapter(max_epochs=1, batch_norm="per_domain")
+    """batch_norm="per_domain" trains with separate passes: other weights than joint.
+
+    It still learns the source task (two easy classes) and carries it to the target.
+    """
+    X_source, y_source, X_target, y_target = domains
+    joint = tiny_adapter().fit(X_source, y_source, X_target=X_target)
+    apart = tiny_adapter(batch_norm="per_domain")
     apart.fit(X_source, y_source, X_target=X_target)
     assert joint.history_[0]["train_loss"] != apart.history_[0]["train_loss"]
-    assert apart.score(X_source, y_source) >= 0.5
+    assert apart.score(X_source, y_source) >= 0.9
+    assert apart.score(X_target, y_target) >= 0.9
+
+
+def test_adaptation_beats_source_only_on_a_shift_built_for_it(domains):
+    """Target images dimmed to a bright, low-contrast band: source-only fails, adaptation not.
+
+    A classifier trained on the source alone predicts one class for every target
+    image (chance, 0.5); the defaults (divergence, class confusion, batch norms
+    recalibrated on the target) classify most of them right, seed after seed.
+    """
+    X_source, y_source, _, _ = domains
+    target, y_target = separable_images(n_per_class=16, size=24, seed=3)
+    dimmed = (target * 0.2 + 200).astype(np.uint8)
+    adapted, source_only = [], []
+    for seed in range(4):
+        params = tiny_training(random_state=seed)
+        clf = DomainAdaptedClassifier(**params).fit(X_source, y_source, X_target=dimmed)
+        adapted.append(clf.score(dimmed, y_target))
+        plain = FineTuneClassifier(**params).fit(X_source, y_source)
+        source_only.append(plain.score(dimmed, y_target))
+    assert np.mean(source_only) <= 0.6, source_only
+    assert np.mean(adapted) >= 0.8, adapted
+    assert np.mean(adapted) - np.mean(source_only) >= 0.3
+
+
+def test_the_docstring_says_behaviour_and_defaults_not_benchmark_history():
+    """Benchmark figures (accuracies, seeds, README pointers) live on the benchmark pages."""
+    import re
+
+    doc = DomainAdaptedClassifier.__doc__
+    history = re.findall(r"\d+(?:\.\d+)? ?%|\d+ (?:paired )?seeds|README|MNIST|optdigits", doc)
+    assert not history, history
