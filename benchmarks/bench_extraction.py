@@ -26,6 +26,11 @@ writes results/extraction.md, or results/extraction_<sections>.md for some secti
    installed): it must not grow with the number of images beyond the output array.
    With ``--device cuda`` the table adds the GPU's peak allocated memory (PyTorch's
    allocator), which the host's resident memory does not include.
+6. pipeline: the input pipeline reading ahead (``skdeep._feed.AHEAD`` batches, decoded
+   in a thread, staged through pinned buffers on CUDA) against reading each batch when
+   the network needs it (``AHEAD = 0``), same process, interleaved runs: from uint8
+   arrays and from JPEG files (decoded in the calling process, ``num_workers=0``), with
+   the model alone on ready tensors as the ceiling.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skdeep import FeatureExtractor, _quantize
+from skdeep import FeatureExtractor, _feed, _quantize
 from skdeep._device import cpu_has_native_bfloat16
 from skdeep._images import as_image_source
 from skdeep._network import LOGITS, PENULTIMATE, find_head, set_submodule
@@ -510,7 +515,61 @@ def int8_quality(report: Report) -> None:
     )
 
 
-SECTIONS = ("throughput", "timm", "precision", "int8", "memory")
+def pipeline(report: Report, device: torch.device, n_images: int, repeats: int) -> None:
+    """Time reading ahead against reading on demand, from arrays and from JPEG files."""
+    default = _feed.AHEAD
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
+    precisions = ["float32", "float16"] if device.type == "cuda" else ["float32"]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for index, image in enumerate(images):
+            path = os.path.join(folder, f"{index}.jpg")
+            Image.fromarray(image).resize((256, 256)).save(path, quality=90)
+            paths.append(path)
+        for precision in precisions:
+            extractor = FeatureExtractor(
+                "mobilenet_v2", weights=None, precision=precision, device=str(device),
+                random_state=0,
+            ).fit()  # fmt: skip
+            dtype = getattr(torch, precision)
+            ready = ready_tensors(extractor, images, dtype)
+
+            def transform(inputs, ahead, extractor=extractor):
+                _feed.AHEAD = ahead
+                try:
+                    return extractor.transform(inputs)
+                finally:
+                    _feed.AHEAD = default
+
+            runs = {
+                ("arrays", "ahead"): lambda: transform(images, default),
+                ("arrays", "on demand"): lambda: transform(images, 0),
+                ("JPEG files", "ahead"): lambda: transform(paths, default),
+                ("JPEG files", "on demand"): lambda: transform(paths, 0),
+                ("ready tensors", "model alone"): model_alone(
+                    extractor.model_, ready, device, dtype
+                ),
+            }
+            seconds = median_seconds(runs, repeats)
+            ceiling = n_images / seconds[("ready tensors", "model alone")]
+            for (inputs, reading), value in seconds.items():
+                rate = n_images / value
+                on_demand = seconds.get((inputs, "on demand"))
+                rows.append(
+                    [precision, inputs, reading, rate, f"{rate / ceiling:.2f}",
+                     f"{on_demand / value:.2f}" if on_demand else ""]
+                )  # fmt: skip
+    report.table(
+        f"Input pipeline, mobilenet_v2 at 224 px, {n_images} images, batch 64, reading "
+        f"{default} batches ahead or none, median of {repeats} ({machine()})",
+        ["precision", "input", "reading", "images/s", "x ceiling", "x on demand"],
+        rows,
+    )
+
+
+SECTIONS = ("throughput", "timm", "precision", "int8", "memory", "pipeline")
 
 
 def main() -> None:
@@ -542,6 +601,8 @@ def main() -> None:
             int8_quality(report)
     if "memory" in args.sections:
         memory(report, device, [500, 2000] if args.quick else [2500, 10000])
+    if "pipeline" in args.sections:
+        pipeline(report, device, n_images, repeats)
     report.write()
 
 

@@ -153,7 +153,10 @@ def _add_extract(commands) -> None:
         "--workers",
         type=int,
         default=None,
-        help="start a local Dask cluster of this many single-threaded workers (.zarr only)",
+        help=(
+            "start a local Dask cluster of this many single-threaded workers (.zarr only); "
+            "with --device cuda, one per GPU"
+        ),
     )
     cluster.add_argument(
         "--scheduler", default=None, help="address of a running Dask scheduler (.zarr only)"
@@ -207,6 +210,43 @@ def check_options(args: argparse.Namespace) -> None:
                 f"--value-range takes LOW HIGH, two finite numbers with LOW < HIGH; got "
                 f"{low:g} {high:g}"
             )
+
+
+def worker_gpus(args: argparse.Namespace) -> list[int] | None:
+    """Return the GPU of each ``--workers`` worker with ``--device cuda`` (None on a CPU).
+
+    One worker per GPU: worker ``i`` sees only GPU ``i``, as its ``cuda`` device.
+
+    Raises
+    ------
+    ValueError
+        ``--device cuda:N`` with ``--workers`` (each worker has its own GPU, as ``cuda``).
+    """
+    if args.workers is None or not args.device.startswith("cuda"):
+        return None
+    if args.device != "cuda":
+        raise ValueError(
+            f"--device {args.device} with --workers: each worker takes a GPU of its own "
+            "(worker i sees GPU i as its only one); use --device cuda"
+        )
+    return list(range(args.workers))
+
+
+def check_worker_gpus(gpus: list[int] | None) -> None:
+    """Check that this machine has a GPU for each worker (torch imported by then).
+
+    Raises
+    ------
+    ValueError
+        More workers than GPUs.
+    """
+    import torch
+
+    if gpus is not None and len(gpus) > torch.cuda.device_count():
+        raise ValueError(
+            f"--workers {len(gpus)} with --device cuda puts each worker on a GPU of its own, "
+            f"but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
 
 
 def extract(args: argparse.Namespace, cluster: _EarlyCluster | None = None) -> dict:
@@ -276,6 +316,8 @@ def _extract_to_store(args, extractor, paths, labels, cluster: _EarlyCluster | N
     from . import dask as skdeep_dask
     from ._images import load_npy
 
+    if cluster is not None:
+        check_worker_gpus(cluster.gpus)
     # Fitted on the images: int8 calibrates on them. The store's progress bar counts.
     extractor.set_params(verbose=False).fit(paths if paths is not None else load_npy(args.input))
     client = None
@@ -312,8 +354,9 @@ class _EarlyCluster:
 
     PRELOAD = ("skdeep.feature_extraction",)
 
-    def __init__(self, n_workers: int):
+    def __init__(self, n_workers: int, gpus: list[int] | None = None):
         self.n_workers = n_workers
+        self.gpus = gpus
         self.cluster = self._client = self._error = None
         self._thread = threading.Thread(target=self._start, name="skdeep-cluster", daemon=True)
         self._thread.start()
@@ -322,7 +365,7 @@ class _EarlyCluster:
         try:
             from ._cluster import local_cluster
 
-            self.cluster = local_cluster(self.n_workers, preload=list(self.PRELOAD))
+            self.cluster = local_cluster(self.n_workers, gpus=self.gpus, preload=list(self.PRELOAD))
         except BaseException as exc:  # raised where the cluster is asked for
             self._error = exc
 
@@ -382,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         check_options(args)  # before a cluster starts for --workers
         to_store = args.out.rstrip("/").endswith(STORE_SUFFIX)
         if to_store and args.workers is not None and args.scheduler is None:
-            cluster = _EarlyCluster(args.workers)  # starts while torch is imported
+            # starts while torch is imported
+            cluster = _EarlyCluster(args.workers, worker_gpus(args))
         written = extract(args, cluster)
     except Exception as exc:
         if not _is_user_error(exc):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ._compat import Interval, StrOptions
 from ._device import PRECISIONS, autocast, input_dtype, resolve_hardware, resolve_loaded_hardware
+from ._feed import RowCollector, device_batches
 from ._images import ImageSource, as_image_source
 from ._preprocess import prepare_images
 from ._progress import progress_bar
@@ -97,17 +98,19 @@ class BackboneMixin:
     ) -> Iterator[torch.Tensor]:
         """Network-ready batches (normalized, channels_last, on ``device_``).
 
-        Of ``batch_size`` images (default: the ``batch_size`` parameter).
+        Of ``batch_size`` images (default: the ``batch_size`` parameter), read ahead
+        of the network (see :mod:`skdeep._feed`).
         """
         raw_batches = source.batches(
             batch_size or self.batch_size,
             self.preprocessing_,
             indices=indices,
             num_workers=self.num_workers,
-            pin_memory=self.device_.type == "cuda",
         )
-        for raw in raw_batches:
-            yield prepare_images(raw, self.preprocessing_, self.device_, dtype)
+        prep, device = self.preprocessing_, self.device_
+        yield from device_batches(
+            raw_batches, lambda raw: prepare_images(raw, prep, device, dtype), device
+        )
 
     def _pooled_features(
         self,
@@ -132,8 +135,14 @@ class BackboneMixin:
             The network produced NaN or infinite values.
         """
         n = len(source) if indices is None else len(indices)
-        out = None
-        start = 0
+        rows_out = RowCollector(
+            n,
+            self.device_,
+            lambda: FloatingPointError(
+                f"the network produced NaN or infinite values at precision "
+                f"{self.precision_}; use precision='float32'"
+            ),
+        )
         enabled = bool(self.verbose) and show_progress
         progress = progress_bar(n, type(self).__name__, enabled=enabled)
         with (
@@ -145,17 +154,9 @@ class BackboneMixin:
             for batch in self._input_batches(source, indices, dtype=input_dtype(self.precision_)):
                 with autocast(self.device_, self.precision_):
                     rows = features(batch).float()
-                if not torch.isfinite(rows).all():
-                    raise FloatingPointError(
-                        f"the network produced NaN or infinite values at precision "
-                        f"{self.precision_}; use precision='float32'"
-                    )
-                if out is None:
-                    out = np.empty((n, rows.shape[1]), dtype=np.float32)
-                out[start : start + len(rows)] = rows.cpu().numpy()
-                start += len(rows)
+                rows_out.add(rows)
                 progress.update(len(rows))
-        return out
+            return rows_out.finish()
 
     # --- pickling: CPU state only, loadable without a GPU --------------------------------
 

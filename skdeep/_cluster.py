@@ -18,7 +18,7 @@ import os
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
-def local_cluster(n_workers: int | None = None, **options):
+def local_cluster(n_workers: int | None = None, gpus: list[int] | None = None, **options):
     """Start a ``LocalCluster`` of single-threaded worker processes on 127.0.0.1.
 
     Where the platform has it, the workers are forked from a fork server that imported
@@ -27,18 +27,28 @@ def local_cluster(n_workers: int | None = None, **options):
     Parameters
     ----------
     n_workers : int, optional
-        Worker processes (default: one per CPU core).
+        Worker processes (default: one per CPU core, or one per GPU of ``gpus``).
+    gpus : list of int, optional
+        One GPU per worker, as dask-cuda's ``LocalCUDACluster`` places them: worker
+        ``i`` sees only GPU ``gpus[i]`` (``CUDA_VISIBLE_DEVICES``), as its ``cuda``
+        device. ``n_workers``, if given, must be their number.
     **options
-        More ``LocalCluster`` arguments.
+        More ``LocalCluster`` arguments (without ``gpus``); with ``gpus``, options of
+        each worker's nanny.
 
     Returns
     -------
-    distributed.LocalCluster
+    distributed.LocalCluster or distributed.SpecCluster
         The running cluster (close it, or use it in a ``with`` block).
     """
     import dask
     from distributed import LocalCluster
 
+    if gpus is not None and n_workers is not None and n_workers != len(gpus):
+        raise ValueError(
+            f"n_workers={n_workers} with gpus={gpus!r}: one worker per GPU, so n_workers "
+            f"must be {len(gpus)} (or None)"
+        )
     settings = dict(
         n_workers=n_workers or os.cpu_count() or 1,
         threads_per_worker=1,
@@ -54,7 +64,47 @@ def local_cluster(n_workers: int | None = None, **options):
     with dask.config.set(config):
         if forkserver:
             _preload_forkserver()
+        if gpus is not None:
+            return _gpu_cluster(gpus, settings, options)
         return LocalCluster(**{**settings, **options})
+
+
+def gpu_worker_specs(gpus: list[int], **nanny_options) -> dict:
+    """Worker specifications of a Dask ``SpecCluster``: one single-threaded nanny per GPU.
+
+    Worker ``gpu-<index>`` sees that GPU alone, through ``CUDA_VISIBLE_DEVICES``.
+    """
+    from distributed import Nanny
+
+    if not gpus or len(set(gpus)) != len(gpus) or any(int(g) < 0 for g in gpus):
+        raise ValueError(f"gpus must list distinct GPU indices (0 or more); got {gpus!r}")
+    return {
+        f"gpu-{gpu}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "host": "127.0.0.1",
+                **nanny_options,
+                "env": {**nanny_options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(gpu)},
+            },
+        }
+        for gpu in gpus
+    }
+
+
+def _gpu_cluster(gpus: list[int], settings: dict, options: dict):
+    """Start a ``SpecCluster`` of :func:`gpu_worker_specs` with a scheduler on loopback."""
+    from distributed import Scheduler, SpecCluster
+
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": settings["host"], "dashboard_address": settings["dashboard_address"]},
+    }
+    return SpecCluster(
+        workers=gpu_worker_specs(gpus, **options),
+        scheduler=scheduler,
+        silence_logs=settings["silence_logs"],
+    )
 
 
 # What the fork server imports once, before it forks the workers: each worker then starts

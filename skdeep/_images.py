@@ -55,7 +55,6 @@ class ImageSource:
         prep: Preprocessing,
         indices: Sequence[int] | None = None,
         num_workers: int = 0,
-        pin_memory: bool = False,
     ) -> Iterator[RawBatch]:
         """Yield raw batches of the images at ``indices`` (default: all), in order."""
         raise NotImplementedError
@@ -103,7 +102,7 @@ class ArraySource(ImageSource):
     def __len__(self) -> int:
         return len(self.images)
 
-    def batches(self, batch_size, prep, indices=None, num_workers=0, pin_memory=False):
+    def batches(self, batch_size, prep, indices=None, num_workers=0):
         n = len(self.images) if indices is None else len(indices)
         for start in range(0, n, batch_size):
             if indices is None:
@@ -112,7 +111,7 @@ class ArraySource(ImageSource):
                 chunk = self.images[np.asarray(indices[start : start + batch_size])]
             # NHWC memory seen as NCHW: exactly the channels_last layout, no copy.
             batch = _as_tensor(network_pixels(chunk, self.value_range)).permute(0, 3, 1, 2)
-            yield [(batch.pin_memory() if pin_memory else batch, self.value_range)]
+            yield [(batch, self.value_range)]
 
     def fingerprints(self):
         return [_image_digest(image, self.value_range) for image in self.images]
@@ -212,20 +211,20 @@ class ListSource(ImageSource):
     def __len__(self) -> int:
         return len(self.items)
 
-    def batches(self, batch_size, prep, indices=None, num_workers=0, pin_memory=False):
+    def batches(self, batch_size, prep, indices=None, num_workers=0):
         dataset = _PerImageDataset(self.items, self.value_ranges, prep)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=indices,
             num_workers=num_workers,
-            pin_memory=pin_memory,
             collate_fn=list,
         )
         order = range(len(self.items)) if indices is None else indices
         done = 0
+        decoding = iter(loader)
         try:
-            for decoded in loader:
+            for decoded in decoding:
                 yield _runs([image for image, _ in decoded], [vr for _, vr in decoded])
                 done += len(decoded)
         except Exception:
@@ -236,6 +235,12 @@ class ListSource(ImageSource):
             for index in order[done : done + batch_size]:
                 dataset[index]
             raise
+        finally:
+            # The workers end now, even while an error's traceback keeps this frame
+            # (and the loader) alive; DataLoader has no public way to say so.
+            shutdown = getattr(decoding, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def fingerprints(self):
         return [

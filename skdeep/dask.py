@@ -22,9 +22,11 @@ large tensor's memory back at once and single-threaded inference slows down; set
 configuration of your own clusters for the same gain). :data:`WORKER_CONFIG` is that
 setting, as a Dask configuration.
 
-One GPU per worker: with ``device="auto"`` each worker uses the GPU it sees, so give
-each worker its own with ``CUDA_VISIBLE_DEVICES`` (dask-cuda's ``LocalCUDACluster``
-does this for every GPU of a machine).
+One GPU per worker: with ``device="auto"`` or ``"cuda"`` each worker uses the GPU it
+sees, so give each worker its own with ``CUDA_VISIBLE_DEVICES``:
+``local_cluster(gpus=[0, 1])`` (and the command line's ``--device cuda --workers N``)
+starts one worker per GPU that way, as dask-cuda's ``LocalCUDACluster`` does for every
+GPU of a machine.
 """
 
 from __future__ import annotations

@@ -102,6 +102,48 @@ def test_local_clusters_listen_on_loopback_and_keep_malloc_untrimmed(client):
     assert set(environment.values()) == {None}
 
 
+def test_gpu_workers_each_see_their_own_gpu():
+    """gpus=[0, 1]: two workers, each with CUDA_VISIBLE_DEVICES naming its GPU alone.
+
+    The placement is what a GPU machine needs; it is checked here on the CPU, where
+    the workers see no GPU at all.
+    """
+    with (
+        skdeep_dask.local_cluster(gpus=[0, 1]) as cluster,
+        distributed.Client(cluster) as connected,
+    ):
+        assert connected.scheduler.address.startswith("tcp://127.0.0.1:")
+        seen = connected.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        threads = connected.nthreads()
+    assert sorted(seen.values()) == ["0", "1"]
+    assert set(threads.values()) == {1}
+    with pytest.raises(ValueError, match=r"n_workers=3 with gpus=\[0, 1\]: one worker per GPU"):
+        skdeep_dask.local_cluster(3, gpus=[0, 1])
+    with pytest.raises(ValueError, match=r"gpus must list distinct GPU indices.*\[1, 1\]"):
+        skdeep_dask.local_cluster(gpus=[1, 1])
+
+
+def test_the_command_line_puts_each_worker_on_its_own_gpu(monkeypatch):
+    """--device cuda --workers 2: GPUs 0 and 1; cuda:N or more workers than GPUs: refused."""
+    import argparse
+
+    import torch
+
+    from skdeep.__main__ import check_worker_gpus, worker_gpus
+
+    def args(device, workers):
+        return argparse.Namespace(device=device, workers=workers)
+
+    assert worker_gpus(args("cuda", 2)) == [0, 1]
+    assert worker_gpus(args("cpu", 2)) is None and worker_gpus(args("cuda", None)) is None
+    with pytest.raises(ValueError, match=r"--device cuda:1 with --workers.*use --device cuda"):
+        worker_gpus(args("cuda:1", 2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--workers 2 with --device cuda .* has 1 GPU"):
+        check_worker_gpus([0, 1])
+    check_worker_gpus([0])
+
+
 def test_workers_start_with_the_extractor_imported():
     """The fork server imports skdeep's extractor once; fresh workers start with it."""
     with local_cluster(1) as cluster, distributed.Client(cluster) as connected:
