@@ -29,9 +29,9 @@ import torch
 AHEAD = 2
 """Batches read ahead of the network (0 reads each batch when it is needed)."""
 
-# Pinned buffers are kept for this many batch shapes at most (ragged lists of images
-# give many shapes; beyond these, batches are copied from pageable memory).
-_PINNED_SHAPES = 8
+# Pinned buffers are kept for this many batch shapes at most (a last, smaller batch is
+# a shape of its own; beyond these, batches are copied from pageable memory).
+_PINNED_SHAPES = 4
 
 
 def device_batches(
@@ -193,10 +193,16 @@ class _CudaStager:
         self._copies = 0
 
     def stage(self, raw: list) -> list:
-        """Start copying every run of ``raw`` to the GPU (in the reading thread)."""
+        """Start copying every run of ``raw`` to the GPU (in the reading thread).
+
+        Batches of one size (arrays, files of one size) go through the reused pinned
+        buffers; a ragged batch (runs of several sizes) is copied from pageable memory,
+        since pinning a buffer for sizes that do not come back costs more than it saves.
+        """
         staged = []
+        uniform = len(raw) == 1
         for pixels, value_range in raw:
-            taken = self.pool.take(pixels) if not pixels.is_pinned() else None
+            taken = self.pool.take(pixels) if uniform and not pixels.is_pinned() else None
             source = pixels
             if taken is not None:
                 source, slot = taken
