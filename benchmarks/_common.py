@@ -179,15 +179,30 @@ def paired_difference(by_seed: dict[int, float], reference: dict[int, float]) ->
     The interval is Student's t on the seed-by-seed differences; empty when fewer than
     two seeds are common.
     """
+    interval = paired_interval(by_seed, reference)
+    if interval is None:
+        return ""
+    mean, low, high, _ = interval
+    return f"{mean:+.1f} ({low:+.1f} to {high:+.1f})"
+
+
+def paired_interval(
+    by_seed: dict[int, float], reference: dict[int, float]
+) -> tuple[float, float, float, int] | None:
+    """Mean of ``by_seed`` minus ``reference`` on their common seeds, its 95% interval, n.
+
+    Student's t on the seed-by-seed differences; None when fewer than two seeds are
+    common.
+    """
     from scipy import stats
 
     common = sorted(set(by_seed) & set(reference))
     if len(common) < 2:
-        return ""
+        return None
     gaps = np.array([by_seed[s] - reference[s] for s in common])
     half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
     mean = gaps.mean()
-    return f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
+    return float(mean), float(mean - half), float(mean + half), len(common)
 
 
 def _format(value: object) -> str:

@@ -8,6 +8,7 @@ objective (:mod:`skdeep._objectives`), so every estimator shares one loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -124,6 +125,49 @@ def make_scheduler(optimizer, name: str | None, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
 
 
+class WeightAverage:
+    """A moving average of a model's trained parameters, updated after each optimizer step.
+
+    After step ``t`` (from 1) of ``total`` steps, each average moves a share
+    ``1 - decay(t, total)`` of the way to the parameter's new value (timm's
+    ``ModelEmaV3``, parameters only). Batch-norm statistics are not averaged: they
+    belong to the weights they were measured with, so the averaged network needs a
+    recalibration pass (:func:`recalibrate_batch_norm`). Frozen parameters are left
+    out (their average is themselves). In data-parallel training every rank holds the
+    same parameters after each step (DistributedDataParallel averages the gradients),
+    so every rank computes the same average.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network being trained; its current parameters start the average.
+    decay : callable
+        ``decay(t, total)``, in [0, 1]: 0 copies the parameters, 1 keeps the average.
+    """
+
+    def __init__(self, model: nn.Module, decay: Callable[[int, int], float]):
+        self.decay = decay
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.averages = [p.detach().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self, step: int, total: int) -> None:
+        """Move the averages towards the parameters after optimizer step ``step``."""
+        weight = 1.0 - float(self.decay(step, total))
+        if weight == 1.0:
+            torch._foreach_copy_(self.averages, [p.detach() for p in self.parameters])
+        elif weight:
+            torch._foreach_lerp_(self.averages, [p.detach() for p in self.parameters], weight)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the parameters and their averages (twice puts everything back)."""
+        for parameter, average in zip(self.parameters, self.averages, strict=True):
+            held = parameter.detach().clone()
+            parameter.copy_(average)
+            average.copy_(held)
+
+
 @dataclass
 class Trainer:
     """Runs epochs of optimizer steps with validation and early stopping.
@@ -160,6 +204,11 @@ class Trainer:
     context : DistributedContext, optional
         The ranks training together: the epoch's totals are summed over them, and
         only rank 0 shows progress.
+    average_decay : callable, optional
+        ``average_decay(t, total)``: keep a :class:`WeightAverage` of the parameters
+        with this decay. Validation (and the best epoch's snapshot) then sees the
+        averaged weights, and the model ends with them (their batch-norm statistics
+        still to recalibrate).
     """
 
     model: nn.Module
@@ -177,6 +226,7 @@ class Trainer:
     name: str = "fit"
     forward_model: nn.Module | None = None
     context: object = None
+    average_decay: Callable[[int, int], float] | None = None
 
     def fit(
         self,
@@ -210,6 +260,9 @@ class Trainer:
         self._best = (math.inf, None)  # validation loss and weights of the best epoch
         self._forward = self.forward_model or self.model
         self._shows = self.verbose and (self.context is None or self.context.is_main)
+        self._average = None
+        if self.average_decay is not None:
+            self._average = WeightAverage(self.model, self.average_decay)
         try:
             with objective.attach(self.model, self._forward):
                 for epoch in range(1, self.max_epochs + 1):
@@ -218,15 +271,18 @@ class Trainer:
                     with progress_bar(n_samples, description, self._shows) as bar:
                         record = self._train_epoch(objective, batches, epoch, bar)
                         if validate is not None:
-                            with watch_collectives(
-                                self.context, f"the validation of epoch {epoch}"
+                            with (
+                                watch_collectives(self.context, f"the validation of epoch {epoch}"),
+                                self._averaged_weights(),
                             ):
                                 record["valid_loss"], record["valid_accuracy"] = validate()
                         bar.set_postfix(_summary(record), refresh=True)
                     record["lr"] = self.optimizer.param_groups[0]["lr"]
                     record["seconds"] = time.perf_counter() - record.pop("start")
                     result.history.append(record)
-                    if self._should_stop(record, result, validated=validate is not None):
+                    with self._averaged_weights():  # the best epoch keeps what predicts
+                        stop = self._should_stop(record, result, validated=validate is not None)
+                    if stop:
                         break
         except KeyboardInterrupt:
             result.interrupted = True
@@ -238,8 +294,22 @@ class Trainer:
             )
         if self._best[1] is not None:
             self.model.load_state_dict(self._best[1])
+        elif self._average is not None:
+            self._average.swap()  # the model ends with the averaged weights
         self.model.eval()
         return result
+
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """Hold the averaged weights in the model inside the block (no average: as is)."""
+        if self._average is None:
+            yield
+            return
+        self._average.swap()
+        try:
+            yield
+        finally:
+            self._average.swap()
 
     def _train_epoch(self, objective, batches: Iterable, epoch: int, bar) -> dict:
         """One pass over ``batches``; returns the epoch's record (losses, metrics).
@@ -277,6 +347,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self._steps_done += 1
+        if self._average is not None:
+            self._average.update(self._steps_done, self.max_epochs * max(1, self.steps_per_epoch))
         return out
 
     def _should_stop(self, record: dict, result: TrainingResult, validated: bool) -> bool:

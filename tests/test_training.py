@@ -138,3 +138,69 @@ def test_batch_norm_recalibration_uses_exact_statistics():
     before = frozen_model[1].running_mean.clone()
     recalibrate_batch_norm(frozen_model, [frozen_model[1]], [data], CPU, torch.float32)
     assert torch.equal(frozen_model[1].running_mean, before)
+
+
+class RecordingSupervised(Supervised):
+    """Supervised, keeping a copy of the trained parameters as each step finds them."""
+
+    def __init__(self):
+        super().__init__(nn.CrossEntropyLoss())
+        self.trajectory = []
+
+    def step(self, model, batch, progress):
+        """Record the parameters, then take the supervised step."""
+        self.trajectory.append([p.detach().double().numpy().copy() for p in model.parameters()])
+        return super().step(model, batch, progress)
+
+
+def decay_rule(t, total):
+    """Return the mean of all steps so far while it decays less than 0.8, then 0.8."""
+    return min(0.8, 1.0 - 1.0 / t)
+
+
+def test_weight_average_equals_a_numpy_reference_of_its_update():
+    """The model ends with a NumPy reference of the average of its steps' parameters."""
+    import numpy as np
+
+    plain, recorder = small_model(), RecordingSupervised()
+    make_trainer(plain).fit(recorder, regression_batches, 64)
+    steps = [*recorder.trajectory[1:], [p.detach().double().numpy() for p in plain.parameters()]]
+    assert len(steps) == 5 * 4
+    expected = [p.copy() for p in recorder.trajectory[0]]
+    for t, parameters in enumerate(steps, 1):
+        weight = 1.0 - decay_rule(t, len(steps))
+        expected = [a + weight * (p - a) for a, p in zip(expected, parameters, strict=True)]
+    averaged = small_model()
+    make_trainer(averaged, average_decay=decay_rule).fit(SUPERVISED, regression_batches, 64)
+    for got, want in zip(averaged.parameters(), expected, strict=True):
+        np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5, atol=1e-6)
+    # The average differs from the last weights; batch-norm statistics are not averaged.
+    assert not torch.allclose(averaged[0].weight, plain[0].weight)
+    torch.testing.assert_close(averaged[1].running_mean, plain[1].running_mean)
+    # A decay of 0 copies the weights: the same model as without an average.
+    copied = small_model()
+    make_trainer(copied, average_decay=lambda t, total: 0.0).fit(SUPERVISED, regression_batches, 64)
+    for got, want in zip(copied.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_weight_average_leaves_frozen_parameters_and_is_what_validation_sees():
+    """Frozen parameters stay; validation and the best epoch see the averaged weights."""
+    model = small_model()
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.clone()
+    trainer = make_trainer(model, average_decay=decay_rule, early_stopping=True, max_epochs=3)
+    seen = []
+    losses = iter([0.5, 0.4, 0.45])
+
+    def validate():
+        seen.append(model[3].weight.detach().clone())
+        return next(losses), 0.0
+
+    result = trainer.fit(SUPERVISED, regression_batches, 64, validate)
+    assert result.best_epoch == 2
+    assert torch.equal(model[0].weight, frozen)
+    assert len(trainer._average.parameters) == 4  # the two trained layers' weights and biases
+    # The model holds the average as validation saw it at the best epoch, not the last one.
+    assert torch.equal(model[3].weight, seen[1])
+    assert not torch.equal(seen[1], seen[2])
