@@ -18,8 +18,10 @@ Its rules:
    world size by repeating the first rows of the epoch's order (as PyTorch's
    ``DistributedSampler`` pads): fewer than ``world_size`` rows are repeated per epoch,
    none is dropped. Every rank takes ``steps_per_epoch`` steps.
-3. **No part too small for batch norm.** While batch norm trains, every part holds at
-   least :data:`MIN_PART_WITH_BATCH_NORM` images (a batch norm cannot train on one).
+3. **No part too small for batch norm.** While a trained batch norm sees a single value
+   per channel for one image (1x1 maps after pooling, or a 1-D batch norm over rows),
+   every part holds at least :data:`MIN_PART_WITH_BATCH_NORM` images, since such a
+   batch norm cannot train on one; batch norms over larger maps train on one image.
    A last batch whose parts would be smaller is merged into the batch before it, so
    that batch holds up to ``(MIN_PART_WITH_BATCH_NORM - 1) * world_size`` rows more
    than ``batch_size``. :class:`DataPlan` refuses, with an error that names
@@ -33,8 +35,7 @@ Its rules:
 
 So a world of ``n`` ranks takes the global batches of one process whenever the last
 batch of an epoch needs neither padding nor merging for ``n`` ranks: ``rows %
-batch_size`` is 0, or a multiple of ``n`` larger than ``(MIN_PART_WITH_BATCH_NORM -
-1) * n`` when batch norm trains (larger than 0 otherwise).
+batch_size`` is 0, or a multiple of ``n`` larger than ``(min_part - 1) * n``.
 
 No torch here, except :func:`agree_seed` (one broadcast) and :func:`regroup`, which
 applies the plan's step sizes to loaded batches.
@@ -50,7 +51,8 @@ import numpy as np
 import torch
 
 MIN_PART_WITH_BATCH_NORM = 2
-"""The fewest images of a rank's part while batch norm trains."""
+"""The fewest images of a rank's part while a trained batch norm sees one value per
+channel per image (after global pooling, say): it cannot train on one image."""
 
 # The three random streams of a plan, told apart in the seed sequence.
 _SOURCE_STREAM, _TARGET_STREAM = 0, 1
@@ -90,10 +92,14 @@ class DataPlan:
     seed : int, default=0
         The seed every rank agrees on (:func:`agree_seed`).
     min_part : int, default=1
-        The fewest images of a part: :data:`MIN_PART_WITH_BATCH_NORM` while batch norm
-        trains.
+        The fewest images of a part: :data:`MIN_PART_WITH_BATCH_NORM` while a trained
+        batch norm sees one value per channel per image.
     devices : object, optional
         The ``devices`` parameter as the user gave it, for error messages.
+    why : str, optional
+        Why parts need ``min_part`` images, for error messages.
+    rows : str, optional
+        What the rows are, for error messages ("training image(s)").
     domains_apart : bool, default=False
         Whether each step runs source and target images through the network apart
         (``batch_norm="per_domain"``): DistributedDataParallel allows one forward pass
@@ -116,13 +122,19 @@ class DataPlan:
         min_part: int = 1,
         devices=None,
         domains_apart: bool = False,
+        why: str = "batch norm cannot train on one image",
+        rows: str = "training image(s)",
     ):
         self.n_rows, self.batch_size = int(n_rows), int(batch_size)
         self.world_size, self.rank = int(world_size), int(rank)
         self.seed, self.min_part = int(seed), int(min_part)
-        devices = world_size if devices is None else devices
+        # The settings to name: batch_size, and devices when the user gave it.
+        settings = f"batch_size={batch_size}" + (
+            f" and devices={devices!r}" if devices is not None else ""
+        )
+        parts = "each process" if self.world_size > 1 else "the network"
         if self.n_rows < 1:
-            raise ValueError("no training rows: fit needs at least one labeled image")
+            raise ValueError(f"no {rows}: fit needs at least one labeled image to train on")
         if domains_apart and self.world_size > 1:
             raise ValueError(
                 "batch_norm='per_domain' runs source and target through the network apart, "
@@ -137,19 +149,18 @@ class DataPlan:
             )
         if self.batch_size // self.world_size < self.min_part:
             raise ValueError(
-                f"batch_size={batch_size} and devices={devices!r} give each process "
-                f"{self.batch_size // self.world_size} image(s) of a batch, but batch norm "
-                f"trains on at least {self.min_part} per process: use "
+                f"{settings} give {parts} {self.batch_size // self.world_size} image(s) "
+                f"of a batch, but it needs at least {self.min_part} ({why}): use "
                 f"batch_size={self.min_part * self.world_size} or more"
             )
         fewest = (self.min_part - 1) * self.world_size + 1
         if self.n_rows < fewest:
             raise ValueError(
-                f"{self.n_rows} training image(s) with batch_size={batch_size} and "
-                f"devices={devices!r} give each process parts of "
-                f"{math.ceil(self.n_rows / self.world_size)} image(s), but batch norm trains "
-                f"on at least {self.min_part} per process: train on at least {fewest} images, "
-                "use fewer processes, or freeze the batch norms (freeze='backbone')"
+                f"{self.n_rows} {rows} with {settings} give {parts} "
+                f"{math.ceil(self.n_rows / self.world_size)} image(s) at a step, but it needs "
+                f"at least {self.min_part} ({why}): train on at least {fewest} images"
+                + (", use fewer processes" if self.world_size > 1 else "")
+                + ", or freeze the batch norms (freeze='backbone')"
             )
         self.sizes = _batch_sizes(self.n_rows, self.batch_size, self.world_size, self.min_part)
 

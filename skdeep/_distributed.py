@@ -14,10 +14,15 @@ reduce the metrics and gather the features of a domain-adaptation penalty. Which
 each rank takes is the data plan's decision (:mod:`skdeep._data_plan`).
 
 Process lifecycle of spawned ranks: the parent hosts the rendezvous store on a port the
-operating system picks (nothing can take it in between); every rank watches its parent
-and, when the parent is gone (killed, even by SIGKILL), removes the shared temporary
-folder and exits; a collective that does not complete within ``collective_timeout``
-seconds raises on the ranks that wait, naming the rank and the step.
+operating system picks (nothing can take it in between) and holds a lock on the shared
+temporary folder; every rank watches its parent and, when the parent is gone (killed,
+even by SIGKILL), removes the folder and exits, as it does when it is terminated
+itself; a later fit removes folders whose lock nobody holds (every process killed at
+once). Ctrl-C reaches the parent and the ranks: the ranks agree after each step on
+whether any of them got it, stop at the same step, and the parent returns their
+estimator, as one process does. A collective that does not complete within
+``collective_timeout`` seconds raises on the ranks that wait, naming the rank and the
+step.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral
@@ -45,8 +52,15 @@ from torch import nn
 
 from ._compat import BatchNorm
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _FOLDER_PREFIX = "skdeep-ranks-"  # then the parent's process id and a dash
+_OWNER_FILE = "owner.lock"  # locked by the parent while its fit runs
+_PAYLOAD = "payload.pkl"  # the estimator and arguments every rank loads
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
@@ -63,15 +77,16 @@ class DistributedContext:
     spawned : bool
         Whether skdeep spawned the ranks (rank 0 then hands the result back) or
         torchrun did.
-    timeout : float
-        Seconds a collective waits for the other ranks (for error messages).
+    timeout : float or None
+        Seconds a collective waits for the other ranks (for error messages; None when
+        the script made the process group).
     """
 
     rank: int
     world_size: int
     device: torch.device
     spawned: bool = False
-    timeout: float = 300.0
+    timeout: float | None = 300.0
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +98,35 @@ class DistributedContext:
         tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.broadcast(tensor, 0)
         return int(tensor.item())
+
+    def any(self, flag: bool) -> bool:
+        """Return whether ``flag`` is true on any rank (every rank gets the same answer)."""
+        tensor = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def check_same_inputs(self, summary: list[int], what: str) -> None:
+        """Refuse, on every rank, inputs that differ from rank 0's.
+
+        ``summary`` is a few integers describing this rank's inputs (counts, digests);
+        every rank must pass the same data, which the data plan then shares out.
+
+        Raises
+        ------
+        ValueError
+            Some rank's summary differs from another's.
+        """
+        mine = torch.tensor(summary, dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        rows = [part.tolist() for part in gathered]
+        differ = [rank for rank, row in enumerate(rows) if row != rows[0]]
+        if differ:
+            raise ValueError(
+                f"every process must pass fit the same {what} (the processes share the rows "
+                f"out among themselves): rank {differ[0]}'s differ from rank 0's (rows: "
+                f"{[row[0] for row in rows]}); pass the whole data on every rank, not a shard"
+            )
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the ranks (a new tensor; no gradient)."""
@@ -169,12 +213,22 @@ def active_context(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    global _group_timeout
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout)
         )
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), device, timeout=timeout)
+        _group_timeout = timeout
+    # A group made before (by an earlier fit, or the script) keeps its own timeout.
+    return DistributedContext(
+        dist.get_rank(), dist.get_world_size(), device, timeout=_group_timeout
+    )
+
+
+# The timeout of the process group skdeep made in this process under torchrun (None:
+# none made, or the script made its own, whose timeout skdeep does not know).
+_group_timeout: float | None = None
 
 
 @contextlib.contextmanager
@@ -195,9 +249,13 @@ def watch_collectives(context: DistributedContext | None, where: str):
         if not isinstance(exc, dist.DistError) and not _COLLECTIVE_FAILURE.search(text):
             raise
         timed_out = re.search(r"timed out|timeout", text, re.IGNORECASE)
+        limit = (
+            f"collective_timeout={context.timeout:g} s"
+            if context.timeout is not None
+            else "the timeout of the process group the script made"
+        )
         reason = (
-            f"did not complete within collective_timeout={context.timeout:g} s (another "
-            "process hangs, or is slower than that)"
+            f"did not complete within {limit} (another process hangs, or is slower than that)"
             if timed_out
             else "failed (another process died or raised)"
         )
@@ -208,10 +266,9 @@ def watch_collectives(context: DistributedContext | None, where: str):
 
 
 # What a collective's failure says when PyTorch raises it as a plain RuntimeError (the
-# gradient averaging of DistributedDataParallel, inside backward).
-_COLLECTIVE_FAILURE = re.compile(
-    r"gloo|nccl|timed out|connection (closed|reset)|peer|ProcessGroup", re.IGNORECASE
-)
+# gradient averaging of DistributedDataParallel, inside backward): the backend's name in
+# its source path or message. A user's own error that merely says "timed out" is not one.
+_COLLECTIVE_FAILURE = re.compile(r"\bgloo\b|/gloo/|\bnccl\b|ProcessGroup|c10d", re.IGNORECASE)
 
 
 def in_process_group() -> bool:
@@ -322,9 +379,14 @@ def spawn_fit(
     world_size = len(gpus) if gpus else int(processes)
     _remove_abandoned_folders()
     prefix = f"{_FOLDER_PREFIX}{os.getpid()}-"
-    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+    # A rank that is terminated removes the folder itself: cleaning up after it may
+    # find nothing to remove.
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as folder,
+        _ownership(folder),
+    ):
         shared = {key: _shareable(value, folder, key) for key, value in arguments.items()}
-        payload = os.path.join(folder, "payload.pkl")
+        payload = os.path.join(folder, _PAYLOAD)
         with open(payload, "wb") as file:
             pickle.dump((estimator, fit, shared), file)
         # The rendezvous store lives in this process, on a port the system picks when it
@@ -343,9 +405,17 @@ def spawn_fit(
             join=False,
             start_method="spawn",
         )
+        interrupted = False
         try:
-            while not context.join(timeout=1.0):
-                pass
+            try:
+                _wait_for(context)
+            except KeyboardInterrupt:
+                # As in one process, Ctrl-C ends training, not the fit: the ranks stop
+                # together at the next step and keep the best weights so far. A second
+                # Ctrl-C stops them at once.
+                interrupted = True
+                _interrupt(context.processes)
+                _wait_for(context)
         except mp.ProcessRaisedException as exc:
             raise _first_error(folder, exc) from None
         except mp.ProcessExitedException as exc:
@@ -360,33 +430,86 @@ def spawn_fit(
                     process.kill()
                 process.join(timeout=10)
             del store
-        with open(os.path.join(folder, "result.pkl"), "rb") as file:
-            return pickle.load(file)
+        result = os.path.join(folder, "result.pkl")
+        if not os.path.exists(result):  # a rank ended on Ctrl-C outside training
+            raise _first_error(folder, RuntimeError("rank 0 ended without a fitted estimator"))
+        with open(result, "rb") as file:
+            fitted = pickle.load(file)
+    if interrupted:
+        warnings.warn(
+            f"training interrupted after {len(getattr(fitted, 'history_', []))} complete "
+            "epoch(s); the estimator keeps the best weights so far",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return fitted
+
+
+def _wait_for(context) -> None:
+    """Wait for the spawned ranks to end (raising what torch raises when one fails)."""
+    while not context.join(timeout=1.0):
+        pass
+
+
+def _interrupt(processes) -> None:
+    """Ask the ranks still running to stop training (they agree on the step)."""
+    for process in processes:
+        if process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _ownership(folder: str):
+    """Hold a lock on ``folder`` while this fit runs (released when this process ends).
+
+    A later fit removes only folders whose lock it can take: their owner is gone,
+    whatever process id namespace or machine it ran in (process ids mean nothing across
+    containers sharing a temporary folder).
+    """
+    if fcntl is None:  # no file locks here: folders are never swept
+        yield
+        return
+    with open(os.path.join(folder, _OWNER_FILE), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
 
 
 def _remove_abandoned_folders() -> None:
-    """Remove the shared folders of fits whose calling process no longer exists.
+    """Remove the shared folders of fits whose calling process is gone.
 
     The ranks remove their folder when the calling process dies; this catches the case
-    where the ranks died with it (a whole process group killed at once).
+    where the ranks died with it (a whole process group killed at once). A folder whose
+    lock (:func:`_ownership`) is held, or that has no lock yet, is left alone.
     """
-    pattern = re.compile(re.escape(_FOLDER_PREFIX) + r"(\d+)-")
+    if fcntl is None:
+        return
     root = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(root):
-            match = pattern.match(name)
-            if match and not _process_exists(int(match[1])):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        names = [name for name in os.listdir(root) if name.startswith(_FOLDER_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            lock = open(os.path.join(folder, _OWNER_FILE))
+        except OSError:  # being made, or not a fit's folder
+            continue
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its fit still runs
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_shared_data(folder: str) -> None:
+    """Delete the copy of the data (arrays and payload) from ``folder``, keep the rest."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.endswith(".npy") or name == _PAYLOAD:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
 
 
 def _shareable(value, folder: str, key: str):
@@ -410,7 +533,9 @@ def _exit_with_parent(parent: int, folder: str) -> None:
     """Watch the calling process from a thread; once it is gone, clean up and exit.
 
     Whatever killed the parent (SIGKILL included), the ranks do not train on as
-    orphans, and the shared copy of the data does not outlive them.
+    orphans, and the shared copy of the data does not outlive them; a rank that is
+    terminated (SIGTERM) removes the copy of the data too (and the whole folder when
+    the parent is gone).
     """
 
     def watch() -> None:
@@ -419,6 +544,17 @@ def _exit_with_parent(parent: int, folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         os._exit(1)
 
+    def terminate(signum, frame) -> None:
+        # Terminated: by the parent, whose fit failed (it still reads the ranks' error
+        # files), or with the whole process group. Either way the copy of the data goes;
+        # the rest of the folder too once the parent is gone (else a later fit's sweep).
+        if os.getppid() != parent:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            _remove_shared_data(folder)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
     # torch's spawn asks Linux to send each rank SIGINT when the parent's thread ends:
     # the rank would take it for Ctrl-C, end its fit as interrupted and exit before
     # this thread could clean up (the parent's process can outlive that thread by a
@@ -426,6 +562,7 @@ def _exit_with_parent(parent: int, folder: str) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
+    signal.signal(signal.SIGTERM, terminate)
     threading.Thread(target=watch, name="skdeep-parent-watch", daemon=True).start()
 
 
@@ -516,10 +653,11 @@ class SynchronizedBatchNorm(nn.Module):
 
     The same numbers a batch norm computes on the whole global batch in one process: means and
     variances combine every rank's count, mean and squared deviations, gathered in one
-    collective per layer (one more in the backward pass), the running statistics are updated
-    with the unbiased variance of the global batch, with the layer's momentum (or the
-    cumulative average when it is None). PyTorch's own ``nn.SyncBatchNorm`` does this on
-    GPUs only; this one runs on any device. In eval mode it is the plain batch norm.
+    collective per layer (one more in the backward pass), the running statistics (of a
+    layer that keeps them) are updated with the unbiased variance of the global batch,
+    with the layer's momentum (or the cumulative average when it is None). PyTorch's own
+    ``nn.SyncBatchNorm`` does this on GPUs only; this one runs on any device. In eval
+    mode it is the plain batch norm.
 
     Parameters
     ----------
@@ -537,7 +675,7 @@ class SynchronizedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize ``x`` with the global batch's statistics (training) or the running ones."""
         norm = self.norm
-        if not norm.training or not norm.track_running_stats:
+        if not norm.training:
             return norm(x)
         dims = [0, *range(2, x.ndim)]
         shape = [1, -1] + [1] * (x.ndim - 2)
@@ -554,14 +692,17 @@ class SynchronizedBatchNorm(nn.Module):
         mean = (counts * means).sum(0) / count
         squares = parts[:, 1 + channels :] + counts * (means - mean).pow(2)
         variance = squares.sum(0) / count
-        with torch.no_grad():
-            norm.num_batches_tracked += 1
-            factor = (
-                1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            )
-            unbiased = variance * count / max(count - 1, 1)
-            norm.running_mean.mul_(1 - factor).add_(factor * mean.to(norm.running_mean.dtype))
-            norm.running_var.mul_(1 - factor).add_(factor * unbiased.to(norm.running_var.dtype))
+        if norm.track_running_stats:
+            with torch.no_grad():
+                norm.num_batches_tracked += 1
+                factor = (
+                    1.0 / float(norm.num_batches_tracked)
+                    if norm.momentum is None
+                    else norm.momentum
+                )
+                unbiased = variance * count / max(count - 1, 1)
+                norm.running_mean.mul_(1 - factor).add_(factor * mean.to(norm.running_mean.dtype))
+                norm.running_var.mul_(1 - factor).add_(factor * unbiased.to(norm.running_var.dtype))
         out = (values - mean.reshape(shape)) / torch.sqrt(variance + norm.eps).reshape(shape)
         if norm.affine:
             out = out * norm.weight.reshape(shape) + norm.bias.reshape(shape)

@@ -59,9 +59,27 @@ class ImageSource:
         """Yield raw batches of the images at ``indices`` (default: all), in order."""
         raise NotImplementedError
 
-    def fingerprints(self) -> list[bytes]:
-        """One digest per image, equal for equal images (keys of the feature cache)."""
+    def fingerprints(self, indices: Sequence[int] | None = None) -> list[bytes]:
+        """One digest per image (at ``indices``, default all), equal for equal images.
+
+        The keys of the feature cache; a few of them tell data-parallel ranks whether
+        they were given the same images.
+        """
         raise NotImplementedError
+
+    def sample_digest(self, indices: Sequence[int]) -> bytes:
+        """Digest the images at ``indices`` alike on every machine that holds the same data.
+
+        Pixels of images held in memory; the path as given and the size of files (their
+        modification times and absolute paths differ between machines' copies).
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        for part in self._portable_fingerprints(indices):
+            digest.update(part)
+        return digest.digest()
+
+    def _portable_fingerprints(self, indices: Sequence[int]) -> list[bytes]:
+        return self.fingerprints(indices)
 
 
 def network_pixels(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
@@ -113,8 +131,9 @@ class ArraySource(ImageSource):
             batch = _as_tensor(network_pixels(chunk, self.value_range)).permute(0, 3, 1, 2)
             yield [(batch, self.value_range)]
 
-    def fingerprints(self):
-        return [_image_digest(image, self.value_range) for image in self.images]
+    def fingerprints(self, indices=None):
+        images = self.images if indices is None else (self.images[i] for i in indices)
+        return [_image_digest(image, self.value_range) for image in images]
 
 
 class _PerImageDataset(torch.utils.data.Dataset):
@@ -242,10 +261,16 @@ class ListSource(ImageSource):
             if shutdown is not None:
                 shutdown()
 
-    def fingerprints(self):
+    def fingerprints(self, indices=None):
+        indices = range(len(self.items)) if indices is None else indices
+        return [_item_digest(self.items[i], self.value_ranges[i]) for i in indices]
+
+    def _portable_fingerprints(self, indices):
         return [
-            _item_digest(item, value_range)
-            for item, value_range in zip(self.items, self.value_ranges, strict=True)
+            _item_digest(self.items[i], self.value_ranges[i])
+            if isinstance(self.items[i], (np.ndarray, Image.Image))
+            else f"{self.items[i]}|{os.path.getsize(self.items[i])}".encode()
+            for i in indices
         ]
 
 

@@ -7,6 +7,7 @@ No weights are loaded here (see :mod:`skdeep._weights`) and no registry is consu
 from __future__ import annotations
 
 import difflib
+import math
 
 import torch
 from torch import nn
@@ -159,6 +160,38 @@ def check_input_size(module: nn.Module, size: int, device: torch.device) -> None
         f"image_size: the network input of {size}x{size} pixels is too small for this "
         f"backbone (the smallest size that works is {high}); pass image_size={high} or more"
     ) from error
+
+
+def single_values_per_channel(
+    module: nn.Module, norms: list[nn.Module], size: int, device: torch.device
+) -> list[str]:
+    """Name the ``norms`` that see one value per channel for one image of ``size`` px.
+
+    A batch norm that trains needs two values per channel: a 2-D batch norm over
+    maps larger than 1x1 trains on one image, one after global pooling (1x1 maps, or
+    a 1-D batch norm over rows) does not. One forward pass of a blank image, in eval
+    mode, finds out which.
+    """
+    wanted = {id(norm) for norm in norms}
+    names = {id(m): name for name, m in module.named_modules() if id(m) in wanted}
+    single: list[str] = []
+
+    def note(norm, inputs, output):
+        shape = inputs[0].shape
+        if shape[0] and math.prod(shape[2:]) == 1:
+            single.append(names[id(norm)])
+
+    handles = [norm.register_forward_hook(note) for norm in norms]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        module.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return single
 
 
 def _forward_error(module: nn.Module, size: int, device: torch.device) -> RuntimeError | None:

@@ -80,6 +80,7 @@ class Supervised:
         self.criterion = criterion
         self.calibration_target_batches = calibration_target_batches
         self.calibrate_on = calibrate_on
+        self._context = None  # the ranks, in data-parallel training
 
     def attach(self, model: nn.Module, forward=None) -> contextlib.AbstractContextManager:
         """Context held while training ``model`` (where objectives register taps).
@@ -94,11 +95,13 @@ class Supervised:
         return []
 
     def distribute(self, context) -> None:
-        """Prepare for data-parallel steps among the ranks of ``context`` (nothing here).
+        """Prepare for data-parallel steps among the ranks of ``context``.
 
         Called once before training when several ranks train together
-        (:class:`~skdeep._distributed.DistributedContext`).
+        (:class:`~skdeep._distributed.DistributedContext`): a class-weighted loss is then
+        normalized by the weights of the whole global batch.
         """
+        self._context = context
 
     def batches(self, source_batches: Iterable) -> Iterable:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""
@@ -111,8 +114,36 @@ class Supervised:
         return self._classification(logits, labels)
 
     def _classification(self, logits: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        loss = self.criterion(logits, labels)
+        loss = self._loss(logits, labels)
         return StepResult(loss, (logits.argmax(1) == labels).sum(), len(labels))
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Compute the criterion as one process would on the whole global batch.
+
+        A class-weighted cross-entropy is a weighted mean: its sum is divided by the
+        sum of the weights of the rows. On one rank that would be the weights of its own
+        part, and DistributedDataParallel's average of such ratios is not the global
+        weighted mean; so each rank divides its sum by the global sum of weights (times
+        the ranks, which the gradient average divides by again). Without class weights
+        every part holds as many rows, and the plain mean already agrees.
+        """
+        criterion = self.criterion
+        weight = getattr(criterion, "weight", None)
+        if (
+            self._context is None
+            or weight is None
+            or not isinstance(criterion, nn.CrossEntropyLoss)
+        ):
+            return criterion(logits, labels)
+        per_row = nn.functional.cross_entropy(
+            logits,
+            labels,
+            weight=weight,
+            reduction="none",
+            label_smoothing=criterion.label_smoothing,
+        )
+        total_weight = self._context.sum(weight[labels].sum())
+        return per_row.sum() * self._context.world_size / total_weight
 
     def calibration_batches(self, images: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Input batches for batch-norm recalibration, from the source training images."""
@@ -222,6 +253,7 @@ class DomainAlignment(Supervised):
 
     def distribute(self, context) -> None:
         """Compare the features of every rank's rows: gather them, with gradients."""
+        super().distribute(context)
         self.gather = context.gather
 
     def batches(self, source_batches: Iterable) -> Iterator:

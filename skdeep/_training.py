@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -264,7 +266,7 @@ class Trainer:
         if self.average_decay is not None:
             self._average = WeightAverage(self.model, self.average_decay)
         try:
-            with objective.attach(self.model, self._forward):
+            with objective.attach(self.model, self._forward), self._agreed_interrupts():
                 for epoch in range(1, self.max_epochs + 1):
                     batches = objective.batches(epoch_batches(epoch))
                     description = f"{self.name} epoch {epoch}/{self.max_epochs}"
@@ -311,6 +313,26 @@ class Trainer:
         finally:
             self._average.swap()
 
+    @contextlib.contextmanager
+    def _agreed_interrupts(self):
+        """Among ranks, turn Ctrl-C into a request that every rank honours at one step.
+
+        A rank that took Ctrl-C at once would stop at another step than the others and
+        leave them waiting in a collective; instead SIGINT sets a flag, the ranks learn
+        after each step whether any rank has it set, and all stop there (the loop then
+        ends as one process does on Ctrl-C). Alone, or outside the main thread, Ctrl-C
+        raises at once, as usual.
+        """
+        self._interrupt = threading.Event()
+        if self.context is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: self._interrupt.set())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def _train_epoch(self, objective, batches: Iterable, epoch: int, bar) -> dict:
         """One pass over ``batches``; returns the epoch's record (losses, metrics).
 
@@ -325,6 +347,8 @@ class Trainer:
         for step, batch in enumerate(batches, 1):
             with watch_collectives(self.context, f"epoch {epoch}, step {step}"):
                 out = self._optimizer_step(objective, batch)
+                if self.context is not None and self.context.any(self._interrupt.is_set()):
+                    raise KeyboardInterrupt  # Ctrl-C on some rank: every rank stops here
             totals.add(out)
             if self._shows:
                 bar.set_postfix(loss=f"{totals.mean_loss():.4f}", refresh=False)
@@ -414,7 +438,6 @@ def recalibrate_batch_norm(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
-    world_size: int = 1,
 ) -> None:
     """Recompute the running statistics of the trained batch norms over ``batches``.
 
@@ -422,23 +445,27 @@ def recalibrate_batch_norm(
     their running averages (used for prediction) trail behind the changing weights;
     after few optimizer steps the two disagree and predictions suffer. One forward
     pass with exact (cumulative) averages makes them agree. Batch norms inside
-    ``frozen`` modules keep their statistics. With ``world_size`` ranks, each batch is
-    one rank's part of a global batch (synchronized batch norms see the whole).
+    ``frozen`` modules keep their statistics. In data-parallel training each batch is
+    one rank's part of a global batch (synchronized batch norms see the whole). Batch
+    norms without running statistics normalize with the batch's statistics in any mode;
+    they run in training mode too, so that synchronized ones see the global batch, as
+    they did in training.
     """
-    norms = [norm for norm in training_batch_norms(model, frozen) if norm.track_running_stats]
-    if not norms:
+    norms = training_batch_norms(model, frozen)
+    tracked = [norm for norm in norms if norm.track_running_stats]
+    if not tracked:
         return
     model.eval()
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
+    momenta = [norm.momentum for norm in tracked]
+    for norm in tracked:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over all batches
+    for norm in norms:
         norm.train()
     with torch.no_grad(), autocast(device, dtype):
-        for images in batches:
-            if len(images) * world_size > 1:  # no statistics from one image
-                model(images)
-    for norm, momentum in zip(norms, momenta, strict=True):
+        for images in batches:  # the data plan's parts: each one a batch norm trains on
+            model(images)
+    for norm, momentum in zip(tracked, momenta, strict=True):
         norm.momentum = momentum
     model.eval()
 

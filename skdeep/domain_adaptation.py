@@ -332,7 +332,8 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         if processes is not None:
             arguments = dict(X=X, y=y, sample_domain=sample_domain, X_target=X_target)
             return self._fit_in_processes(processes, codes, **arguments)
-        self._train(source, codes, partial(self._objective, target, target_rows))
+        objective = partial(self._objective, target, target_rows)
+        self._train(source, codes, objective, targets=(target, target_rows))
         return self
 
     def _separate_domain_passes(self) -> bool:

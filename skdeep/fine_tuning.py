@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterator
 from numbers import Integral, Real
 from typing import ClassVar
@@ -41,6 +42,7 @@ from ._network import (
     head_names,
     holds_head,
     replace_head,
+    single_values_per_channel,
 )
 from ._objectives import Supervised
 from ._taps import check_timm_forward
@@ -115,10 +117,11 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     max_epochs : int, default=10
         Passes over the training images.
     batch_size : int, default=32
-        Images per optimizer step (and per inference batch). A final batch of a
-        single image joins the batch before it while batch norms train (they cannot
-        train on one image), so every image trains once per epoch; ``fit`` refuses a
-        single training image then.
+        Images per optimizer step (and per inference batch). Every image trains once
+        per epoch. Where a trained batch norm sees a single value per channel of an
+        image (after global pooling, or at 1x1 maps for small inputs), it cannot train
+        on one image: a final batch of one image then joins the batch before it, and
+        ``fit`` refuses ``batch_size=1`` or a single training image.
     lr : float, default=1e-3
         Learning rate of the new head.
     backbone_lr : float or None, default=None
@@ -187,23 +190,26 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         or ``n`` CPU processes (gloo) sharing the cores; a list of CUDA device indices
         picks the GPUs. ``fit`` starts the processes itself (the calling script needs
         ``if __name__ == "__main__":``), or, under ``torchrun``, joins the process
-        group torchrun made (then ``devices`` must equal its number of processes).
-        ``batch_size`` stays the global batch, a multiple of the number of
-        processes: each process takes an equal part of every batch, and
-        DistributedDataParallel averages the gradients. Every training image is
-        trained once per epoch: an epoch's last batch is padded to split evenly by
-        repeating fewer images than there are processes, and one whose parts would
-        hold a single image (which batch norm cannot train on) joins the batch
-        before it. ``fit`` refuses, before any process starts, when no cut gives
-        every process two images while batch norms train (fewer training images than
-        processes plus one, or ``batch_size`` below twice the processes). All
-        processes agree on one seed, rank 0's when ``random_state`` is None: they
-        shuffle, split and initialise alike, while each draws its own dropout.
-        Arrays are shared with the processes through a memory-mapped file; image
-        files are decoded by each process for its part. Processes end with ``fit``,
-        also when the calling process is killed (they then remove the shared copy
-        of the data). The fitted estimator is an ordinary one, which predicts in one
-        process.
+        group torchrun made (then ``devices`` must equal its number of processes, and
+        every process must pass ``fit`` the same whole data, which the processes share
+        out themselves: a process given other data is refused). ``batch_size`` stays
+        the global batch, a multiple of the number of processes: each process takes an
+        equal part of every batch, and DistributedDataParallel averages the
+        gradients. Every training image is trained once per epoch: an epoch's last
+        batch is padded to split evenly by repeating fewer images than there are
+        processes, and one whose parts would hold a single image joins the batch
+        before it when a trained batch norm would see a single value per channel of
+        it (after global pooling); ``fit`` refuses, before any process starts, a
+        ``batch_size`` or a number of images that cannot give every process two such
+        images. All processes agree on one seed, rank 0's when ``random_state`` is
+        None: they shuffle, split and initialise alike, while each draws its own
+        dropout. Arrays are shared with the processes through a memory-mapped file;
+        image files are decoded by each process for its part. Ctrl-C ends training
+        as in one process: every process stops at the same step, and ``fit`` returns
+        the best weights so far. The processes end with ``fit``; when the calling
+        process is killed, they remove the shared copy of the data and exit (when
+        every process is killed at once, the next data-parallel ``fit`` removes it).
+        The fitted estimator is an ordinary one, which predicts in one process.
     sync_batch_norm : bool, default=False
         With ``devices``, whether batch norms normalize each batch with the statistics
         of the global batch (two collectives per batch norm and step: epochs three
@@ -218,13 +224,16 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         training (no dropout or stochastic depth: each process draws its own), and
         every epoch's last batch needs neither padding nor joining: the number of
         training images modulo ``batch_size`` is 0, or a multiple of ``n`` larger
-        than ``n``.
+        than ``n`` (larger than 0 when no trained batch norm sees a single value per
+        channel of an image). Class weights are normalized over the global batch, as
+        in one process.
     collective_timeout : float, default=300.0
         With ``devices``, seconds a process waits for the others in one collective
         (averaging gradients, gathering features, summing metrics) before it fails;
-        ``fit`` then raises an error that names the process and the step. Used when
-        skdeep starts the process group (always with spawned processes; under
-        ``torchrun``, unless the script made the group itself).
+        ``fit`` then raises an error that names the process and the step. Applies to
+        the process group skdeep starts: always with spawned processes; under
+        ``torchrun``, the group made by the first data-parallel ``fit`` of the script
+        (or by the script itself) keeps its own timeout.
 
     Attributes
     ----------
@@ -372,10 +381,16 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         The data plan of the ranks is made here first, so that a fit it refuses (too few
         rows for the processes) fails before any process starts.
         """
+        self._forget_training()  # a fit that fails leaves the estimator unfitted
         world_size = len(processes) if isinstance(processes, list) else int(processes)
         self._check_data_plan(codes, world_size)
+        payload = copy.deepcopy(self)  # a RandomState is copied as it stands
+        if isinstance(self.random_state, np.random.RandomState):
+            # The ranks draw from copies; the caller's generator moves on as one
+            # process's fit moves it, so that the next fit with it differs.
+            self._torch_seed()
         fitted = _distributed.spawn_fit(
-            copy.deepcopy(self), _fit_in_rank, arguments, processes, self.collective_timeout
+            payload, _fit_in_rank, arguments, processes, self.collective_timeout
         )
         parameters = self.get_params(deep=False)
         for key, value in vars(fitted).items():
@@ -392,30 +407,47 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         n_labeled = int((codes >= 0).sum())
         n_train = n_labeled - self._validation_count(n_labeled)
         if self.warm_start and hasattr(self, "model_"):
-            model, head_name = self.model_, self.head_name_
+            model, head_name, preprocessing = self.model_, self.head_name_, self.preprocessing_
         else:
             with fork_rng(torch.device("cpu"), 0):  # leave the caller's generator alone
-                model, head_name, _ = self._build_network()
+                model, head_name, preprocessing = self._build_network()
         frozen = self._frozen_module_names(model, head_name)
-        self._data_plan(n_train, model, frozen, seed=0, world_size=world_size, rank=0)
+        device = next(model.parameters()).device
+        self._data_plan(n_train, model, frozen, 0, preprocessing.crop_size, device, world_size)
 
     def _separate_domain_passes(self) -> bool:
         """Whether a step runs source and target images through the network apart."""
         return False
 
-    def _data_plan(self, n_train, model, frozen, seed, world_size=1, rank=0) -> DataPlan:
-        """Which rows each rank trains at each step (see :mod:`skdeep._data_plan`)."""
+    def _data_plan(
+        self, n_train, model, frozen, seed, size, device, world_size=1, rank=0
+    ) -> DataPlan:
+        """Which rows each rank trains at each step (see :mod:`skdeep._data_plan`).
+
+        Parts hold two images or more where a trained batch norm would see a single
+        value per channel for one image of ``size`` px (found with one forward pass).
+        """
         frozen_modules = [model.get_submodule(name) for name in frozen]
-        trains_batch_norm = bool(training_batch_norms(model, frozen_modules))
+        norms = training_batch_norms(model, frozen_modules)
+        single = single_values_per_channel(model, norms, size, device) if norms else []
+        rows = "training image(s)"
+        if self.early_stopping:
+            rows += (
+                f" (once early_stopping held out validation_fraction={self.validation_fraction})"
+            )
         return DataPlan(
             n_train,
             self.batch_size,
             world_size,
             rank,
             seed,
-            min_part=MIN_PART_WITH_BATCH_NORM if trains_batch_norm else 1,
+            min_part=MIN_PART_WITH_BATCH_NORM if single else 1,
             devices=self.devices,
             domains_apart=self._separate_domain_passes(),
+            why=f"the batch norm {single[0]!r} sees one value per channel per image"
+            if single
+            else "",
+            rows=rows,
         )
 
     def _join_ranks(self):
@@ -459,28 +491,41 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 
     # --- training, step by step -----------------------------------------------------------
 
-    def _train(self, source, codes: np.ndarray, make_objective: Callable | None = None) -> None:
+    def _train(
+        self,
+        source,
+        codes: np.ndarray,
+        make_objective: Callable | None = None,
+        targets: tuple = (),
+    ) -> None:
         """Build (or reuse) the network and train it on the labeled ``codes``.
 
         ``make_objective(criterion, rng, plan)`` returns the training objective
         (default: :class:`~skdeep._objectives.Supervised`); domain adaptation passes
-        its own.
+        its own, and its target images and rows as ``targets`` (for the check that
+        every rank was given the same inputs).
         """
         self._forget_training()
         context = self._context = self._join_ranks()
         model = None
         try:
-            seed = agree_seed(self._torch_seed(), context)
+            with _distributed.watch_collectives(context, "the start of fit"):
+                if context is not None:
+                    inputs = "X and y" + (" and the target images" if targets else "")
+                    context.check_same_inputs(inputs_summary(source, codes, *targets), inputs)
+                seed = agree_seed(self._torch_seed(), context)
             rng = np.random.default_rng(seed)
             train_rows, valid_rows = self._split_validation(np.flatnonzero(codes >= 0), codes, rng)
             model = self._prepare_network(seed)
             frozen = self._freeze(model)
             ranks = (1, 0) if context is None else (context.world_size, context.rank)
-            plan = self._data_plan(len(train_rows), model, frozen, seed, *ranks)
+            size = self.preprocessing_.crop_size
+            plan = self._data_plan(len(train_rows), model, frozen, seed, size, self.device_, *ranks)
             with fork_rng(self.device_, rank_seed(seed, plan.rank)):  # dropout: per rank
                 criterion = self._loss_function(codes[train_rows])
                 objective = (make_objective or _supervised)(criterion, rng, plan)
-                forward_model = self._distribute(model, objective)
+                with _distributed.watch_collectives(context, "the start of training"):
+                    forward_model = self._distribute(model, objective)
                 trainer = self._trainer(model, frozen, plan, objective.parameters(), forward_model)
                 augmentations = parse_augment(self.augment)
                 generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -496,7 +541,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                         else None
                     ),
                 )
-                self._recalibrate(model, trainer, objective, source, train_rows, plan, result)
+                with _distributed.watch_collectives(context, "the batch-norm recalibration"):
+                    self._recalibrate(model, trainer, objective, source, train_rows, plan, result)
         finally:
             self._leave_ranks(model)
         self._record_training(frozen, result)
@@ -542,7 +588,6 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             objective.calibration_batches(batches),
             self.device_,
             self.precision_,
-            plan.world_size,
         )
 
     def _record_training(self, frozen: list[str], result) -> None:
@@ -850,6 +895,27 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.non_deterministic = False
         return tags
+
+
+def inputs_summary(source, codes: np.ndarray, target=None, target_rows=None) -> list[int]:
+    """Return a few integers that differ when two processes were given other inputs.
+
+    The numbers of images and labeled rows, and a digest of the labels and of 16 evenly
+    spaced images (and target images): hashing every image of a large set would cost
+    as much as reading it, while a rank given its own shard differs in all of these.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.ascontiguousarray(codes).tobytes())
+    counts = [len(source), int((codes >= 0).sum())]
+    for images, rows in ((source, None), (target, target_rows)):
+        if images is None:
+            continue
+        sample = np.unique(np.linspace(0, len(images) - 1, 16).astype(int)) if len(images) else []
+        digest.update(images.sample_digest(sample))
+        if rows is not None:
+            digest.update(np.ascontiguousarray(rows).tobytes())
+            counts.append(len(rows))
+    return [*counts, int.from_bytes(digest.digest(), "little", signed=True)]
 
 
 def _supervised(criterion: nn.Module, rng, plan) -> Supervised:

@@ -192,19 +192,27 @@ def test_epochs_and_seeds_shuffle_differently():
 
 
 @pytest.mark.parametrize(
-    "n_rows, batch_size, world, message",
+    "n_rows, batch_size, devices, message",
     [
-        (2, 8, 2, r"2 training image\(s\) with batch_size=8 and devices=2 .* at least 3 images"),
-        (1, 8, 1, r"1 training image\(s\) with batch_size=8 and devices=1 .* at least 2 images"),
-        (100, 2, 2, r"batch_size=2 and devices=2 .*use batch_size=4 or more"),
+        (2, 8, 2, r"2 training image\(s\) with batch_size=8 and devices=2 give each process "
+         r"1 image\(s\) at a step, but it needs at least 2 \(why\): train on at least 3 "
+         r"images, use fewer processes, or freeze"),
+        (1, 8, None, r"1 training image\(s\) with batch_size=8 give the network 1 image\(s\) "
+         r"at a step, but it needs at least 2 \(why\): train on at least 2 images, or freeze"),
+        (100, 2, 2, r"batch_size=2 and devices=2 give each process 1 image\(s\) of a batch, "
+         r"but it needs at least 2 \(why\): use batch_size=4 or more"),
         (10, 7, 2, r"batch_size=7 must be a multiple of the 2 processes of devices=2"),
-        (0, 8, 1, r"no training rows"),
+        (0, 8, None, r"no training image\(s\)"),
     ],
-)
-def test_refusals_name_batch_size_devices_and_the_rows(n_rows, batch_size, world, message):
-    """What cannot be cut is refused with the settings to change."""
+)  # fmt: skip
+def test_refusals_name_batch_size_devices_and_the_rows(n_rows, batch_size, devices, message):
+    """What cannot be cut is refused with the settings to change, and why."""
+    world = devices or 1
     with pytest.raises(ValueError, match=message):
-        DataPlan(n_rows, batch_size, world, min_part=MIN_PART_WITH_BATCH_NORM)
+        DataPlan(
+            n_rows, batch_size, world, min_part=MIN_PART_WITH_BATCH_NORM, devices=devices,
+            why="why",
+        )  # fmt: skip
 
 
 def test_domains_apart_need_one_rank():

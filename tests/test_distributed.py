@@ -16,12 +16,15 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
@@ -107,6 +110,37 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batch():
     assert type(together.model_.features[1]) is nn.BatchNorm2d
     assert not torch.distributed.is_initialized()
     np.testing.assert_allclose(together.predict_proba(X), alone.predict_proba(X), atol=1e-5)
+
+
+class UntrackedNet(UnbiasedNet):
+    """UnbiasedNet whose first batch norm keeps no running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.features[1] = nn.BatchNorm2d(8, track_running_stats=False)
+
+
+def test_class_weights_untracked_norms_and_a_random_state_instance_stay_one_process_exact():
+    """Class weights, an untracked batch norm, a RandomState: still the steps of one.
+
+    Imbalanced classes with class_weight="balanced", a batch norm without running
+    statistics, random_state=RandomState(0): two processes take the steps of one, and
+    the caller's generator moves on as one process's fit moves it.
+    """
+    X, y = separable_images(n_per_class=20, size=24)
+    keep = [*np.flatnonzero(y == "horizontal")[:8], *np.flatnonzero(y == "vertical")]
+    X, y = X[sorted(keep)], y[sorted(keep)]  # 28 rows, 8 and 20; 28 % 8 = 4, split evenly
+    generators = [np.random.RandomState(0), np.random.RandomState(0)]
+    fits = []
+    for devices, generator in zip([None, 2], generators, strict=True):
+        torch.manual_seed(0)
+        params = training(
+            backbone=UntrackedNet(), class_weight="balanced", early_stopping=False,
+            max_epochs=2, random_state=generator, devices=devices,
+        )  # fmt: skip
+        fits.append(FineTuneClassifier(**params).fit(X, y))
+    assert_same_fit(*fits)
+    assert generators[0].randint(1000) == generators[1].randint(1000)
 
 
 def test_unsynchronized_batch_norms_normalize_each_part_alone():
@@ -208,6 +242,12 @@ def test_the_fitted_estimator_pickles_clones_and_grid_searches():
     restored = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(restored.predict(X), clf.predict(X))
     assert clone(clf).get_params()["devices"] == 2 and not hasattr(clone(clf), "model_")
+    # A refit that fails leaves the estimator unfitted, not fitted with the old network.
+    clf.set_params(early_stopping=True, validation_fraction=0.95)
+    with pytest.raises(ValueError, match=r"validation_fraction=0.95 leaves"):
+        clf.fit(X, np.where(y == "horizontal", "cat", "dog"))
+    with pytest.raises(NotFittedError):
+        clf.predict(X)
 
 
 @pytest.mark.parametrize(
@@ -265,15 +305,30 @@ from tests.test_distributed import RecordingNet, numbered_images
 
 if __name__ == "__main__":
     X, y = numbered_images(24)
-    recalibrate = sys.argv[2] == "recalibrate"
+    mode = sys.argv[2]
+    rank = int(__import__("os").environ["RANK"])
+    if mode == "shards":  # the habit of other data-parallel code: each rank its own rows
+        X, y = X[12 * rank : 12 * (rank + 1)], y[12 * rank : 12 * (rank + 1)]
     params = tiny_training(
-        device="cpu", devices=2, max_epochs=2, recalibrate_bn=recalibrate, random_state=None,
-        backbone=RecordingNet(sys.argv[1]),
+        device="cpu", devices=2, max_epochs=2, recalibrate_bn=mode == "recalibrate",
+        random_state=None, backbone=RecordingNet(sys.argv[1]),
     )
     clf = FineTuneClassifier(**params).fit(X, y)
-    rank = torch.distributed.get_rank()
     np.save(sys.argv[1] + f"/rank{rank}.npy", clf.predict_proba(X))
 """
+
+
+def run_torchrun(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    """Run TORCHRUN_SCRIPT under torchrun with two CPU processes."""
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script), str(tmp_path), mode,
+    ]  # fmt: skip
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("recalibration", ["recalibrate", "none"])
@@ -284,15 +339,7 @@ def test_torchrun_ranks_join_its_group_agree_on_a_seed_and_end_alike(tmp_path, r
     not drawn twice. Batch norms are not synchronized (the default): the ranks' running
     statistics come from a recalibration over the global batches, or are rank 0's.
     """
-    script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(script), str(tmp_path), recalibration,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    result = run_torchrun(tmp_path, recalibration)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(first, second)
@@ -301,6 +348,14 @@ def test_torchrun_ranks_join_its_group_agree_on_a_seed_and_end_alike(tmp_path, r
     for epoch in trained:  # 24 rows, batch 8: three steps of 4 images on each rank
         assert not set(epoch[0]) & set(epoch[1])
         assert sorted(epoch[0] + epoch[1]) == list(range(24))
+
+
+def test_torchrun_ranks_given_their_own_shards_are_refused(tmp_path):
+    """Each rank passing its own half of the data would train half of it: refused, named."""
+    result = run_torchrun(tmp_path, "shards")
+    assert result.returncode != 0
+    assert "every process must pass fit the same X and y" in result.stderr
+    assert not (tmp_path / "rank0.txt").exists()  # refused before any training step
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,13 +457,29 @@ def test_two_ranks_train_every_row_once_per_epoch_when_rows_are_fewer_than_a_bat
     assert draws[0] != draws[1]  # each rank its own dropout
 
 
-def test_one_process_trains_a_last_image_alone_with_the_batch_before(tmp_path):
-    """9 images, batch 8, batch norms training: one step of 9, not 8 and one dropped."""
+class RecordingPooledNet(RecordingNet):
+    """RecordingNet with a batch norm after global pooling, as PooledNormNet."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(16))
+
+
+@pytest.mark.parametrize("pooled_norm", [True, False])
+def test_one_process_trains_a_last_image_too(tmp_path, pooled_norm):
+    """9 images, batch 8: a batch norm that cannot train on one image gets one step of 9.
+
+    Batch norms over maps train on one image: then 8 and 1. No image is dropped.
+    """
     X, y = numbered_images(9)
-    params = tiny_training(device="cpu", max_epochs=2, backbone=RecordingNet(tmp_path))
-    FineTuneClassifier(**params).fit(X, y)
+    net = RecordingPooledNet(tmp_path) if pooled_norm else RecordingNet(tmp_path)
+    FineTuneClassifier(**tiny_training(device="cpu", max_epochs=2, backbone=net)).fit(X, y)
     batches = [rows for rows, _ in read_records(tmp_path, 0)]
-    assert [sorted(rows) for rows in batches] == [list(range(9))] * 2
+    sizes = [9] if pooled_norm else [8, 1]
+    assert [len(rows) for rows in batches] == sizes * 2
+    n = len(sizes)
+    epochs = [[row for rows in batches[e * n : (e + 1) * n] for row in rows] for e in range(2)]
+    assert [sorted(rows) for rows in epochs] == [list(range(9))] * 2
 
 
 class PooledNormNet(TinyNet):
@@ -440,12 +511,20 @@ def test_too_few_rows_for_the_processes_are_refused_before_any_process_starts(mo
 
     monkeypatch.setattr(_distributed, "spawn_fit", no_spawn)
     X, y = separable_images(n_per_class=1, size=24)
-    clf = FineTuneClassifier(**tiny_training(device="cpu", devices=2))
-    with pytest.raises(ValueError, match=r"2 training image\(s\) with batch_size=8 and devices=2"):
+    clf = FineTuneClassifier(**tiny_training(device="cpu", devices=2, backbone=PooledNormNet()))
+    with pytest.raises(
+        ValueError,
+        match=r"2 training image\(s\) with batch_size=8 and devices=2 give each process 1 "
+        r"image\(s\) at a step, but it needs at least 2 \(the batch norm 'pool.2' sees one "
+        r"value per channel per image\)",
+    ):
         clf.fit(X, y)
-    frozen = FineTuneClassifier(**tiny_training(device="cpu", devices=2, freeze="backbone"))
-    with pytest.raises(AssertionError, match="a process was started"):
-        frozen.fit(X, y)  # no batch norm trains: parts of one image are fine
+    for fine in (
+        dict(backbone=PooledNormNet(), freeze="backbone"),  # no batch norm trains
+        dict(backbone=TinyNet()),  # batch norms over maps train on one image
+    ):
+        with pytest.raises(AssertionError, match="a process was started"):
+            FineTuneClassifier(**tiny_training(device="cpu", devices=2, **fine)).fit(X, y)
 
 
 @contextlib.contextmanager
@@ -509,27 +588,45 @@ def test_the_domain_classifier_is_one_on_every_rank(tmp_path):
 
 
 class HangingNet(TinyNet):
-    """TinyNet whose rank 1 stops for a minute on its second training batch."""
+    """TinyNet whose rank 1 stops for a minute, at a training step or in recalibration.
+
+    On its second training batch, or in the batch-norm recalibration pass
+    (``when="recalibration"``).
+    """
 
     batches = 0
 
+    def __init__(self, when: str = "step"):
+        super().__init__()
+        self.when = when
+
     def forward(self, x):
-        """Sleep on rank 1's second batch."""
-        if self.training and torch.distributed.is_initialized():
-            HangingNet.batches += 1
-            if torch.distributed.get_rank() == 1 and HangingNet.batches == 2:
+        """Sleep on rank 1's second batch, or in its recalibration pass."""
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            if self.when == "step" and self.training:
+                HangingNet.batches += 1
+                if HangingNet.batches == 2:
+                    time.sleep(60)
+            recalibrating = not self.training and not torch.is_inference_mode_enabled()
+            if self.when == "recalibration" and recalibrating:
                 time.sleep(60)
         return super().forward(x)
 
 
-def test_a_collective_that_does_not_arrive_fails_with_the_rank_and_the_step():
-    """collective_timeout=3: rank 0 waits 3 s for rank 1 at step 2, then fit fails, naming both."""
+@pytest.mark.parametrize(
+    "when, where",
+    [("step", "epoch 1, step 2"), ("recalibration", "the batch-norm recalibration")],
+)
+def test_a_collective_that_does_not_arrive_fails_with_the_rank_and_the_step(when, where):
+    """collective_timeout=3: rank 0 waits 3 s for rank 1, then fit fails, naming both."""
     X, y = separable_images(n_per_class=8, size=24)
-    params = tiny_training(device="cpu", devices=2, backbone=HangingNet(), collective_timeout=3)
+    params = tiny_training(
+        device="cpu", devices=2, backbone=HangingNet(when), collective_timeout=3, max_epochs=1
+    )
     start = time.monotonic()
     with pytest.raises(
         RuntimeError,
-        match=r"rank 0 of 2: a collective at epoch 1, step 2 did not complete within "
+        match=rf"rank 0 of 2: a collective at {where} did not complete within "
         r"collective_timeout=3 s",
     ):
         FineTuneClassifier(**params).fit(X, y)
@@ -551,15 +648,19 @@ class PidNet(SlowNet):
 
 
 KILLED_PARENT_SCRIPT = """
+import signal
 import sys
 from skdeep import FineTuneClassifier
 from tests.conftest import separable_images, tiny_training
 from tests.test_distributed import PidNet
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     X, y = separable_images(n_per_class=8, size=24)
-    params = tiny_training(device="cpu", devices=2, max_epochs=1000, backbone=PidNet(sys.argv[1]))
-    FineTuneClassifier(**params).fit(X, y)
+    epochs = int(sys.argv[2])
+    params = tiny_training(device="cpu", devices=2, max_epochs=epochs, backbone=PidNet(sys.argv[1]))
+    clf = FineTuneClassifier(**params).fit(X, y)
+    print("fitted after", len(clf.history_), "epochs of", epochs, flush=True)
 """
 
 
@@ -572,17 +673,22 @@ def is_running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
-def test_ranks_end_and_remove_the_shared_data_when_the_caller_is_killed(tmp_path, signal_number):
-    """The calling process killed mid-fit: its ranks exit, and the temporary folder goes."""
+@contextlib.contextmanager
+def fit_in_a_process_group(tmp_path, max_epochs=1000):
+    """Run KILLED_PARENT_SCRIPT in a session of its own; yield it once both ranks train.
+
+    Yields the caller's Popen, the ranks' process ids and the temporary folder.
+    """
     script, pids, temporary = tmp_path / "fit.py", tmp_path / "pids", tmp_path / "tmp"
     script.write_text(KILLED_PARENT_SCRIPT)
     pids.mkdir()
     temporary.mkdir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(temporary)}
-    parent = subprocess.Popen([sys.executable, str(script), str(pids)], env=environment)
+    command = [sys.executable, str(script), str(pids), str(max_epochs)]
+    parent = subprocess.Popen(
+        command, env=environment, start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline_at = time.monotonic() + 120
         while len(os.listdir(pids)) < 2 and time.monotonic() < deadline_at:
@@ -590,13 +696,83 @@ def test_ranks_end_and_remove_the_shared_data_when_the_caller_is_killed(tmp_path
         ranks = [int(name) for name in os.listdir(pids)]
         assert len(ranks) == 2, "the ranks did not start training"
         assert glob.glob(str(temporary / "skdeep-ranks-*"))
-        parent.send_signal(signal_number)
+        yield parent, ranks, temporary
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    "signal_number, whole_group",
+    [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+)
+def test_ranks_end_and_remove_the_shared_data_when_the_caller_is_killed(
+    tmp_path, signal_number, whole_group
+):
+    """The caller killed mid-fit (alone, or with its ranks): no rank, no data copy left."""
+    with fit_in_a_process_group(tmp_path) as (parent, ranks, temporary):
+        if whole_group:
+            os.killpg(parent.pid, signal_number)
+        else:
+            parent.send_signal(signal_number)
         parent.wait(timeout=30)
         deadline_at = time.monotonic() + 30
         while any(map(is_running, ranks)) and time.monotonic() < deadline_at:
             time.sleep(0.2)
         assert not any(map(is_running, ranks))
+        assert not glob.glob(str(temporary / "skdeep-ranks-*" / "*.npy"))  # no copy of X
+        if whole_group:  # the rest of the folder goes at the next data-parallel fit
+            from skdeep import _distributed
+
+            with patch.object(tempfile, "tempdir", str(temporary)):
+                _distributed._remove_abandoned_folders()
         assert not glob.glob(str(temporary / "skdeep-ranks-*"))
-    finally:
-        parent.kill()
-        parent.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_ends_training_at_one_step_and_fit_returns_as_in_one_process(tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C): fit returns, with a warning."""
+    with fit_in_a_process_group(tmp_path) as (parent, ranks, temporary):
+        time.sleep(1)
+        os.killpg(parent.pid, signal.SIGINT)
+        out, _ = parent.communicate(timeout=60)
+        assert parent.returncode == 0
+        assert "fitted after" in out and "epochs of 1000" in out
+        assert not any(map(is_running, ranks))
+        assert not glob.glob(str(temporary / "skdeep-ranks-*"))
+
+
+def test_a_later_fit_removes_only_folders_whose_owner_is_gone(tmp_path, monkeypatch):
+    """Owned folders (their lock held) stay; abandoned ones go; lock-less ones are left."""
+    from skdeep import _distributed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    owned, abandoned, unlocked = (
+        tmp_path / f"skdeep-ranks-{name}" for name in ("1-owned", "2-abandoned", "3-new")
+    )
+    for folder in (owned, abandoned, unlocked):
+        folder.mkdir()
+    (abandoned / "owner.lock").touch()
+    with _distributed._ownership(str(owned)):
+        _distributed._remove_abandoned_folders()
+        assert owned.exists() and unlocked.exists() and not abandoned.exists()
+    _distributed._remove_abandoned_folders()  # its owner is gone now
+    assert not owned.exists()
+
+
+def test_batch_size_one_trains_unless_a_batch_norm_sees_one_value_per_channel():
+    """batch_size=1 with batch norms over maps trains; after global pooling, refused."""
+    X, y = separable_images(n_per_class=3, size=24)
+    clf = FineTuneClassifier(**tiny_training(device="cpu", batch_size=1, max_epochs=1))
+    assert clf.fit(X, y).history_[0]["train_loss"] > 0
+    pooled = FineTuneClassifier(
+        **tiny_training(device="cpu", batch_size=1, max_epochs=1, backbone=PooledNormNet())
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size=1 give the network 1 image\(s\) of a batch, but it needs at least 2 "
+        r"\(the batch norm 'pool.2' sees one value per channel per image\): use batch_size=2",
+    ):
+        pooled.fit(X, y)

@@ -130,7 +130,7 @@ def test_batch_norm_recalibration_uses_exact_statistics():
     """Batch norm recalibration uses exact statistics."""
     model = small_model()
     data = torch.randn(64, 4) * 3 + 1
-    recalibrate_batch_norm(model, [], [data[:32], data[32:], data[:1]], CPU, torch.float32)
+    recalibrate_batch_norm(model, [], [data[:32], data[32:]], CPU, torch.float32)
     hidden = model[0](data)
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0), atol=1e-5, rtol=1e-5)
     assert model[1].momentum == 0.1 and not model.training
