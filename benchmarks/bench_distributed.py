@@ -116,6 +116,10 @@ def main() -> None:
             devices=args.devices, sync_batch_norm=True
         ),
     }
+    # A machine with fewer GPUs than --devices: the one-process row alone, and a note.
+    too_few_gpus = device.type == "cuda" and torch.cuda.device_count() < args.devices
+    if too_few_gpus:
+        runs = {"1 process": {}}
     accuracy, epoch_seconds, fit_seconds = {}, {}, {}
     for seed in seeds:
         for name, params in runs.items():
@@ -131,7 +135,7 @@ def main() -> None:
             accuracy.setdefault(name, {})[seed] = 100 * clf.score(X_test, y_test)
             print(name, seed, accuracy[name][seed], epoch_seconds[name][seed], flush=True)
     torchrun = TORCHRUN_ROW.format(n=args.devices)
-    for run in range(len(seeds)):  # keys that pair with no seed: no paired difference
+    for run in range(0 if too_few_gpus else len(seeds)):  # unpaired keys: no difference
         figures = fit_under_torchrun(args, run)
         key = f"run {run}"
         accuracy.setdefault(torchrun, {})[key] = figures["accuracy"]
@@ -179,6 +183,11 @@ def main() -> None:
             else ""
         )
     )
+    if too_few_gpus:
+        report.note(
+            f"This machine has {torch.cuda.device_count()} GPU(s), fewer than --devices "
+            f"{args.devices}: no data-parallel row, only one process on one GPU."
+        )
     report.write()
 
 

@@ -343,6 +343,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one epoch, for a smoke run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the speed table")
     parser.add_argument(
         "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="tables to run"
     )
@@ -356,7 +357,7 @@ def main() -> None:
         if args.quick:
             speed_table(report, device, args.image_size, epochs=1, seeds=[0])
         else:
-            speed_table(report, device, args.image_size, epochs=2, seeds=[0, 1, 2])
+            speed_table(report, device, args.image_size, epochs=2, seeds=list(range(args.seeds)))
     report.write()
 
 

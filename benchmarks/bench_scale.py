@@ -1,7 +1,10 @@
 """Scaling out: one process against a Dask cluster and the command line, memory, cache.
 
-Run:  .venv/bin/python benchmarks/bench_scale.py [--quick] [--data DIR]
-(``make bench`` runs it; it writes results/scale.md. Needs ``skdeep[dask]``.)
+Run:  .venv/bin/python benchmarks/bench_scale.py [--quick] [--data DIR] [--device cuda]
+(``make bench`` runs it; it writes results/scale.md. Needs ``skdeep[dask]``. With
+``--device cuda``, only table 1 at 224 px: (a) on one GPU, (b) and (c) with one worker
+per GPU of the machine, ``local_cluster(gpus=...)`` and ``--device cuda --workers N``;
+it writes results/scale_cuda.md.)
 
 Images are files on disk: Fashion-MNIST digits of clothing (Debian's
 ``dataset-fashion-mnist``; MNIST 5k when it is missing) written as 28x28 PNG files
@@ -137,14 +140,15 @@ def on_cluster(client, paths, image_size, out: Path) -> tuple[float, float, floa
     return seconds, at_rest, memory.peak_mib()
 
 
-def command_line(folder: Path, image_size, workers: int, out: Path) -> float:
+def command_line(folder: Path, image_size, workers: int, out: Path, device="cpu") -> float:
     """Time (c), end to end; return seconds."""
     shutil.rmtree(out, ignore_errors=True)
     size = [] if image_size is None else ["--image-size", str(image_size)]
     command = [
         sys.executable, "-m", "skdeep", "extract", str(folder), "--out", str(out),
         "--backbone", "mobilenet_v2", "--weights", "none", "--random-state", "0",
-        "--precision", "float32", "--workers", str(workers), "--quiet", *size,
+        "--precision", "float32", "--workers", str(workers), "--device", device, "--quiet",
+        *size,
     ]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -153,23 +157,28 @@ def command_line(folder: Path, image_size, workers: int, out: Path) -> float:
     return seconds
 
 
-def throughput_rows(client, workers, data: Path, work: Path, sizes):
+def throughput_rows(client, workers, data: Path, work: Path, sizes, device="cpu"):
     """Images per second of (a), (b) and (c) for each input size.
 
     Returns the table's rows, and (label, images, seconds of (a), seconds of (c)) of
     each size for :func:`fixed_cost_rows`.
     """
     rows, timings = [], []
+    cluster = (
+        f"(b) local_cluster(gpus=...), {workers} worker(s), one GPU each"
+        if device == "cuda"
+        else f"(b) LocalCluster, {workers} workers x 1 thread"
+    )
     for label, image_size, n, large in sizes:
         folder = data / ("jpeg256" if large else "png28") / str(n)
         paths = write_files(folder, n, large)
         a = in_process(paths, image_size)[0]
         b = on_cluster(client, paths, image_size, work / "b.zarr")[0]
-        c = command_line(folder, image_size, workers, work / "c.zarr")
+        c = command_line(folder, image_size, workers, work / "c.zarr", device)
         for method, seconds in [
-            ("(a) transform, one process", a),
-            (f"(b) LocalCluster, {workers} workers x 1 thread", b),
-            (f"(c) CLI --workers {workers} (end to end)", c),
+            ("(a) transform, one process" + (", one GPU" if device == "cuda" else ""), a),
+            (cluster, b),
+            (f"(c) CLI --workers {workers} --device {device} (end to end)", c),
         ]:
             rows.append([label, n, method, n / seconds, f"{a / seconds:.2f}"])
         timings.append((label, n, a, c))
@@ -239,7 +248,11 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="folder for the image files (kept)")
     parser.add_argument("--large-images", type=int, default=20_000, help="files at 224 px")
     parser.add_argument("--small-images", type=int, default=100_000, help="files at 32 px")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    if args.device == "cuda":
+        gpu_throughput(args)
+        return
     workers = os.cpu_count() or 1
     device = torch.device("cpu")
     report = Report("scale" + ("_quick" if args.quick else ""), device, ("dask", "zarr"))
@@ -288,6 +301,36 @@ def main() -> None:
         "cluster was started and warmed up before timing; (c) includes starting Python, "
         "the cluster and its workers. Memory of (a) includes the decoded batch and "
         "the network; workers of (b) hold one partition (1,024 images) at a time."
+    )
+    if args.data is None:
+        shutil.rmtree(data, ignore_errors=True)
+    report.write()
+
+
+def gpu_throughput(args) -> None:
+    """Table 1 at 224 px on a GPU machine: one process on one GPU, one worker per GPU."""
+    gpus = list(range(torch.cuda.device_count()))
+    report = Report("scale" + ("_quick" if args.quick else ""), torch.device("cuda"), ("dask",))
+    data = Path(args.data or tempfile.mkdtemp(prefix="skdeep-bench-scale-"))
+    n = 512 if args.quick else min(args.large_images, 4000)
+    with tempfile.TemporaryDirectory() as work_dir:
+        cluster = skdeep_dask.local_cluster(gpus=gpus)  # what --device cuda --workers starts
+        with cluster, Client(cluster) as client:
+            placed = sorted(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values())
+            rows, _ = throughput_rows(
+                client, len(gpus), data, Path(work_dir),
+                [("224 px (JPEG 256x256)", None, n, True)], device="cuda",
+            )  # fmt: skip
+    report.table(
+        f"Throughput on {len(gpus)} GPU(s), image files -> feature rows, mobilenet_v2 "
+        f"float32 ({machine()})",
+        ["input", "images", "method", "images/s", "x (a)"],
+        rows,
+    )
+    report.note(
+        f"Workers' CUDA_VISIBLE_DEVICES: {placed}. Each worker decodes its own files on "
+        "one CPU thread; with one GPU, (b) and (c) show what one worker adds or costs "
+        "against the process itself."
     )
     if args.data is None:
         shutil.rmtree(data, ignore_errors=True)
