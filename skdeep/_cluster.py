@@ -72,12 +72,26 @@ def local_cluster(n_workers: int | None = None, gpus: list[int] | None = None, *
 def gpu_worker_specs(gpus: list[int], **nanny_options) -> dict:
     """Worker specifications of a Dask ``SpecCluster``: one single-threaded nanny per GPU.
 
-    Worker ``gpu-<index>`` sees that GPU alone, through ``CUDA_VISIBLE_DEVICES``.
+    Worker ``gpu-<index>`` sees that GPU alone, through ``CUDA_VISIBLE_DEVICES``. The
+    indices count the GPUs this process sees: when its own ``CUDA_VISIBLE_DEVICES``
+    narrows them (a job given GPUs 2 and 3), index 0 is the first of those, as in torch.
+
+    Raises
+    ------
+    ValueError
+        ``gpus`` does not list distinct indices of GPUs this process sees.
     """
     from distributed import Nanny
 
     if not gpus or len(set(gpus)) != len(gpus) or any(int(g) < 0 for g in gpus):
         raise ValueError(f"gpus must list distinct GPU indices (0 or more); got {gpus!r}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = [part.strip() for part in visible.split(",") if part.strip()] if visible else None
+    if shown is not None and max(gpus) >= len(shown):
+        raise ValueError(
+            f"gpus={gpus!r}: this process sees {len(shown)} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={visible!r}), so indices run from 0 to {len(shown) - 1}"
+        )
     return {
         f"gpu-{gpu}": {
             "cls": Nanny,
@@ -85,7 +99,10 @@ def gpu_worker_specs(gpus: list[int], **nanny_options) -> dict:
                 "nthreads": 1,
                 "host": "127.0.0.1",
                 **nanny_options,
-                "env": {**nanny_options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(gpu)},
+                "env": {
+                    **nanny_options.get("env", {}),
+                    "CUDA_VISIBLE_DEVICES": str(gpu) if shown is None else shown[gpu],
+                },
             },
         }
         for gpu in gpus

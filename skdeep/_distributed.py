@@ -124,8 +124,9 @@ class DistributedContext:
         if differ:
             raise ValueError(
                 f"every process must pass fit the same {what} (the processes share the rows "
-                f"out among themselves): rank {differ[0]}'s differ from rank 0's (rows: "
-                f"{[row[0] for row in rows]}); pass the whole data on every rank, not a shard"
+                f"out among themselves): rank {differ[0]}'s differ from rank 0's in their "
+                f"counts, labels or sampled images (rows per rank: {[row[0] for row in rows]}); "
+                "pass the whole data on every rank, in the same order, not a shard"
             )
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -398,9 +399,13 @@ def spawn_fit(
             wait_for_workers=False,
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
+        # The ranks take Ctrl-C as the caller does: as KeyboardInterrupt, or not at all
+        # (a caller that ignores it, or handles it itself).
+        interruptible = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        arguments = (world_size, store.port, gpus, payload, folder, os.getpid())
         context = mp.start_processes(
             _run_rank,
-            args=(world_size, store.port, gpus, payload, folder, os.getpid(), collective_timeout),
+            args=(*arguments, collective_timeout, interruptible),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -417,8 +422,12 @@ def spawn_fit(
                 _interrupt(context.processes)
                 _wait_for(context)
         except mp.ProcessRaisedException as exc:
+            if interrupted:  # Ctrl-C before training, or between its parts
+                raise KeyboardInterrupt from None
             raise _first_error(folder, exc) from None
         except mp.ProcessExitedException as exc:
+            if interrupted:
+                raise KeyboardInterrupt from None
             raise RuntimeError(
                 f"rank {exc.error_index} of {world_size} died (exit code {exc.exit_code}"
                 + (f", signal {exc.signal_name}" if exc.signal_name else "")
@@ -432,6 +441,8 @@ def spawn_fit(
             del store
         result = os.path.join(folder, "result.pkl")
         if not os.path.exists(result):  # a rank ended on Ctrl-C outside training
+            if interrupted:
+                raise KeyboardInterrupt
             raise _first_error(folder, RuntimeError("rank 0 ended without a fitted estimator"))
         with open(result, "rb") as file:
             fitted = pickle.load(file)
@@ -470,8 +481,11 @@ def _ownership(folder: str):
     if fcntl is None:  # no file locks here: folders are never swept
         yield
         return
-    with open(os.path.join(folder, _OWNER_FILE), "w") as lock:
+    # Locked under another name, then renamed: the lock file never exists unlocked.
+    making = os.path.join(folder, _OWNER_FILE + ".new")
+    with open(making, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(making, os.path.join(folder, _OWNER_FILE))
         yield
 
 
@@ -575,11 +589,17 @@ def _run_rank(
     folder: str,
     parent: int,
     collective_timeout: float,
+    interruptible: bool = True,
 ) -> None:
-    """Run one spawned rank: join the group, fit, and (rank 0) save the result."""
+    """Run one spawned rank: join the group, fit, and (rank 0) save the result.
+
+    ``interruptible``: whether Ctrl-C should reach the fit (as it does the caller's).
+    """
     global _active
 
     _exit_with_parent(parent, folder)
+    if not interruptible:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with open(payload, "rb") as file:
             estimator, fit, shared = pickle.load(file)

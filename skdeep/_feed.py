@@ -18,8 +18,10 @@ consumer stops early or fails, the thread stops and the loader's workers with it
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
@@ -28,6 +30,9 @@ import torch
 
 AHEAD = 2
 """Batches read ahead of the network (0 reads each batch when it is needed)."""
+
+# Seconds to wait for the reading thread to stop when the consumer failed.
+_STOP_WAIT = 5.0
 
 # Pinned buffers are kept for this many batch shapes at most (a last, smaller batch is
 # a shape of its own; beyond these, batches are copied from pageable memory).
@@ -91,17 +96,24 @@ class ReadAhead:
         self._thread = threading.Thread(target=self._read, name="skdeep-read-ahead", daemon=True)
 
     def __enter__(self) -> Iterator:
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # Ctrl-C while the thread starts: it stops at its next item
+            self._stop.set()
+            raise
         return self._consume()
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
-        while self._thread.is_alive():  # unblock a thread waiting to put
+        # Unblock a thread waiting to put. One stuck in a read (a stalled network
+        # file) cannot be stopped from here: on an error, wait for it a while only;
+        # it ends at its next item, and is a daemon meanwhile.
+        deadline = time.monotonic() + (_STOP_WAIT if exc_info[0] is not None else math.inf)
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 self._queue.get(timeout=0.05)
             except queue.Empty:
                 pass
-        self._thread.join()
 
     def _read(self) -> None:
         iterator = iter(self._items)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -70,8 +69,9 @@ class ImageSource:
     def sample_digest(self, indices: Sequence[int]) -> bytes:
         """Digest the images at ``indices`` alike on every machine that holds the same data.
 
-        Pixels of images held in memory; the path as given and the size of files (their
-        modification times and absolute paths differ between machines' copies).
+        Pixels of images held in memory; the name and the size of files (their folders,
+        modification times and the spelling of their paths differ between machines'
+        copies; their pixels are not read, so a same-sized file of other pixels passes).
         """
         digest = hashlib.blake2b(digest_size=16)
         for part in self._portable_fingerprints(indices):
@@ -164,10 +164,16 @@ class _PerImageDataset(torch.utils.data.Dataset):
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """Wrap ``array`` as a tensor sharing its memory (read-only arrays are fine)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(array))
+    """Wrap ``array`` as a tensor sharing its memory; read-only arrays are copied first.
+
+    torch warns about read-only memory, and silencing that with ``catch_warnings``
+    would change the process's warning filters from the reading thread, which is not
+    thread-safe; a batch's copy costs little next to the network.
+    """
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 # PIL modes of one channel deeper than 8 bits, and the value that means white. Pillow's
@@ -192,7 +198,14 @@ def decode_image(item, draft_size: int) -> tuple[np.ndarray, tuple[float, float]
             if image.mode not in _DEEP_GRAY_MODES and image.mode not in ("I", "F"):
                 image.draft("RGB", (draft_size, draft_size))
             return _pixels(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,  # when warning filters make it an error
+    ) as exc:
         raise ValueError(f"could not read the image file {str(item)!r}: {exc}") from exc
 
 
@@ -269,7 +282,7 @@ class ListSource(ImageSource):
         return [
             _item_digest(self.items[i], self.value_ranges[i])
             if isinstance(self.items[i], (np.ndarray, Image.Image))
-            else f"{self.items[i]}|{os.path.getsize(self.items[i])}".encode()
+            else f"{os.path.basename(self.items[i])}|{os.path.getsize(self.items[i])}".encode()
             for i in indices
         ]
 

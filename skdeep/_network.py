@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import _timm
+from ._compat import BatchNorm
 
 PENULTIMATE = "penultimate"
 """Layer name of the features the classifier head receives (its input)."""
@@ -163,35 +164,53 @@ def check_input_size(module: nn.Module, size: int, device: torch.device) -> None
 
 
 def single_values_per_channel(
-    module: nn.Module, norms: list[nn.Module], size: int, device: torch.device
+    module: nn.Module,
+    norms: list[nn.Module],
+    frozen: list[nn.Module],
+    size: int,
+    device: torch.device,
 ) -> list[str]:
-    """Name the ``norms`` that see one value per channel for one image of ``size`` px.
+    """Name the ``norms`` that see one value per channel of each image of ``size`` px.
 
-    A batch norm that trains needs two values per channel: a 2-D batch norm over
-    maps larger than 1x1 trains on one image, one after global pooling (1x1 maps, or
-    a 1-D batch norm over rows) does not. One forward pass of a blank image, in eval
-    mode, finds out which.
+    A batch norm that trains needs two values per channel: a 2-D batch norm over maps
+    larger than 1x1 trains on one image, one after global pooling (1x1 maps, or a 1-D
+    batch norm over rows) does not. One forward pass of two blank images in training
+    mode (``frozen`` modules in eval mode, as they train), which reaches layers that
+    run only while training (auxiliary heads), finds out; it changes no running
+    statistic.
     """
     wanted = {id(norm) for norm in norms}
     names = {id(m): name for name, m in module.named_modules() if id(m) in wanted}
     single: list[str] = []
 
     def note(norm, inputs, output):
-        shape = inputs[0].shape
-        if shape[0] and math.prod(shape[2:]) == 1:
+        if math.prod(inputs[0].shape[2:]) == 1:
             single.append(names[id(norm)])
 
+    every_norm = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.track_running_stats else None)
+             for m in every_norm]  # fmt: skip
     handles = [norm.register_forward_hook(note) for norm in norms]
     was_training = module.training
-    module.eval()
+    module.train()
+    for part in frozen:
+        part.eval()
     try:
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, size, size, device=device))
+        for norm in every_norm:
+            norm.momentum = 0.0  # running statistics stay as they are
+        # Dropout draws here must not move the caller's random generators.
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            module(torch.zeros(2, 3, size, size, device=device))
     finally:
+        for norm, (momentum, tracked) in zip(every_norm, saved, strict=True):
+            norm.momentum = momentum
+            if tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
         module.train(was_training)
         for handle in handles:
             handle.remove()
-    return single
+    return sorted(set(single), key=single.index)
 
 
 def _forward_error(module: nn.Module, size: int, device: torch.device) -> RuntimeError | None:

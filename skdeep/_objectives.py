@@ -107,6 +107,9 @@ class Supervised:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""
         return source_batches
 
+    def close(self) -> None:
+        """Release what the objective reads from (nothing here), once training ends."""
+
     def step(self, model: nn.Module, batch, progress: float) -> StepResult:
         """Loss of one batch in the training graph; ``progress`` runs from 0 to 1."""
         images, labels = batch
@@ -255,6 +258,12 @@ class DomainAlignment(Supervised):
         """Compare the features of every rank's rows: gather them, with gradients."""
         super().distribute(context)
         self.gather = context.gather
+
+    def close(self) -> None:
+        """Close the endless target batches (their reading thread ends with them)."""
+        close = getattr(self.target_batches, "close", None)
+        if close is not None:
+            close()
 
     def batches(self, source_batches: Iterable) -> Iterator:
         """Return the batches of one epoch, from the labeled ``(images, labels)`` batches."""

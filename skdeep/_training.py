@@ -268,9 +268,13 @@ class Trainer:
         try:
             with objective.attach(self.model, self._forward), self._agreed_interrupts():
                 for epoch in range(1, self.max_epochs + 1):
-                    batches = objective.batches(epoch_batches(epoch))
                     description = f"{self.name} epoch {epoch}/{self.max_epochs}"
-                    with progress_bar(n_samples, description, self._shows) as bar:
+                    with (
+                        progress_bar(n_samples, description, self._shows) as bar,
+                        contextlib.closing(objective.batches(epoch_batches(epoch))) as batches,
+                    ):
+                        # (closed even when a step fails: its reading thread ends then,
+                        # though the error's traceback may keep this frame alive)
                         record = self._train_epoch(objective, batches, epoch, bar)
                         if validate is not None:
                             with (
@@ -321,10 +325,15 @@ class Trainer:
         leave them waiting in a collective; instead SIGINT sets a flag, the ranks learn
         after each step whether any rank has it set, and all stop there (the loop then
         ends as one process does on Ctrl-C). Alone, or outside the main thread, Ctrl-C
-        raises at once, as usual.
+        raises at once, as usual; a process that ignores Ctrl-C, or handles it itself,
+        keeps doing so.
         """
         self._interrupt = threading.Event()
-        if self.context is None or threading.current_thread() is not threading.main_thread():
+        if (
+            self.context is None
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
             yield
             return
         previous = signal.signal(signal.SIGINT, lambda signum, frame: self._interrupt.set())

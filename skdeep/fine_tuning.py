@@ -226,7 +226,9 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         training images modulo ``batch_size`` is 0, or a multiple of ``n`` larger
         than ``n`` (larger than 0 when no trained batch norm sees a single value per
         channel of an image). Class weights are normalized over the global batch, as
-        in one process.
+        in one process. With ``early_stopping``, a batch norm that keeps no running
+        statistics normalizes each process's validation rows with their own
+        statistics, so validation then differs from one process's.
     collective_timeout : float, default=300.0
         With ``devices``, seconds a process waits for the others in one collective
         (averaging gradients, gathering features, summing metrics) before it fails;
@@ -357,6 +359,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self : FineTuneClassifier
             The fitted classifier.
         """
+        self._forget_training()  # until this fit ends, the estimator is not fitted
         source = self._image_source(X)
         y = check_labels(y, len(source))
         codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
@@ -381,7 +384,6 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         The data plan of the ranks is made here first, so that a fit it refuses (too few
         rows for the processes) fails before any process starts.
         """
-        self._forget_training()  # a fit that fails leaves the estimator unfitted
         world_size = len(processes) if isinstance(processes, list) else int(processes)
         self._check_data_plan(codes, world_size)
         payload = copy.deepcopy(self)  # a RandomState is copied as it stands
@@ -429,7 +431,9 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """
         frozen_modules = [model.get_submodule(name) for name in frozen]
         norms = training_batch_norms(model, frozen_modules)
-        single = single_values_per_channel(model, norms, size, device) if norms else []
+        single = (
+            single_values_per_channel(model, norms, frozen_modules, size, device) if norms else []
+        )
         rows = "training image(s)"
         if self.early_stopping:
             rows += (
@@ -507,7 +511,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         """
         self._forget_training()
         context = self._context = self._join_ranks()
-        model = None
+        model = objective = None
         try:
             with _distributed.watch_collectives(context, "the start of fit"):
                 if context is not None:
@@ -544,6 +548,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
                 with _distributed.watch_collectives(context, "the batch-norm recalibration"):
                     self._recalibrate(model, trainer, objective, source, train_rows, plan, result)
         finally:
+            if objective is not None:
+                objective.close()
             self._leave_ranks(model)
         self._record_training(frozen, result)
 
@@ -900,9 +906,11 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
 def inputs_summary(source, codes: np.ndarray, target=None, target_rows=None) -> list[int]:
     """Return a few integers that differ when two processes were given other inputs.
 
-    The numbers of images and labeled rows, and a digest of the labels and of 16 evenly
-    spaced images (and target images): hashing every image of a large set would cost
-    as much as reading it, while a rank given its own shard differs in all of these.
+    The numbers of images and labeled rows, and a digest of the labels and of 64 evenly
+    spaced images (and target images; files by name and size, see
+    :meth:`~skdeep._images.ImageSource.sample_digest`): hashing every image of a large
+    set would cost as much as reading it, while a rank given its own shard differs in
+    all of these. Other pixels between the sampled images go unseen.
     """
     digest = hashlib.blake2b(digest_size=8)
     digest.update(np.ascontiguousarray(codes).tobytes())
@@ -910,7 +918,7 @@ def inputs_summary(source, codes: np.ndarray, target=None, target_rows=None) -> 
     for images, rows in ((source, None), (target, target_rows)):
         if images is None:
             continue
-        sample = np.unique(np.linspace(0, len(images) - 1, 16).astype(int)) if len(images) else []
+        sample = np.unique(np.linspace(0, len(images) - 1, 64).astype(int)) if len(images) else []
         digest.update(images.sample_digest(sample))
         if rows is not None:
             digest.update(np.ascontiguousarray(rows).tobytes())

@@ -123,6 +123,22 @@ def test_gpu_workers_each_see_their_own_gpu():
         skdeep_dask.local_cluster(gpus=[1, 1])
 
 
+def test_gpu_indices_count_the_gpus_this_process_sees(monkeypatch):
+    """A job narrowed to GPUs 2 and 3: worker 0 gets GPU 2, worker 1 GPU 3."""
+    from skdeep._cluster import gpu_worker_specs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    specs = gpu_worker_specs([0, 1])
+    assert [spec["options"]["env"]["CUDA_VISIBLE_DEVICES"] for spec in specs.values()] == [
+        "2",
+        "3",
+    ]
+    with pytest.raises(ValueError, match=r"sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES='2,3'\)"):
+        gpu_worker_specs([0, 2])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_worker_specs([1])["gpu-1"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+
+
 def test_the_command_line_puts_each_worker_on_its_own_gpu(monkeypatch):
     """--device cuda --workers 2: GPUs 0 and 1; cuda:N or more workers than GPUs: refused."""
     import argparse

@@ -25,7 +25,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from torch import nn
 
 from skdeep import DomainAdaptedClassifier, FineTuneClassifier
@@ -185,7 +185,7 @@ class RaisingNet(TinyNet):
 
     def forward(self, x):
         """Raise on rank 1's second batch."""
-        if self.training and torch.distributed.is_initialized():
+        if self.training and torch.is_grad_enabled() and torch.distributed.is_initialized():
             RaisingNet.batches += 1
             if torch.distributed.get_rank() == 1 and RaisingNet.batches == 2:
                 raise ValueError("rank 1 could not go on")
@@ -199,7 +199,7 @@ class KilledNet(TinyNet):
 
     def forward(self, x):
         """Kill rank 1's process on its second batch."""
-        if self.training and torch.distributed.is_initialized():
+        if self.training and torch.is_grad_enabled() and torch.distributed.is_initialized():
             KilledNet.batches += 1
             if torch.distributed.get_rank() == 1 and KilledNet.batches == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -232,10 +232,11 @@ def test_a_killed_rank_fails_fit_clearly_instead_of_hanging():
 def test_the_fitted_estimator_pickles_clones_and_grid_searches():
     """GridSearchCV works; its refit pickles and predicts in one process; clone keeps devices."""
     X, y = separable_images(n_per_class=12, size=24)
+    one_split = PredefinedSplit(np.where(np.arange(len(y)) % 3 == 0, 0, -1))  # one fit
     search = GridSearchCV(
         FineTuneClassifier(**tiny_training(device="cpu", devices=2, max_epochs=1)),
         {"lr": [0.01]},
-        cv=2,
+        cv=one_split,
     ).fit(X, y)
     clf = search.best_estimator_
     assert clf.devices == 2 and 0 <= search.best_score_ <= 1
@@ -384,7 +385,7 @@ class RecordingNet(TinyNet):
 
     def forward(self, x):
         """Record the batch's image numbers and a random draw, then classify."""
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # not skdeep's no-grad probe
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             pixels = x[:, 0, 0, 0].float() * IMAGENET_STD[0] + IMAGENET_MEAN[0]
             numbers = torch.round(pixels * 255).int().tolist()
@@ -603,7 +604,7 @@ class HangingNet(TinyNet):
     def forward(self, x):
         """Sleep on rank 1's second batch, or in its recalibration pass."""
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
-            if self.when == "step" and self.training:
+            if self.when == "step" and self.training and torch.is_grad_enabled():
                 HangingNet.batches += 1
                 if HangingNet.batches == 2:
                     time.sleep(60)
@@ -642,7 +643,7 @@ class PidNet(SlowNet):
 
     def forward(self, x):
         """Say who trains, then train slowly."""
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             open(os.path.join(self.folder, str(os.getpid())), "w").close()
         return super().forward(x)
 
@@ -655,7 +656,8 @@ from tests.conftest import separable_images, tiny_training
 from tests.test_distributed import PidNet
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    ignore = len(sys.argv) > 3 and sys.argv[3] == "ignore"
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore else signal.default_int_handler)
     X, y = separable_images(n_per_class=8, size=24)
     epochs = int(sys.argv[2])
     params = tiny_training(device="cpu", devices=2, max_epochs=epochs, backbone=PidNet(sys.argv[1]))
@@ -674,7 +676,7 @@ def is_running(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def fit_in_a_process_group(tmp_path, max_epochs=1000):
+def fit_in_a_process_group(tmp_path, max_epochs=1000, sigint="default"):
     """Run KILLED_PARENT_SCRIPT in a session of its own; yield it once both ranks train.
 
     Yields the caller's Popen, the ranks' process ids and the temporary folder.
@@ -685,7 +687,7 @@ def fit_in_a_process_group(tmp_path, max_epochs=1000):
     temporary.mkdir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(temporary)}
-    command = [sys.executable, str(script), str(pids), str(max_epochs)]
+    command = [sys.executable, str(script), str(pids), str(max_epochs), sigint]
     parent = subprocess.Popen(
         command, env=environment, start_new_session=True, stdout=subprocess.PIPE, text=True
     )
@@ -744,6 +746,16 @@ def test_ctrl_c_ends_training_at_one_step_and_fit_returns_as_in_one_process(tmp_
         assert not glob.glob(str(temporary / "skdeep-ranks-*"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_caller_that_ignores_ctrl_c_trains_to_the_end(tmp_path):
+    """SIGINT ignored by the caller: its ranks ignore it too, and every epoch runs."""
+    with fit_in_a_process_group(tmp_path, max_epochs=12, sigint="ignore") as (parent, _, _):
+        time.sleep(1)
+        os.killpg(parent.pid, signal.SIGINT)
+        out, _ = parent.communicate(timeout=120)
+    assert parent.returncode == 0 and "fitted after 12 epochs of 12" in out
+
+
 def test_a_later_fit_removes_only_folders_whose_owner_is_gone(tmp_path, monkeypatch):
     """Owned folders (their lock held) stay; abandoned ones go; lock-less ones are left."""
     from skdeep import _distributed
@@ -760,6 +772,45 @@ def test_a_later_fit_removes_only_folders_whose_owner_is_gone(tmp_path, monkeypa
         assert owned.exists() and unlocked.exists() and not abandoned.exists()
     _distributed._remove_abandoned_folders()  # its owner is gone now
     assert not owned.exists()
+
+
+class AuxiliaryNet(TinyNet):
+    """TinyNet with an auxiliary head that runs only while training, as Inception's.
+
+    The head ends in a batch norm over 1x1 maps.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.auxiliary = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        """Classify; while training, run the auxiliary head too (its output unused)."""
+        maps = self.features(x)
+        if self.training:
+            self.auxiliary(maps)
+        return self.fc(self.pool(maps).flatten(1))
+
+
+class UntrackedPooledNet(TinyNet):
+    """TinyNet with a batch norm after global pooling that keeps no running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(16, track_running_stats=False)
+        )
+
+
+def test_the_batch_norm_probe_sees_training_only_layers_and_untracked_norms():
+    """An auxiliary head's batch norm counts; an untracked one after pooling fits."""
+    X, y = separable_images(n_per_class=5, size=24)
+    with pytest.raises(ValueError, match=r"the batch norm 'auxiliary.1' sees one value"):
+        FineTuneClassifier(**tiny_training(batch_size=1, backbone=AuxiliaryNet())).fit(X, y)
+    clf = FineTuneClassifier(**tiny_training(batch_size=3, backbone=AuxiliaryNet())).fit(X, y)
+    assert len(clf.history_) == 3  # 10 images: 3, 3, and 4 (a last one joins)
+    untracked = FineTuneClassifier(**tiny_training(backbone=UntrackedPooledNet())).fit(X, y)
+    assert untracked.history_[-1]["train_loss"] > 0
 
 
 def test_batch_size_one_trains_unless_a_batch_norm_sees_one_value_per_channel():

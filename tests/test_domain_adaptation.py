@@ -426,3 +426,16 @@ def test_the_docstring_says_behaviour_and_defaults_not_benchmark_history():
     doc = DomainAdaptedClassifier.__doc__
     history = re.findall(r"\d+(?:\.\d+)? ?%|\d+ (?:paired )?seeds|README|MNIST|optdigits", doc)
     assert not history, history
+
+
+def test_a_refused_refit_leaves_the_estimator_unfitted(domains):
+    """A refit refused for its inputs keeps no old network under the new classes."""
+    from sklearn.exceptions import NotFittedError
+
+    X_source, y_source, X_target, _ = domains
+    clf = tiny_adapter(max_epochs=1).fit(X_source, y_source, X_target=X_target)
+    cats = np.where(y_source == "horizontal", "cat", "dog")
+    with pytest.raises(ValueError, match="needs at least two target images"):
+        clf.fit(X_source, cats, X_target=X_target[:1])
+    with pytest.raises(NotFittedError):
+        clf.predict(X_target)

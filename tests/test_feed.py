@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +106,78 @@ def test_a_consumer_that_fails_stops_the_reader():
             for _ in stream:
                 raise RuntimeError("the network failed")
     assert items.closed
+
+
+def test_ctrl_c_while_the_reading_thread_starts_leaves_no_thread():
+    """KeyboardInterrupt inside Thread.start (the thread already runs): it still stops."""
+    items = Counted(1000)
+    reader = ReadAhead(items, 2)
+    start = reader._thread.start
+
+    def interrupted_start():
+        start()
+        raise KeyboardInterrupt
+
+    reader._thread.start = interrupted_start
+    with pytest.raises(KeyboardInterrupt), reader:
+        pass
+    reader._thread.join(timeout=5)
+    assert not reader._thread.is_alive() and items.closed
+
+
+def test_the_reading_thread_leaves_warning_filters_alone(monkeypatch):
+    """Read-only arrays are read without catch_warnings, which is not thread-safe."""
+    entered = []
+    real = warnings.catch_warnings
+
+    class Watched(real):
+        def __enter__(self):
+            entered.append(threading.current_thread().name)
+            return super().__enter__()
+
+    monkeypatch.setattr(warnings, "catch_warnings", Watched)
+    images = np.random.default_rng(0).integers(0, 256, (12, 24, 24, 3), dtype=np.uint8)
+    images.setflags(write=False)  # as a memory-mapped array is
+    extractor = FeatureExtractor("resnet18", weights=None, image_size=24, batch_size=4)
+    extractor.fit_transform(images)
+    assert "skdeep-read-ahead" not in entered
+
+
+def test_a_step_that_fails_leaves_no_reading_thread_even_if_its_error_is_kept(tmp_path):
+    """An error kept alive (pytest's excinfo, IPython's last traceback) keeps no reader."""
+    X, y = separable_images(n_per_class=6, size=24)
+    paths = []
+    for index, image in enumerate(X):
+        paths.append(str(tmp_path / f"{index}.png"))
+        Image.fromarray(image).save(paths[-1])
+    params = tiny_training(backbone=FailingNet(), batch_size=4, num_workers=2)
+    with pytest.raises(RuntimeError, match="the third batch") as kept:
+        FineTuneClassifier(**params).fit(paths, y)
+    assert kept.value is not None  # the traceback (and its frames) still alive here
+    assert not reading_threads()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
+
+
+class FailingNet(torch.nn.Module):
+    """A network whose third training batch raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(4, 2)
+        self.batches = 0
+
+    def forward(self, x):
+        """Classify; raise on the third training batch."""
+        if self.training:
+            self.batches += 1
+            if self.batches == 3:
+                raise RuntimeError("the third batch")
+        return self.fc(self.pool(self.features(x)).flatten(1))
 
 
 def test_device_batches_equal_with_and_without_reading_ahead():

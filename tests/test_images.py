@@ -254,3 +254,14 @@ def test_the_same_pixels_give_the_same_input_in_every_container(
     torch.testing.assert_close(ragged, expected, atol=0, rtol=0, msg="ragged list")
     fingerprints = as_image_source(images).fingerprints()
     assert as_image_source(list(images)).fingerprints() == fingerprints
+
+
+def test_a_decompression_bomb_is_named_by_its_file(tmp_path, monkeypatch):
+    """Pillow's decompression-bomb error, as any unreadable file, names the file."""
+    from skdeep._images import decode_image
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels: over twice that
+    with pytest.raises(ValueError, match=r"could not read the image file '.*huge.png'"):
+        decode_image(str(path), 64)

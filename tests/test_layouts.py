@@ -469,10 +469,21 @@ def skip_unless_this_timm_has(name: str) -> None:
     The sweep pins the behaviour of the timm release that ``make test`` installs; older
     releases gave fewer families ``forward_intermediates`` and other internals.
     """
-    if name not in timm.list_models() or not hasattr(
-        timm.create_model(name), "forward_intermediates"
-    ):
+    if name not in timm.list_models() or not hasattr(_skeleton(name), "forward_intermediates"):
         pytest.skip(f"timm {timm.__version__} has no forward_intermediates for {name}")
+
+
+def _skeleton(name: str) -> torch.nn.Module:
+    """Build timm's ``name`` without memory for its weights (on the meta device) when it can.
+
+    Only its class matters here, and initialising the weights of the larger families
+    took seconds each.
+    """
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name)
+    except Exception:  # a model that computes with tensors while it is built
+        return timm.create_model(name)
 
 
 @pytest.mark.parametrize("name, size", sorted(TIMM_FAMILIES.items()))
