@@ -75,6 +75,27 @@ def replace_head(module: nn.Module, n_outputs: int) -> str:
     return name
 
 
+def drop_auxiliary_heads(module: nn.Module) -> list[str]:
+    """Remove the auxiliary classifiers that torchvision's Inception v3 and GoogLeNet train.
+
+    With them, these networks return a named tuple of outputs in training mode. skdeep
+    fine-tunes the new head alone, as these networks are usually fine-tuned, and the
+    network then returns its logits in every mode. Returns the names removed.
+    """
+    from torchvision.models import GoogLeNet, Inception3
+
+    if isinstance(module, Inception3):
+        names = ["AuxLogits"]
+    elif isinstance(module, GoogLeNet):
+        names = ["aux1", "aux2"]
+    else:
+        return []
+    module.aux_logits = False
+    for name in names:
+        setattr(module, name, None)
+    return names
+
+
 def reset_parameters(module: nn.Module, argument: str = "weights") -> None:
     """Initialise every parameter of ``module`` at random, in place, as its layers do.
 

@@ -39,6 +39,7 @@ from ._network import (
     backbone_stages,
     check_input_size,
     check_layer_names,
+    drop_auxiliary_heads,
     head_names,
     holds_head,
     replace_head,
@@ -100,7 +101,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     backbone : str or torch.nn.Module, default="mobilenet_v2"
         A torchvision classification model name, ``"timm:<name>[.<tag>]"`` for a timm
         model (its head is replaced with timm's ``reset_classifier``), or a module
-        (deep-copied, never changed).
+        (deep-copied, never changed). The auxiliary classifiers of Inception v3 and
+        GoogLeNet are removed: the new head trains alone.
     weights : str, path or None, default="IMAGENET1K_V1"
         Pretrained weights to start from: a torchvision weights name (for timm models,
         ``"DEFAULT"`` or ``"IMAGENET1K_V1"``: the tag's pretrained weights), a
@@ -641,6 +643,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         Returns ``(module, head name, preprocessing)``.
         """
         backbone = load_backbone(self.backbone, self.weights, self.image_size)
+        drop_auxiliary_heads(backbone.module)
         head_name = replace_head(backbone.module, len(self.classes_))
         preprocessing = backbone.preprocessing.with_image_size(self.image_size)
         # A timm model's "penultimate" and "logits" are read through its own head.

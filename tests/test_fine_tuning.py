@@ -403,3 +403,20 @@ def test_feature_names_name_the_transform_columns(data):
     assert clf.transform(X[:3]).shape == (3, len(names))
     with pytest.raises(NotFittedError):
         tiny_classifier().get_feature_names_out()
+
+
+def test_networks_with_auxiliary_classifiers_fine_tune():
+    """GoogLeNet (and Inception v3) return their auxiliary outputs while training: removed."""
+    import torchvision
+
+    from skdeep._network import drop_auxiliary_heads
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    y = np.array(["a", "b"] * 3)
+    clf = FineTuneClassifier(
+        "googlenet", weights=None, image_size=32, max_epochs=1, batch_size=3, random_state=0
+    ).fit(X, y)
+    assert clf.model_.aux1 is None and clf.predict(X).shape == (6,)
+    inception = torchvision.models.inception_v3(weights=None, init_weights=False)
+    assert drop_auxiliary_heads(inception) == ["AuxLogits"] and inception.AuxLogits is None
