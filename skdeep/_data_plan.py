@@ -54,7 +54,7 @@ MIN_PART_WITH_BATCH_NORM = 2
 """The fewest images of a rank's part while a trained batch norm sees one value per
 channel per image (after global pooling, say): it cannot train on one image."""
 
-# The three random streams of a plan, told apart in the seed sequence.
+# The two random streams of a plan (source and target rows), told apart in the seeds.
 _SOURCE_STREAM, _TARGET_STREAM = 0, 1
 
 
