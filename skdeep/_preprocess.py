@@ -60,12 +60,12 @@ def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     height, width = images.shape[-2:]
     crop = prep.crop_size
     if min(height, width) != prep.resize_size:
-        scale = prep.resize_size / min(height, width)
-        # torchvision rounds the longer side down; do the same so crops line up.
+        short, long = min(height, width), max(height, width)
+        # torchvision's rule for the longer side: multiply before dividing, then round
+        # down (``width * (size / short)`` gives 14.999... for a 13x13 image at 15).
+        new_long = int(prep.resize_size * long / short)
         size = (
-            (prep.resize_size, int(width * scale))
-            if height <= width
-            else (int(height * scale), prep.resize_size)
+            (prep.resize_size, new_long) if height <= width else (new_long, prep.resize_size)
         )
         images = F.interpolate(
             images,

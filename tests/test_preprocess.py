@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
@@ -17,6 +19,17 @@ def test_resize_and_crop_matches_torchvision(height, width):
     expected = TF.center_crop(TF.resize(images, [256], antialias=True), [224])
     actual = resize_and_crop(images, prep)
     assert actual.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(height=st.integers(1, 64), width=st.integers(1, 64), size=st.integers(1, 64))
+def test_the_resized_size_is_torchvisions_for_every_shape(height, width, size):
+    """The longer side follows torchvision's rounding (a 13x13 image at 15 is 15x15)."""
+    images = torch.rand(1, 1, height, width)
+    expected = TF.center_crop(TF.resize(images, [size], antialias=True), [size])
+    actual = resize_and_crop(images, Preprocessing(resize_size=size, crop_size=size))
+    assert actual.shape == expected.shape == (1, 1, size, size)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
