@@ -64,9 +64,7 @@ def resize_and_crop(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
         # torchvision's rule for the longer side: multiply before dividing, then round
         # down (``width * (size / short)`` gives 14.999... for a 13x13 image at 15).
         new_long = int(prep.resize_size * long / short)
-        size = (
-            (prep.resize_size, new_long) if height <= width else (new_long, prep.resize_size)
-        )
+        size = (prep.resize_size, new_long) if height <= width else (new_long, prep.resize_size)
         images = F.interpolate(
             images,
             size=size,
