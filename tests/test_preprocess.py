@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.transforms.v2 import functional as TF
 
 from skdeep._preprocess import Preprocessing, prepare_batch, resize_and_crop
