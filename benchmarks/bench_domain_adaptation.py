@@ -5,10 +5,12 @@ Run:  .venv/bin/python benchmarks/bench_domain_adaptation.py --sections SECTION 
 (``make bench`` runs every section after installing skada; about twelve hours from scratch here,
 most of it in ``final`` and ``joint``.)
 
-The defaults moved twice while these ran; each row's label says what it changes from
-which: (d) today's defaults (the MMD at ``divergence_weight=0.3`` and Minimum Class
-Confusion at 0.3), (d1) the previous ones (the same at ``divergence_weight=1``) and (d0)
-the ones before those (the MMD alone: ``class_confusion_weight=0``, ``divergence_weight=1``).
+The defaults moved three times while these ran; in the sections before ``kinds`` each
+row's label says what it changes from which: (d) the defaults from 2026-12-04 until issue
+39 (the MMD at ``divergence_weight=0.3`` and Minimum Class Confusion at 0.3), (d1) the
+ones before those, which issue 39 brought back (the same at ``divergence_weight=1``), and
+(d0) the ones before those (the MMD alone: ``class_confusion_weight=0``,
+``divergence_weight=1``). The ``kinds`` section's labels name the weight itself.
 
 Sections, each written to ``results/domain_adaptation_<section>.md``, with every fit's
 result (and the machine it ran on) kept in ``results/domain_adaptation_<section>.jsonl``
@@ -116,11 +118,12 @@ IMAGE_SIZE, EPOCHS, BATCH = 32, 4, 32
 # Fits recorded before it carry no "plan" and do not reproduce with today's code.
 PLAN = "issue 36"
 WEIGHT_DECAY = 1e-4  # skdeep's default
-# The rows' labels name what changes from one of three defaults: (d) today's
-# (divergence_weight=0.3, since 2026-12-04), (d1) the previous ones (divergence_weight=1,
-# class confusion 0.3) and (d0) the ones before those (the MMD alone). Fits of (d1) and
-# (d0) pass their settings explicitly, so that they stay what they were.
+# The rows' labels name what changes from one of three defaults: (d) those from
+# 2026-12-04 until issue 39 (divergence_weight=0.3), (d1) the ones before them and again
+# after (divergence_weight=1, class confusion 0.3) and (d0) the ones before those (the MMD
+# alone). Every fit passes its settings explicitly, so that they stay what they were.
 DEFAULTS = "(d) DomainAdaptedClassifier, defaults"
+DEFAULTS_SETTINGS = dict(divergence_weight=0.3)
 PREVIOUS = "(d1) divergence_weight=1 (the previous defaults)"
 PREVIOUS_SETTINGS = dict(divergence_weight=1.0)
 MMD_ALONE = "(d0) class_confusion_weight=0, divergence_weight=1 (the MMD alone)"
@@ -848,7 +851,7 @@ def mnist_m(args, device, report) -> None:
     adapted = partial(skdeep_adapted, task, device=device)
     methods = {
         SOURCE_ONLY: lambda s: skdeep_source_only(task, s, device),
-        DEFAULTS: adapted,
+        DEFAULTS: partial(adapted, **DEFAULTS_SETTINGS),
         PREVIOUS: partial(adapted, **PREVIOUS_SETTINGS),
         "(d1) class_confusion_weight=1": partial(
             adapted, **PREVIOUS_SETTINGS, class_confusion_weight=1.0
@@ -903,7 +906,7 @@ def joint(args, device, report) -> None:
     task = digits_task(n_source=500 if args.quick else None)
     adapted = partial(skdeep_adapted, task, device=device)
     methods = {
-        DEFAULTS: adapted,
+        DEFAULTS: partial(adapted, **DEFAULTS_SETTINGS),
         PREVIOUS: partial(adapted, **PREVIOUS_SETTINGS),
         JOINT: partial(adapted, **PREVIOUS_SETTINGS, divergence="joint_mmd"),
         SOURCE_ONLY: lambda s: skdeep_source_only(task, s, device),
@@ -1044,7 +1047,7 @@ def _tail(share: float) -> Callable[[int, int], float]:
     return decay
 
 
-# The rule for keeping an average (written down on 2026-12-05 at 01:20, after the first 4
+# The rule for keeping an average (written down on 2026-12-05 at 01:13, after the first 4
 # seeds of the defaults on the AMD EPYC and before any fit on another kind): an average
 # replaces the last weights only if, on seeds 0-7, its seed-by-seed |difference| between
 # kinds (the AMD EPYC's own kernels and ONEDNN_MAX_CPU_ISA=AVX2) is smaller than the last
@@ -1132,7 +1135,7 @@ def between_kinds_rows(records: Records, methods: dict[str, list[str]]) -> list:
     """
     rows = []
     kinds = records.kinds()
-    for first, index in zip(kinds, range(len(kinds)), strict=True):
+    for index, first in enumerate(kinds):
         for second in kinds[index + 1 :]:
             for method, keys in methods.items():
                 for key in keys:
@@ -1156,35 +1159,49 @@ def verdict(interval) -> str:
     return "win" if low > 0 else "loss" if high < 0 else "tie"
 
 
-# The arms of the kinds section: label -> (task, what to fit, whether to record averages).
+# The arms of the kinds section. Labels name every setting that differs from the
+# estimator's defaults at the time, weight included, so that they keep their meaning when
+# a default moves; the tables find today's defaults by the estimator's own weight.
 DIGITS, SMALL, MNIST_M = "MNIST 5k -> optdigits", "MNIST 2k -> optdigits, batch 64", "MNIST-M"
 SMALL_SETTINGS = dict(batch_size=64)
+
+
+def weight_label(weight: float, **changes) -> str:
+    """Label an adapted arm: its divergence weight, then its other settings."""
+    return ", ".join([f"divergence_weight={weight:g}", *(f"{k}={v!r}" for k, v in changes.items())])
+
+
+def default_label() -> str:
+    """Label of today's defaults (the estimator's own divergence weight)."""
+    return weight_label(DomainAdaptedClassifier().divergence_weight)
 
 
 def kind_arms(device) -> dict[str, tuple[str, Callable]]:
     """Return the kinds section's arms: label -> (task name, fit(task, seed) -> record)."""
 
-    def adapted(**params):
-        return lambda task, seed: averaged_scores(task, seed, device, **params)
+    def adapted(weight, **params):
+        label = weight_label(weight, **params)
+        params = dict(divergence_weight=weight, **params)
+        return label, lambda task, seed: averaged_scores(task, seed, device, **params)
 
     def source_only(**params):
         return lambda task, seed: {"accuracy": skdeep_source_only(task, seed, device, **params)}
 
-    return {
-        f"{DIGITS}: {DEFAULTS}": (DIGITS, adapted()),
-        f"{DIGITS}: {PREVIOUS}": (DIGITS, adapted(**PREVIOUS_SETTINGS)),
-        f"{DIGITS}: {SOURCE_ONLY}": (DIGITS, source_only()),
-        # Screened one factor at a time against the defaults, after the averages.
-        f"{DIGITS}: (d) backbone_lr=3e-4": (DIGITS, adapted(backbone_lr=3e-4)),
-        f"{DIGITS}: (d) max_epochs=8": (DIGITS, adapted(max_epochs=8)),
-        f"{SMALL}: {DEFAULTS}": (SMALL, adapted(**SMALL_SETTINGS)),
-        f"{SMALL}: (d) max_epochs=10 (the estimator's default)": (
-            SMALL,
-            adapted(**SMALL_SETTINGS, max_epochs=10),
-        ),
-        f"{MNIST_M}: {DEFAULTS}": (MNIST_M, adapted()),
-        f"{MNIST_M}: {SOURCE_ONLY}": (MNIST_M, source_only()),
-    }
+    arms = {f"{DIGITS}: {SOURCE_ONLY}": (DIGITS, source_only())}
+    # The weights of the last two defaults (two factors screened on one seed of the 0.3
+    # defaults stay in the records: backbone_lr=3e-4 lost 12.7 points, max_epochs=8 gained
+    # 2.7 at twice the time), then 2,000 source images and the MNIST-M-like target.
+    for task, weight, changes in [
+        (DIGITS, 0.3, {}),
+        (DIGITS, 1.0, {}),
+        (SMALL, 1.0, SMALL_SETTINGS),
+        (SMALL, 1.0, {**SMALL_SETTINGS, "max_epochs": 10}),
+        (MNIST_M, 1.0, {}),
+    ]:
+        label, fit = adapted(weight, **changes)
+        arms[f"{task}: {label}"] = (task, fit)
+    arms[f"{MNIST_M}: {SOURCE_ONLY}"] = (MNIST_M, source_only())
+    return arms
 
 
 def kinds(args, device, report) -> None:
@@ -1221,15 +1238,18 @@ def kinds(args, device, report) -> None:
         "another CPU does): fits are paired within a kind only. Run the section on another "
         "kind with the same seeds to fill in its rows."
     )
-    for task_name, reference in ((DIGITS, DEFAULTS), (SMALL, DEFAULTS), (MNIST_M, SOURCE_ONLY)):
+    defaults = default_label()
+    small_defaults = weight_label(DomainAdaptedClassifier().divergence_weight, **SMALL_SETTINGS)
+    references = [(DIGITS, defaults), (SMALL, small_defaults), (MNIST_M, SOURCE_ONLY)]
+    for task_name, reference in references:
         labels = [arm for arm in arms if arms[arm][0] == task_name]
         report.table(
-            f"{task_name}, per kind of machine",
+            f"{task_name}, per kind of machine (today's defaults: {defaults})",
             ["kind", "method", "target accuracy %", "std", "lowest seed %", "seeds",
-             f"minus {reference.split(' ')[0]} (95% interval)", "s/fit"],
+             f"minus {reference} (95% interval)", "s/fit"],
             kind_rows(records, labels, f"{task_name}: {reference}"),
         )  # fmt: skip
-    adapted = {arm: ["accuracy", *AVERAGES] for arm in arms if "Adapted" in arm or "(d" in arm}
+    adapted = {arm: ["accuracy", *AVERAGES] for arm in arms if "divergence_weight" in arm}
     report.table(
         "Averages of each fit's weights over training (each recalibrated on the target "
         "images as fit does), per kind of machine; 'accuracy' is the fit's own model",
@@ -1239,14 +1259,14 @@ def kinds(args, device, report) -> None:
     )  # fmt: skip
     report.table(
         "How far each seed moves from one kind of machine to another",
-        ["kinds", "method", "weights", "seeds", "mean |difference| (points)",
-         "largest |difference|", "first minus second (95% interval)"],
+        ["kinds", "method", "weights", "seeds", "mean absolute difference (points)",
+         "largest absolute difference", "first minus second (95% interval)"],
         between_kinds_rows(records, {arm: ["accuracy"] for arm in arms} | adapted),
     )  # fmt: skip
     report.table(
         "Issue 39's goals, per kind of machine (paired within the kind)",
         ["kind", "goal", "measured", "holds"],
-        goal_rows(records),
+        goal_rows(records, defaults),
     )
     report.table(
         "The rule for a default (issue 39, item 2): a rival replaces the defaults when its "
@@ -1255,8 +1275,8 @@ def kinds(args, device, report) -> None:
          "moves the default"],
         rule_rows(
             records,
-            f"{DIGITS}: {DEFAULTS}",
-            [arm for arm in arms if arms[arm][0] == DIGITS and "(d" in arm and DEFAULTS not in arm],
+            f"{DIGITS}: {defaults}",
+            [a for a in arms if a.startswith(f"{DIGITS}: divergence_weight") and defaults not in a],
         ),
     )  # fmt: skip
     report.table(
@@ -1288,40 +1308,63 @@ def kind_rows(records: Records, methods: list[str], reference: str) -> list[list
     return rows
 
 
-def goal_rows(records: Records) -> list[list]:
-    """Issue 39's goals, each measured per kind of machine from the kinds section's fits."""
+def against(interval, bound: float) -> str:
+    """Say whether a (mean, low, high, n) interval lies above ``bound``: yes, no, or a tie."""
+    if interval is None:
+        return "not measured"
+    _, low, high, _ = interval
+    return "yes" if low > bound else "no" if high < bound else "within noise"
+
+
+def mean_interval(values: dict[int, float]):
+    """Return the mean of ``values`` with its 95% interval (Student's t) and count."""
+    return paired_interval(values, dict.fromkeys(values, 0.0))
+
+
+def goal_rows(records: Records, defaults: str) -> list[list]:
+    """Issue 39's goals, per kind of machine, for the arms of today's ``defaults``.
+
+    A goal on a mean or a gain holds ("yes") when its 95% interval lies above the bound,
+    fails ("no") when below, and is "within noise" otherwise; the spread and the lowest
+    seed are read as measured.
+    """
     rows = []
+    small = weight_label(DomainAdaptedClassifier().divergence_weight, **SMALL_SETTINGS)
     for kind in records.kinds():
 
         def pct(arm, kind=kind):
             return {s: 100 * v for s, v in records.values(arm, kind=kind).items()}
 
-        defaults = pct(f"{DIGITS}: {DEFAULTS}")
-        if defaults:
-            scores = np.array(list(defaults.values()))
-            spread = scores.std(ddof=1) if len(scores) > 1 else float("nan")
-            rows.append([kind, f"defaults, {DIGITS}: mean >= 90 % over >= 8 seeds",
-                         f"{scores.mean():.1f} % over {len(scores)} seeds",
-                         scores.mean() >= 90 and len(scores) >= 8])  # fmt: skip
-            rows.append([kind, "... no seed below 85 %", f"lowest {scores.min():.1f} %",
-                         bool(scores.min() >= 85)])  # fmt: skip
+        def text(interval, signed=True):
+            mean, low, high, n = interval
+            sign = "+" if signed else ""
+            return f"{mean:{sign}.1f} ({low:{sign}.1f} to {high:{sign}.1f}), {n} seeds"
+
+        scores = pct(f"{DIGITS}: {defaults}")
+        if len(scores) > 1:
+            values = np.array(list(scores.values()))
+            interval = mean_interval(scores)
+            rows.append([kind, f"{DIGITS}, {defaults}: mean >= 90 % (>= 8 seeds)",
+                         text(interval, signed=False), against(interval, 90.0)
+                         if len(values) >= 8 else "too few seeds"])  # fmt: skip
+            rows.append([kind, "... no seed below 85 %", f"lowest {values.min():.1f} %",
+                         "yes" if values.min() >= 85 else "no"])  # fmt: skip
+            spread = values.std(ddof=1)
             rows.append([kind, "... std below 2.5 (ddof=1)", f"{spread:.2f}",
-                         bool(spread < 2.5)])  # fmt: skip
-            gain = paired_interval(defaults, pct(f"{DIGITS}: {SOURCE_ONLY}"))
+                         "yes" if spread < 2.5 else "no"])  # fmt: skip
+            gain = paired_interval(scores, pct(f"{DIGITS}: {SOURCE_ONLY}"))
             if gain is not None:
                 rows.append([kind, "... gain over source-only fine-tuning > 40 points",
-                             f"{gain[0]:+.1f} ({gain[1]:+.1f} to {gain[2]:+.1f}), "
-                             f"{gain[3]} seeds", bool(gain[1] > 40)])  # fmt: skip
-        for arm in (a for a in records.kinds_methods(kind) if a.startswith(f"{SMALL}: ")):
-            scores = np.array(list(pct(arm).values()))
-            rows.append([kind, f"{arm}: mean >= 85 %",
-                         f"{scores.mean():.1f} % over {len(scores)} seeds",
-                         bool(scores.mean() >= 85)])  # fmt: skip
-        gain = paired_interval(pct(f"{MNIST_M}: {DEFAULTS}"), pct(f"{MNIST_M}: {SOURCE_ONLY}"))
+                             text(gain), against(gain, 40.0)])  # fmt: skip
+        for arm in (a for a in records.kinds_methods(kind) if a.startswith(f"{SMALL}: {small}")):
+            interval = mean_interval(pct(arm))
+            if interval is not None:
+                rows.append([kind, f"{arm}: mean >= 85 %", text(interval, signed=False),
+                             against(interval, 85.0)])  # fmt: skip
+        gain = paired_interval(pct(f"{MNIST_M}: {defaults}"), pct(f"{MNIST_M}: {SOURCE_ONLY}"))
         if gain is not None:
-            rows.append([kind, f"defaults, {MNIST_M}: gain over source only >= 15 points",
-                         f"{gain[0]:+.1f} ({gain[1]:+.1f} to {gain[2]:+.1f}), {gain[3]} seeds",
-                         bool(gain[0] >= 15)])  # fmt: skip
+            rows.append([kind, f"{MNIST_M}, {defaults}: gain over source only >= 15 points",
+                         text(gain), against(gain, 15.0)])  # fmt: skip
     return rows
 
 
