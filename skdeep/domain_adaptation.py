@@ -162,10 +162,11 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     the lowest seed): 93.2 ± 1.0 % (lowest 92.4) on an AMD EPYC with AVX512-BF16;
     91.7 ± 2.1 % (lowest 89.1) on the same CPU with its oneDNN kernels capped at AVX2;
     92.7 ± 2.0 % (lowest 89.4) on an Intel Xeon with AMX (fits of version 0.2.0,
-    whose batches differ). Source-only fine-tuning reaches 23 % there. Few optimizer steps make runs less stable: with 2,000 source
-    images at ``batch_size=64``, 4 epochs gave 82.4 ± 6.4 % (lowest 69.1) and the
-    default 10 epochs 92.9 ± 1.5 % (lowest 90.3), on the AMD EPYC. The benchmark pages
-    of the documentation hold the tables.
+    whose batches differ). Source-only fine-tuning reaches 23 % there. Few optimizer
+    steps make runs less stable: with 2,000 source images at ``batch_size=64``, 4
+    epochs gave 82.4 ± 6.4 % (lowest 69.1) and the default 10 epochs 92.9 ± 1.5 %
+    (lowest 90.3), on the AMD EPYC. The benchmark pages of the documentation hold the
+    tables.
 
     Examples
     --------
