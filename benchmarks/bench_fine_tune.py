@@ -1,7 +1,7 @@
 """Fine-tuning: accuracy against the linear probe, and speed against skorch.
 
 Run:  .venv/bin/python benchmarks/bench_fine_tune.py [--quick] [--device cuda]
-      [--sections accuracy speed]
+      [--sections accuracy speed precision]
 (``make bench`` runs it after installing skorch; it writes results/fine_tune.md, or
 results/fine_tune_<sections>.md for some sections.)
 
@@ -20,12 +20,18 @@ results/fine_tune_<sections>.md for some sections.)
    batch itself. The ceiling of both, "bare step", is a plain loop of the same
    training steps (optimizer, schedule, precision) over batches of that preprocessed
    tensor already on the device: no loader, no per-batch work on the host.
+3. Where bfloat16 trains faster than float32 on this CPU (one training step of
+   MobileNet-V2 and -V3, EfficientNet-B0 and ResNet-18 at 32 to 224 px; bfloat16 as
+   plain autocast runs it and as skdeep trains), and whether ``precision="auto"``
+   picks the faster one; skipped on a CPU without native bfloat16.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import time
 
@@ -38,10 +44,21 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skdeep import FeatureExtractor, FineTuneClassifier
-from skdeep._device import cpu_has_native_bfloat16, resolve_device
+from skdeep._device import (
+    cpu_has_native_bfloat16,
+    float32_depthwise_convolutions,
+    resolve_device,
+    resolve_precision,
+)
 from skdeep._images import as_image_source
 from skdeep._network import replace_head
-from skdeep._training import make_optimizer, recalibrate_batch_norm, warmup_cosine
+from skdeep._training import (
+    make_optimizer,
+    optimizer_of_groups,
+    parameter_groups,
+    recalibrate_batch_norm,
+    warmup_cosine,
+)
 from skdeep.backbones import load_backbone
 from skdeep.datasets import DatasetUnavailableError, load_fashion_mnist, load_mnist_5k
 
@@ -328,13 +345,95 @@ def speed_table(report: Report, device, image_size: int, epochs: int, seeds: lis
     )
 
 
+TIE = 0.05  # step times this close are a tie between the precisions (a shared machine)
+
+
+def precision_table(report: Report, quick: bool) -> None:
+    """Where bfloat16 trains faster than float32 on this CPU, and what "auto" picks.
+
+    One training step (forward, backward, fused AdamW) of a random-init network on a
+    random batch of 32, channels_last: in float32, in bfloat16 autocast as plain
+    PyTorch runs it, and in bfloat16 as skdeep trains (depthwise convolutions in
+    float32, :func:`skdeep._device.float32_depthwise_convolutions`). The three
+    alternate step by step, so that drifts of a shared machine hit all; the median of
+    the repeats after one warm-up step each.
+    """
+    if not cpu_has_native_bfloat16():
+        report.note("(no native bfloat16 on this CPU: the precision table is skipped)")
+        return
+    cpu = torch.device("cpu")
+    sizes = (64, 224) if quick else (32, 64, 128, 224)
+    networks = ("mobilenet_v2", "resnet18") if quick else (
+        "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "resnet18")  # fmt: skip
+    repeats = 2 if quick else 5
+
+    def as_skdeep_trains(model):
+        return float32_depthwise_convolutions(model, cpu, torch.bfloat16)
+
+    def as_is(model):
+        return contextlib.nullcontext()
+
+    modes = {
+        "float32": (torch.float32, as_is),
+        "bfloat16, plain autocast": (torch.bfloat16, as_is),
+        "bfloat16, skdeep": (torch.bfloat16, as_skdeep_trains),
+    }
+    rows = []
+    for name in networks:
+        model = load_backbone(name, None).module.to(memory_format=torch.channels_last).train()
+        parameters = list(model.parameters())
+        optimizer = optimizer_of_groups("adamw", parameter_groups(parameters, 1e-3, 1e-4))
+        for size in sizes:
+            images = torch.randn(32, 3, size, size).contiguous(memory_format=torch.channels_last)
+            labels = torch.randint(0, 10, (32,))
+            seconds = {mode: [] for mode in modes}
+            for repeat in range(repeats + 1):
+                for mode, (dtype, training_context) in modes.items():
+                    start = time.perf_counter()
+                    with (
+                        training_context(model),
+                        torch.autocast("cpu", dtype, enabled=dtype != torch.float32),
+                    ):
+                        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimizer.step()
+                    if repeat:  # the first step of each mode builds its kernels
+                        seconds[mode].append(time.perf_counter() - start)
+            full, plain, ours = (statistics.median(seconds[mode]) for mode in modes)
+            auto = resolve_precision("auto", cpu, training_size=size)
+            faster = torch.bfloat16 if ours < full else torch.float32
+            picks = "tie" if abs(ours / full - 1) <= TIE else "yes" if auto == faster else "no"
+            rows.append([name, size, full, f"{plain / full:.2f}", f"{ours / full:.2f}",
+                         str(auto).removeprefix("torch."), picks])  # fmt: skip
+    report.table(
+        f"Where bfloat16 trains faster: one training step, batch 32, median of {repeats} "
+        f"({machine()})",
+        ["network", "px", "float32 s / step", "bfloat16 / float32, plain autocast",
+         "bfloat16 / float32, skdeep", "precision='auto' trains in",
+         "auto picks the faster"],
+        rows,
+    )  # fmt: skip
+    report.note(
+        "Random-init networks (the speed of a step does not depend on the weights), "
+        f"random batches, AdamW; the modes alternate step by step ('tie': within {TIE:.0%}"
+        " of each other). 'skdeep' keeps "
+        "trainable depthwise convolutions in float32 inside bfloat16 autocast, as fit "
+        "does; precision='auto' trains in bfloat16 from the size that "
+        "skdeep._device.BFLOAT16_TRAINING_FROM gives this CPU's bfloat16 instructions. "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}: on a machine "
+        "whose cores other processes share, the bfloat16 backward kernels slow down far "
+        "more than float32's, so run it on a quiet machine."
+    )
+
+
 def _append(result, epoch_seconds, fit_seconds, accuracy):
     result[0].extend(epoch_seconds)
     result[1].append(fit_seconds)
     result[2].append(accuracy)
 
 
-SECTIONS = ("accuracy", "speed")
+SECTIONS = ("accuracy", "speed", "precision")
 
 
 def main() -> None:
@@ -358,6 +457,8 @@ def main() -> None:
             speed_table(report, device, args.image_size, epochs=1, seeds=[0])
         else:
             speed_table(report, device, args.image_size, epochs=2, seeds=list(range(args.seeds)))
+    if "precision" in args.sections:
+        precision_table(report, args.quick)
     report.write()
 
 

@@ -12,10 +12,16 @@ import torch
 from ._compat import cpu_instruction_sets
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
-# Below this input size, training in bfloat16 on a CPU is slower than in float32: on a
-# Xeon with AMX, a MobileNet-V2 step at 64 px took 1.3x longer (the bfloat16 backward of
-# depthwise convolutions), while at 224 px it was 1.7x faster. Inference gains at any size.
-MIN_BFLOAT16_TRAINING_SIZE = 128
+# The input size (pixels) from which "auto" trains in bfloat16 on a CPU, by the bfloat16
+# instructions the CPU has (`bench_fine_tune.py --sections precision` measures it on the
+# CPU at hand). Training keeps small and strided depthwise convolutions in float32 (see
+# float32_depthwise_convolutions); with that, on an AMD EPYC with AVX512-BF16 alone, a
+# bfloat16 step of MobileNet-V2 and -V3, EfficientNet-B0 or ResNet-18 took 0.52-1.00x
+# float32's time from 64 px (up to 1.9x with plain autocast); at 32 px all tie but
+# ResNet-18 (0.92x). With AMX (an Intel Xeon), measured before that change and not
+# since: MobileNet-V2 took 1.29x float32's time at 64 px and 0.87x at 128. Inference
+# gains from bfloat16 at every size on both kinds.
+BFLOAT16_TRAINING_FROM = {"AMX": 128, "AVX512-BF16": 64}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -55,6 +61,19 @@ def cpu_has_native_bfloat16() -> bool:
     return instructions["AVX512-BF16"] or instructions["AMX"]
 
 
+def bfloat16_training_size() -> int | None:
+    """Return the input size from which bfloat16 trains faster on this CPU (None: never).
+
+    Read from :data:`BFLOAT16_TRAINING_FROM` by the best bfloat16 instructions the CPU
+    has; a CPU with neither computes bfloat16 by conversion and trains in float32.
+    """
+    instructions = cpu_instruction_sets()
+    for name, size in BFLOAT16_TRAINING_FROM.items():
+        if instructions[name]:
+            return size
+    return None
+
+
 def resolve_precision(
     precision: str, device: torch.device, training_size: int | None = None
 ) -> torch.dtype:
@@ -63,17 +82,21 @@ def resolve_precision(
     ``"auto"`` means reduced precision where the hardware computes it natively:
     float16 on CUDA, bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere.
     For training (``training_size``: the input size in pixels) on a CPU, bfloat16 is
-    chosen only from :data:`MIN_BFLOAT16_TRAINING_SIZE` pixels up, where it is faster.
+    chosen only from the size where it trains faster on this kind of CPU
+    (:func:`bfloat16_training_size`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        small = training_size is not None and training_size < MIN_BFLOAT16_TRAINING_SIZE
-        if device.type == "cpu" and cpu_has_native_bfloat16() and not small:
+        if device.type != "cpu" or not cpu_has_native_bfloat16():
+            return torch.float32
+        if training_size is None:
             return torch.bfloat16
-        return torch.float32
+        from_size = bfloat16_training_size()
+        faster = from_size is not None and training_size >= from_size
+        return torch.bfloat16 if faster else torch.float32
     if precision == "int8":
         if device.type != "cpu":
             raise ValueError(
@@ -155,6 +178,56 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype in (torch.float32, torch.qint8):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# A depthwise convolution computes in float32 while training in bfloat16 on a CPU when
+# it is strided or its input map has at most this many pixels (14x14): there oneDNN's
+# bfloat16 backward is slowest (see float32_depthwise_convolutions), while over larger
+# maps bfloat16 is the faster of the two.
+FLOAT32_DEPTHWISE_MAX_PIXELS = 196
+
+
+class _DepthwiseConv2d(torch.nn.Conv2d):
+    """A depthwise ``Conv2d`` that picks float32 inside autocast where bfloat16 is slow."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        height, width = input.shape[-2:]
+        if max(self.stride) > 1 or height * width <= FLOAT32_DEPTHWISE_MAX_PIXELS:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(input.float())
+        return super().forward(input)
+
+
+def is_depthwise(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a plain ``Conv2d`` with one group per input channel."""
+    return type(module) is torch.nn.Conv2d and 1 < module.groups == module.in_channels
+
+
+@contextlib.contextmanager
+def float32_depthwise_convolutions(model: torch.nn.Module, device: torch.device, dtype):
+    """Inside the block, train the small and strided depthwise convolutions in float32.
+
+    Applies to bfloat16 training on a CPU only. There, oneDNN's bfloat16 backward of a
+    depthwise convolution over a small map, or with a stride, is slow enough (on an AMD
+    EPYC with AVX512-BF16, a third of a MobileNet-V3 step, whose bfloat16 step took 1.7x
+    float32's) to make bfloat16 lose to float32; in float32 they cost little, and the
+    dense convolutions, most of the work, keep bfloat16 (see
+    :data:`FLOAT32_DEPTHWISE_MAX_PIXELS`). Each trainable depthwise ``nn.Conv2d`` takes
+    a subclass for the block (same parameters, names and state dict) and gets its class
+    back after it, whatever happens; frozen ones keep bfloat16, whose backward to the
+    input is fast.
+    """
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        yield
+        return
+    swapped = [m for m in model.modules() if is_depthwise(m) and m.weight.requires_grad]
+    for module in swapped:
+        module.__class__ = _DepthwiseConv2d
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = torch.nn.Conv2d
 
 
 def fork_rng(device: torch.device, seed: int | None) -> contextlib.AbstractContextManager:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._compat import BatchNorm
-from ._device import autocast
+from ._device import autocast, float32_depthwise_convolutions
 from ._distributed import watch_collectives
 from ._objectives import StepResult, Supervised
 from ._progress import progress_bar
@@ -266,7 +266,11 @@ class Trainer:
         if self.average_decay is not None:
             self._average = WeightAverage(self.model, self.average_decay)
         try:
-            with objective.attach(self.model, self._forward), self._agreed_interrupts():
+            with (
+                objective.attach(self.model, self._forward),
+                self._agreed_interrupts(),
+                float32_depthwise_convolutions(self.model, self.device, self.dtype),
+            ):
                 for epoch in range(1, self.max_epochs + 1):
                     description = f"{self.name} epoch {epoch}/{self.max_epochs}"
                     with (

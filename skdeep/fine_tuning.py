@@ -175,9 +175,13 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
     batch_size, device, precision, num_workers
         As in :class:`~skdeep.FeatureExtractor`. ``precision="auto"`` trains with
         float16 autocast and a gradient scaler on CUDA; on CPUs that compute
-        bfloat16 natively, with bfloat16 autocast for inputs of 128 px or more
-        (smaller inputs train faster in float32 there); float32 elsewhere. The
-        fitted network predicts in the precision it was trained in.
+        bfloat16 natively, with bfloat16 autocast from the input size where it trains
+        faster on that kind of CPU (128 px with AMX, 64 px with AVX512-BF16 alone;
+        smaller inputs train as fast or faster in float32 there); float32 elsewhere.
+        Training in bfloat16 on a CPU keeps depthwise convolutions over small maps
+        (14x14 or less) or with a stride in float32 (their bfloat16 backward is slow
+        there). The fitted network predicts in the
+        precision it was trained in.
     random_state : int, RandomState or None, default=None
         Seeds the head initialisation, shuffling, validation split, dropout and
         augmentation: the same seed on the CPU gives the same model.
