@@ -14,12 +14,13 @@ results/fine_tune_<sections>.md for some sections.)
    the same network, data and settings. skorch gets every training setting skdeep
    uses: skdeep's own optimizer (fused AdamW, no weight decay on biases and norms),
    the warm-up + cosine schedule stepped per batch, channels_last batches, autocast
-   at the same precision, and the batch-norm recalibration pass after training (a
-   callback). What differs: skorch gets the images already preprocessed into a
-   float tensor, while skdeep starts from the uint8 images and preprocesses each
-   batch itself. The ceiling of both, "bare step", is a plain loop of the same
-   training steps (optimizer, schedule, precision) over batches of that preprocessed
-   tensor already on the device: no loader, no per-batch work on the host.
+   at the same precision (with skdeep's float32 depthwise convolutions in bfloat16 on
+   a CPU), and the batch-norm recalibration pass after training (a callback). What
+   differs: skorch gets the images already preprocessed into a float tensor, while
+   skdeep starts from the uint8 images and preprocesses each batch itself. The
+   ceiling of both, "bare step", is a plain loop of the same training steps
+   (optimizer, schedule, precision) over batches of that preprocessed tensor already
+   on the device: no loader, no per-batch work on the host.
 3. Where bfloat16 trains faster than float32 on this CPU (one training step of
    MobileNet-V2 and -V3, EfficientNet-B0 and ResNet-18 at 32 to 224 px; bfloat16 as
    plain autocast runs it and as skdeep trains), and whether ``precision="auto"``
@@ -165,7 +166,10 @@ def skorch_net(device, dtype, epochs: int, batch_size: int, lr: float, seed: int
             return self
 
         def train_step_single(self, batch, **fit_params):
-            with torch.autocast(device.type, self.autocast_dtype, self._reduced):
+            with (
+                float32_depthwise_convolutions(self.module_, device, self.autocast_dtype),
+                torch.autocast(device.type, self.autocast_dtype, self._reduced),
+            ):
                 return super().train_step_single(batch, **fit_params)
 
         def evaluation_step(self, batch, training=False):
@@ -239,12 +243,15 @@ def bare_step_epochs(device, dtype, epochs, batch_size, lr, seed, ready, labels)
         start = time.perf_counter()
         for batch in torch.randperm(len(images), generator=generator).split(batch_size):
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            with (
+                float32_depthwise_convolutions(model, device, dtype),
+                torch.autocast(device.type, dtype, enabled=dtype != torch.float32),
+            ):
                 inputs = images[batch].contiguous(memory_format=torch.channels_last)
                 logits = model(inputs).float()
                 loss = torch.nn.functional.cross_entropy(logits, targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
@@ -335,7 +342,9 @@ def speed_table(report: Report, device, image_size: int, epochs: int, seeds: lis
     )  # fmt: skip
     report.note(
         "Both libraries: skdeep's fused AdamW with no weight decay on biases and norms, "
-        "warm-up + cosine per batch, channels_last batches, the same precision, and a "
+        "warm-up + cosine per batch, channels_last batches, the same precision (in "
+        "bfloat16 on a CPU, small and strided depthwise convolutions in float32, as skdeep "
+        "trains), and a "
         "batch-norm recalibration pass after training (in both fit times). skorch's input "
         "was preprocessed beforehand; skdeep preprocesses every batch from uint8 inside "
         "its epoch time. Epoch times are medians over seeds and epochs; each precision "

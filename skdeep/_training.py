@@ -266,11 +266,7 @@ class Trainer:
         if self.average_decay is not None:
             self._average = WeightAverage(self.model, self.average_decay)
         try:
-            with (
-                objective.attach(self.model, self._forward),
-                self._agreed_interrupts(),
-                float32_depthwise_convolutions(self.model, self.device, self.dtype),
-            ):
+            with objective.attach(self.model, self._forward), self._agreed_interrupts():
                 for epoch in range(1, self.max_epochs + 1):
                     description = f"{self.name} epoch {epoch}/{self.max_epochs}"
                     with (
@@ -279,7 +275,9 @@ class Trainer:
                     ):
                         # (closed even when a step fails: its reading thread ends then,
                         # though the error's traceback may keep this frame alive)
-                        record = self._train_epoch(objective, batches, epoch, bar)
+                        # (validation, below, runs the network as it will predict)
+                        with float32_depthwise_convolutions(self.model, self.device, self.dtype):
+                            record = self._train_epoch(objective, batches, epoch, bar)
                         if validate is not None:
                             with (
                                 watch_collectives(self.context, f"the validation of epoch {epoch}"),

@@ -319,7 +319,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
         self : DomainAdaptedClassifier
             The fitted classifier.
         """
-        self._forget_training()  # until this fit ends, the estimator is not fitted
+        self._begin_fit()  # until this fit ends, the estimator is not fitted
         source = self._image_source(X)
         y = check_labels(y, len(source))
         unlabeled = unlabeled_rows(y)

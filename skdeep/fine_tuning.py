@@ -57,6 +57,8 @@ from ._training import (
 )
 from .backbones import load_backbone
 
+# The parameters that build the network and its preprocessing, which a warm start keeps.
+NETWORK_PARAMETERS = ("backbone", "weights", "image_size")
 FINE_TUNE_CONSTRAINTS = {
     **BACKBONE_CONSTRAINTS,
     "precision": [StrOptions(set(PRECISIONS) - {"int8"})],  # int8 does not train
@@ -189,7 +191,9 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         A progress bar per epoch with the running loss, and a line per epoch.
     warm_start : bool, default=False
         Continue training the fitted network on the next ``fit`` instead of
-        starting again from the pretrained weights.
+        starting again from the pretrained weights. The network and its preprocessing
+        stay those of the first fit: a warm start after ``backbone``, ``weights`` or
+        ``image_size`` changed is refused.
     devices : None, int or list of int, default=None
         Data-parallel training on ``torch.distributed``: None or 1 trains in this
         process; an int ``n`` trains with ``n`` processes, one per GPU on CUDA (NCCL)
@@ -365,7 +369,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         self : FineTuneClassifier
             The fitted classifier.
         """
-        self._forget_training()  # until this fit ends, the estimator is not fitted
+        self._begin_fit()  # until this fit ends, the estimator is not fitted
         source = self._image_source(X)
         y = check_labels(y, len(source))
         codes = self._encode_labels(y, np.ones(len(y), dtype=bool))
@@ -402,7 +406,8 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         )
         parameters = self.get_params(deep=False)
         for key, value in vars(fitted).items():
-            if key not in parameters:
+            # (the ranks' _built_from holds their copy of a module backbone; keep ours)
+            if key not in parameters and key != "_built_from":
                 setattr(self, key, value)
         return self
 
@@ -515,7 +520,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         its own, and its target images and rows as ``targets`` (for the check that
         every rank was given the same inputs).
         """
-        self._forget_training()
+        self._begin_fit()
         context = self._context = self._join_ranks()
         model = objective = None
         try:
@@ -559,8 +564,26 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
             self._leave_ranks(model)
         self._record_training(frozen, result)
 
-    def _forget_training(self) -> None:
-        """Until this fit ends, the estimator is not fitted (warm starts keep their history)."""
+    def _begin_fit(self) -> None:
+        """Start a fit: check a warm start, and forget the last training until this ends.
+
+        A warm start continues the fitted network, so the parameters that built it and
+        its preprocessing (:data:`NETWORK_PARAMETERS`) must be those of its fit; a new
+        network records them. Warm starts keep their history.
+        """
+        continues = self.warm_start and hasattr(self, "model_")
+        built_from = getattr(self, "_built_from", None)
+        if continues and built_from is not None:
+            for name, value in built_from.items():
+                now = getattr(self, name)
+                if not (now is value if isinstance(value, nn.Module) else now == value):
+                    raise ValueError(
+                        f"warm_start=True continues training the fitted network, built with "
+                        f"{name}={_short(value)}; got {name}={_short(now)}: set {name} "
+                        "back, or warm_start=False to build a new network"
+                    )
+        if not continues:
+            self._built_from = {name: getattr(self, name) for name in NETWORK_PARAMETERS}
         if not self.warm_start:
             vars(self).pop("history_", None)
         self._predictor_model = None
@@ -941,3 +964,10 @@ def _supervised(criterion: nn.Module, rng, plan) -> Supervised:
 def _fit_in_rank(estimator, **arguments):
     """Fit ``estimator`` in one data-parallel process (see :mod:`skdeep._distributed`)."""
     return estimator.fit(**arguments)
+
+
+def _short(value) -> str:
+    """Describe a parameter value in a message: a module by its class and identity."""
+    if isinstance(value, nn.Module):
+        return f"<{type(value).__name__} module at {id(value):#x}>"
+    return repr(value)

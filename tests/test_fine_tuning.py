@@ -198,6 +198,30 @@ def test_warm_start_continues_training(data):
         clf.fit(X, np.where(y == "horizontal", "up", "down"))
 
 
+def test_a_warm_start_refuses_another_network_or_size(data):
+    """A warm start keeps the fitted network and its size: changing them is refused.
+
+    Before, a warm start after ``set_params(image_size=...)`` trained at the old size
+    (and "auto" picked its precision from it) without a word.
+    """
+    X, y = data
+    net = TinyNet()
+    clf = tiny_classifier(net, warm_start=True, max_epochs=1).fit(X, y)
+    expected = clf.predict_proba(X)
+    with pytest.raises(ValueError, match=r"built with image_size=24; got image_size=16"):
+        clf.set_params(image_size=16).fit(X, y)
+    with pytest.raises(
+        ValueError,
+        match=r"built with backbone=<TinyNet module at 0x\w+>; got backbone=<TinyNet module",
+    ):
+        clf.set_params(image_size=24, backbone=TinyNet()).fit(X, y)
+    np.testing.assert_array_equal(clf.predict_proba(X), expected)  # refused: as it was
+    clf.set_params(backbone=net).fit(X, y)  # the same module continues
+    assert len(clf.history_) == 2 and clf.preprocessing_.crop_size == 24
+    clf.set_params(warm_start=False, image_size=16).fit(X, y)  # a new network: its size
+    assert clf.preprocessing_.crop_size == 16 and len(clf.history_) == 1
+
+
 def test_users_module_is_never_changed(data):
     """Users module is never changed."""
     X, y = data
