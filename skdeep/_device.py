@@ -92,11 +92,10 @@ def resolve_precision(
             return torch.float16
         if device.type != "cpu" or not cpu_has_native_bfloat16():
             return torch.float32
-        if training_size is None:
+        # (a CPU with native bfloat16 has one of the instructions the sizes are read by)
+        if training_size is None or training_size >= bfloat16_training_size():
             return torch.bfloat16
-        from_size = bfloat16_training_size()
-        faster = from_size is not None and training_size >= from_size
-        return torch.bfloat16 if faster else torch.float32
+        return torch.float32
     if precision == "int8":
         if device.type != "cpu":
             raise ValueError(

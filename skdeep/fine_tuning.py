@@ -182,8 +182,7 @@ class FineTuneClassifier(BackboneMixin, ClassifierMixin, BaseEstimator):
         smaller inputs train as fast or faster in float32 there); float32 elsewhere.
         Training in bfloat16 on a CPU keeps depthwise convolutions over small maps
         (14x14 or less) or with a stride in float32 (their bfloat16 backward is slow
-        there). The fitted network predicts in the
-        precision it was trained in.
+        there). The fitted network predicts in the precision it was trained in.
     random_state : int, RandomState or None, default=None
         Seeds the head initialisation, shuffling, validation split, dropout and
         augmentation: the same seed on the CPU gives the same model.
