@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -252,6 +254,17 @@ def machine() -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
+def kernel_caps() -> list[str]:
+    """Return the environment settings that cap this CPU's kernels, as ``NAME=value``.
+
+    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's convolutions) and ``ATEN_CPU_CAPABILITY`` (PyTorch's
+    own vector kernels) make one CPU run the kernels of an older one, whose speed and float
+    rounding differ.
+    """
+    names = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+    return [f"{name}={os.environ[name]}" for name in names if os.environ.get(name)]
+
+
 def machine_description(device: torch.device, libraries: tuple[str, ...] = ()) -> str:
     """Describe the date, command, machine and versions, as the head of a result file."""
     versions = [f"Python {platform.python_version()}", f"skdeep {skdeep.__version__}"]
@@ -261,7 +274,7 @@ def machine_description(device: torch.device, libraries: tuple[str, ...] = ()) -
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{package} (not installed)")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
-    command = " ".join(["python", *sys.argv])
+    command = shlex.join([*kernel_caps(), "python", *sys.argv])
     return (
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"
         f"- command: `{command}`\n"

@@ -78,6 +78,7 @@ import torch
 from _common import (
     RESULTS,
     Report,
+    kernel_caps,
     machine,
     paired_difference,
     paired_interval,
@@ -448,16 +449,10 @@ class Records:
 def machine_kind() -> str:
     """Name the kind of machine a fit runs on: :func:`machine`, and any capped kernels.
 
-    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's convolutions) and ``ATEN_CPU_CAPABILITY`` (PyTorch's
-    own vector kernels) make one CPU run the kernels of an older one, whose float
-    rounding differs: a kind of its own.
+    A CPU whose kernels are capped (:func:`kernel_caps`) rounds as an older one does: a
+    kind of its own.
     """
-    caps = [
-        f"{name}={os.environ[name]}"
-        for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-        if os.environ.get(name)
-    ]
-    return ", ".join([machine(), *caps])
+    return ", ".join([machine(), *kernel_caps()])
 
 
 def code_version() -> str:

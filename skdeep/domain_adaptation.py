@@ -162,11 +162,12 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     the lowest seed): 93.2 ± 1.0 % (lowest 92.4) on an AMD EPYC with AVX512-BF16;
     91.7 ± 2.1 % (lowest 89.1) on the same CPU with its oneDNN kernels capped at AVX2;
     92.7 ± 2.0 % (lowest 89.4) on an Intel Xeon with AMX (fits of version 0.2.0,
-    whose batches differ). Source-only fine-tuning reaches 23 % there. Few optimizer
-    steps make runs less stable: with 2,000 source images at ``batch_size=64``, 4
-    epochs gave 82.4 ± 6.4 % (lowest 69.1) and the default 10 epochs 92.9 ± 1.5 %
-    (lowest 90.3), on the AMD EPYC. The benchmark pages of the documentation hold the
-    tables.
+    whose batches differ). Source-only fine-tuning reaches 23 to 29 % on these kinds.
+    Few optimizer steps make runs less stable: with 2,000 source images at
+    ``batch_size=64``, 4 epochs gave 82.4 ± 6.4 % (lowest 69.1) on the AMD EPYC and
+    82.3 ± 9.1 % (lowest 60.4) with AVX2 kernels, the default 10 epochs 92.9 ± 1.5 %
+    (lowest 90.3) and 92.5 ± 2.0 % (lowest 89.9): with few images, keep enough epochs.
+    The benchmark pages of the documentation hold the tables.
 
     Examples
     --------
