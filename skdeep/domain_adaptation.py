@@ -164,9 +164,10 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     92.7 ± 2.0 % (lowest 89.4) on an Intel Xeon with AMX (fits of version 0.2.0,
     whose batches differ). Source-only fine-tuning reaches 23 to 29 % on these kinds.
     Few optimizer steps make runs less stable: with 2,000 source images at
-    ``batch_size=64``, 4 epochs gave 82.4 ± 6.4 % (lowest 69.1) on the AMD EPYC and
-    82.3 ± 9.1 % (lowest 60.4) with AVX2 kernels, the default 10 epochs 92.9 ± 1.5 %
-    (lowest 90.3) and 92.5 ± 2.0 % (lowest 89.9): with few images, keep enough epochs.
+    ``batch_size=64`` (32 steps an epoch), 4 epochs gave 82.4 ± 6.4 % (lowest 69.1) on
+    the AMD EPYC and 82.3 ± 9.1 % (lowest 60.4) with AVX2 kernels, the default 10
+    epochs 92.9 ± 1.5 % (lowest 90.3) and 92.5 ± 2.0 % (lowest 89.9). With few source
+    images, raise ``max_epochs`` so that training takes a few hundred steps.
     The benchmark pages of the documentation hold the tables.
 
     Examples
