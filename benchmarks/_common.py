@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -254,15 +255,48 @@ def machine() -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
-def kernel_caps() -> list[str]:
-    """Return the environment settings that cap this CPU's kernels, as ``NAME=value``.
+# What oneDNN accepts in ONEDNN_MAX_CPU_ISA (in any case; it ignores anything else).
+ONEDNN_ISAS = (
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)  # fmt: skip
 
-    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's convolutions) and ``ATEN_CPU_CAPABILITY`` (PyTorch's
-    own vector kernels) make one CPU run the kernels of an older one, whose speed and float
-    rounding differ.
+
+@functools.cache
+def kernel_caps() -> tuple[str, ...]:
+    """Return the settings that cap this CPU's kernels, as ``NAME=VALUE`` (read once).
+
+    ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``; oneDNN's convolutions)
+    and ``ATEN_CPU_CAPABILITY`` (PyTorch's own vector kernels) make one CPU run the
+    kernels of an older one, whose speed and float rounding differ. Each is named as the
+    libraries read it (oneDNN's in upper case, ``ALL`` being no cap); a value that a
+    library would ignore raises, so that no run is labelled with a cap it did not have.
     """
-    names = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-    return [f"{name}={os.environ[name]}" for name in names if os.environ.get(name)]
+    caps = []
+    onednn_name = next(
+        (n for n in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(n)), None
+    )
+    if onednn_name is not None:
+        value = os.environ[onednn_name].upper()
+        if value not in (*ONEDNN_ISAS, "ALL"):
+            raise ValueError(
+                f"{onednn_name}={os.environ[onednn_name]!r} is not a value oneDNN accepts "
+                f"(it would run its usual kernels); expected one of {', '.join(ONEDNN_ISAS)}"
+            )
+        if value != "ALL":
+            caps.append(f"ONEDNN_MAX_CPU_ISA={value}")
+    aten = os.environ.get("ATEN_CPU_CAPABILITY")
+    if aten:
+        running = torch.backends.cpu.get_cpu_capability()
+        if aten != running.lower():
+            raise ValueError(
+                f"ATEN_CPU_CAPABILITY={aten!r} is not what PyTorch runs ({running}); it "
+                "accepts lower-case names such as 'avx2' up to what the CPU has"
+            )
+        caps.append(f"ATEN_CPU_CAPABILITY={aten}")
+    return tuple(caps)
 
 
 def machine_description(device: torch.device, libraries: tuple[str, ...] = ()) -> str:
