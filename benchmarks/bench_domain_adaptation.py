@@ -1337,11 +1337,15 @@ def goal_rows(records: Records, defaults: str) -> list[list]:
             sign = "+" if signed else ""
             return f"{mean:{sign}.1f} ({low:{sign}.1f} to {high:{sign}.1f}), {n} seeds"
 
-        scores = pct(f"{DIGITS}: {defaults}")
-        if len(scores) > 1:
+        # The benchmark's 4 epochs, then the estimator's own max_epochs (what a user gets).
+        own_epochs = f"{defaults}, max_epochs={DomainAdaptedClassifier().max_epochs}"
+        for label in (defaults, own_epochs):
+            scores = pct(f"{DIGITS}: {label}")
+            if len(scores) < 2:
+                continue
             values = np.array(list(scores.values()))
             interval = mean_interval(scores)
-            rows.append([kind, f"{DIGITS}, {defaults}: mean >= 90 % (>= 8 seeds)",
+            rows.append([kind, f"{DIGITS}, {label}: mean >= 90 % (>= 8 seeds)",
                          text(interval, signed=False), against(interval, 90.0)
                          if len(values) >= 8 else "too few seeds"])  # fmt: skip
             rows.append([kind, "... no seed below 85 %", f"lowest {values.min():.1f} %",
