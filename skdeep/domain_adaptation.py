@@ -158,16 +158,15 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     the same model on one kind of CPU, not necessarily on another.
 
     What to expect from one run, measured with these defaults on MNIST 5k -> optdigits
-    (mobilenet_v2 ImageNet at 32 px, 4 epochs, 8 seeds; mean ± standard deviation, and
-    the lowest seed): 93.2 ± 1.0 % (lowest 92.4) on an AMD EPYC with AVX512-BF16;
-    91.7 ± 2.1 % (lowest 89.1) on the same CPU with its oneDNN kernels capped at AVX2;
-    91.5 ± 3.0 % over 16 seeds (lowest 84.3) on an Intel Xeon with AMX (fits of version
-    0.2.0, whose batches differ). Expect about one run in sixteen below 86 %: over 64
-    seeds of version 0.2.0 on the AMD EPYC, 91.4 ± 2.9 %, 4 seeds below 86 % (lowest
-    82.2). With the default 10 epochs instead of 4: 94.8 ± 1.3 % (lowest 92.0) on the
-    AMD EPYC and 94.9 ± 1.0 % (lowest 93.4) with AVX2 kernels, 1.6 and 3.2 points above
-    4 epochs on the same seeds. Source-only fine-tuning
-    reaches 23 to 29 % on these kinds.
+    (mobilenet_v2 ImageNet at 32 px; mean ± standard deviation, and the lowest seed):
+    94.4 ± 1.4 % over 31 seeds on an AMD EPYC with AVX512-BF16 (lowest 90.4), 94.9 ±
+    1.0 % over 8 seeds on the same CPU with its oneDNN kernels capped at AVX2 (lowest
+    93.4). Trained 4 epochs instead of 10, runs spread more and can fail: 93.2 ± 1.0 %
+    (lowest 92.4) and 91.7 ± 2.1 % (lowest 89.1) on those kinds over 8 seeds; 91.5 ±
+    3.0 % over 16 seeds (lowest 84.3) on an Intel Xeon with AMX (fits of version 0.2.0,
+    whose batches differ); over 64 seeds of version 0.2.0 on the AMD EPYC, 91.4 ± 2.9 %
+    with 4 seeds below 86 % (lowest 82.2). Source-only fine-tuning reaches 23 to 29 %
+    on these kinds.
     Few optimizer steps make runs less stable: with 2,000 source images at
     ``batch_size=64`` (32 steps an epoch), 4 epochs gave 82.4 ± 6.4 % (lowest 69.1) on
     the AMD EPYC and 82.3 ± 9.1 % (lowest 60.4) with AVX2 kernels, the default 10
