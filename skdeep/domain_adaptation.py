@@ -161,7 +161,7 @@ class DomainAdaptedClassifier(FineTuneClassifier):
     (mobilenet_v2 ImageNet at 32 px; mean ± standard deviation, and the lowest seed):
     94.4 ± 1.4 % over 31 seeds on an AMD EPYC with AVX512-BF16 (lowest 90.4), 94.9 ±
     1.0 % over 8 seeds on the same CPU with its oneDNN kernels capped at AVX2 (lowest
-    93.4). Trained 4 epochs instead of 10, runs spread more and can fail: 93.2 ± 1.0 %
+    93.4). Trained 4 epochs instead of 10, runs score lower and can fail: 93.2 ± 1.0 %
     (lowest 92.4) and 91.7 ± 2.1 % (lowest 89.1) on those kinds over 8 seeds; 91.5 ±
     3.0 % over 16 seeds (lowest 84.3) on an Intel Xeon with AMX (fits of version 0.2.0,
     whose batches differ); over 64 seeds of version 0.2.0 on the AMD EPYC, 91.4 ± 2.9 %
