@@ -455,22 +455,33 @@ def machine_kind() -> str:
     return ", ".join([machine(), *kernel_caps()])
 
 
+def skdeep_sources() -> dict[str, bytes]:
+    """Return skdeep's Python files as they are (path from the repository root -> bytes)."""
+    root = Path(__file__).resolve().parent.parent
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "skdeep").rglob("*.py")}
+
+
+def files_digest(sources: dict[str, bytes]) -> str:
+    """Digest skdeep's files (path -> bytes), as :func:`code_version` records them."""
+    digest = hashlib.sha256()
+    for path in sorted(sources):
+        digest.update(path.encode() + b"\0" + sources[path])
+    return digest.hexdigest()[:12]
+
+
 def code_version() -> str:
     """Name the code that makes a fit: the commit, and a digest of skdeep's files as they are.
 
     The digest tells apart fits made with uncommitted changes to ``skdeep/``.
     """
     root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in sorted((root / "skdeep").rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         commit = ""
-    return f"{commit or 'no commit'}, skdeep files {digest.hexdigest()[:12]}"
+    return f"{commit or 'no commit'}, skdeep files {files_digest(skdeep_sources())}"
 
 
 def accuracy_table(records: Records, methods: list[str], reference: str, seeds=None) -> list[list]:
@@ -1163,12 +1174,22 @@ SMALL_SETTINGS = dict(batch_size=64)
 
 def weight_label(weight: float, **changes) -> str:
     """Label an adapted arm: its divergence weight, then its other settings."""
-    return ", ".join([f"divergence_weight={weight:g}", *(f"{k}={v!r}" for k, v in changes.items())])
+    return with_settings(f"divergence_weight={weight:g}", **changes)
+
+
+def with_settings(label: str, **changes) -> str:
+    """Append settings to an arm's label, as :func:`weight_label` writes them."""
+    return ", ".join([label, *(f"{k}={v!r}" for k, v in changes.items())])
 
 
 def default_label() -> str:
     """Label of today's defaults (the estimator's own divergence weight)."""
     return weight_label(DomainAdaptedClassifier().divergence_weight)
+
+
+def kind_tasks() -> dict[str, Callable[[], tuple]]:
+    """Return the kinds section's tasks: name -> loader of the task's four arrays."""
+    return {DIGITS: digits_task, SMALL: partial(digits_task, 2000), MNIST_M: mnist_m_task}
 
 
 def kind_arms(device) -> dict[str, tuple[str, Callable]]:
@@ -1210,7 +1231,7 @@ def kinds(args, device, report) -> None:
     accuracy of averages of their weights over training (:func:`averaged_scores`).
     """
     torch.set_num_threads(THREADS)
-    loaders = {DIGITS: digits_task, SMALL: partial(digits_task, 2000), MNIST_M: mnist_m_task}
+    loaders = kind_tasks()
     if args.quick:
         loaders = {
             DIGITS: partial(digits_task, 500),
@@ -1337,8 +1358,8 @@ def goal_rows(records: Records, defaults: str) -> list[list]:
     the lowest seed are read as measured. Every goal gets a row: one measured on fewer
     than :data:`GOAL_SEEDS` seeds says so instead of a verdict.
     """
-    own_epochs = f"max_epochs={DomainAdaptedClassifier().max_epochs}"
-    small = ", ".join([defaults, *(f"{k}={v!r}" for k, v in SMALL_SETTINGS.items())])
+    own_epochs = {"max_epochs": DomainAdaptedClassifier().max_epochs}
+    small = with_settings(defaults, **SMALL_SETTINGS)
     rows = []
     for kind in records.kinds():
 
@@ -1368,7 +1389,7 @@ def goal_rows(records: Records, defaults: str) -> list[list]:
             unit = "paired seeds" if scores and reference else "seeds"
             judged(goal, interval_text(gain), paired, against(gain, bound), unit=unit)
 
-        for label in (defaults, f"{defaults}, {own_epochs}"):
+        for label in (defaults, with_settings(defaults, **own_epochs)):
             scores = pct(f"{DIGITS}: {label}")
             values = np.array(list(scores.values()) or [np.nan])
             mean_goal(f"{DIGITS}: {label}: mean >= 90 %", scores, 90.0)
@@ -1380,7 +1401,7 @@ def goal_rows(records: Records, defaults: str) -> list[list]:
             if label == defaults:  # source-only fine-tuning trains the benchmark's epochs
                 gain_goal("... gain over source-only fine-tuning > 40 points", scores,
                           pct(f"{DIGITS}: {SOURCE_ONLY}"), 40.0)  # fmt: skip
-        for label in (small, f"{small}, {own_epochs}"):
+        for label in (small, with_settings(small, **own_epochs)):
             mean_goal(f"{SMALL}: {label}: mean >= 85 %", pct(f"{SMALL}: {label}"), 85.0)
         adapted, source_only = pct(f"{MNIST_M}: {defaults}"), pct(f"{MNIST_M}: {SOURCE_ONLY}")
         gain_goal(f"{MNIST_M}: {defaults}: gain over source only >= 15 points", adapted,
@@ -1427,6 +1448,18 @@ DEFAULT_SEEDS = {
 }
 
 
+def run_with_passive_openmp() -> None:
+    """Restart this script with ``OMP_WAIT_POLICY=PASSIVE`` unless a policy is set.
+
+    OpenMP threads that spin while waiting slow a fit tenfold on a machine whose cores
+    other processes share (a 500-image fit: 217 s spinning, 15 s passive, the same
+    accuracy to the last bit); the policy is read once, at start-up.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+
+
 def main() -> None:
     """Run the chosen sections; each writes its own results file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1439,12 +1472,7 @@ def main() -> None:
         "--only", nargs="+", default=None, help="fit only methods whose names contain these"
     )
     options = parser.parse_args()
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # OpenMP threads that spin while waiting slow a fit tenfold on a machine whose
-        # cores other processes share (a 500-image fit: 217 s spinning, 15 s passive,
-        # the same accuracy to the last bit); the policy is read once, at start-up.
-        environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+    run_with_passive_openmp()
     device = resolve_device(options.device)
     for section in options.sections:
         count = 1 if options.quick else (options.seeds or DEFAULT_SEEDS[section])

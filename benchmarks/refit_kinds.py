@@ -27,26 +27,22 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from _common import RESULTS, Report
 from bench_domain_adaptation import (
-    DIGITS,
-    MNIST_M,
-    SMALL,
     THREADS,
     Records,
     code_version,
-    digits_task,
+    files_digest,
     kind_arms,
+    kind_tasks,
     machine_kind,
-    mnist_m_task,
+    run_with_passive_openmp,
+    skdeep_sources,
 )
 
 from skdeep._device import resolve_device
@@ -96,19 +92,6 @@ def committed_sources(commit: str) -> dict[str, bytes] | None:
     return None if None in sources.values() else sources
 
 
-def working_sources() -> dict[str, bytes]:
-    """Return skdeep's Python files as they are in the working tree."""
-    return {p.relative_to(ROOT).as_posix(): p.read_bytes() for p in (ROOT / "skdeep").rglob("*.py")}
-
-
-def files_digest(sources: dict[str, bytes]) -> str:
-    """Return the digest that :func:`bench_domain_adaptation.code_version` records."""
-    digest = hashlib.sha256()
-    for path in sorted(sources):
-        digest.update(path.encode() + b"\0" + sources[path])
-    return digest.hexdigest()[:12]
-
-
 def version_status(version: str, today: str) -> str:
     """Say whether a record's ``version`` ("commit, skdeep files D") is today's code.
 
@@ -130,14 +113,12 @@ def files_of(version: str) -> str:
 
 def main() -> None:
     """Refit what needs it on this kind of machine, then write the table of every kind."""
-    if "OMP_WAIT_POLICY" not in os.environ:  # as bench_domain_adaptation.py, for speed only
-        environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+    run_with_passive_openmp()
     torch.set_num_threads(THREADS)
     device = resolve_device("cpu")
     kind = machine_kind()
     records = Records("domain_adaptation_kinds", fresh=False, by_kind=True)
-    today = code_without_docstrings(working_sources())
+    today = code_without_docstrings(skdeep_sources())
     today_files = files_of(code_version())
     refits = []
     if REFITS.exists():
@@ -151,7 +132,7 @@ def main() -> None:
         versions.setdefault(row["machine"], {}).setdefault(row["code"], []).append(row)
     status = {v: version_status(v, today) for by_code in versions.values() for v in by_code}
     arms = kind_arms(device)
-    loaders = {DIGITS: digits_task, SMALL: partial(digits_task, 2000), MNIST_M: mnist_m_task}
+    loaders = kind_tasks()
     tasks: dict[str, tuple] = {}
     for version, rows in versions.get(kind, {}).items():
         if status[version] == "today's code":
@@ -186,13 +167,13 @@ def main() -> None:
 
     report = Report("domain_adaptation_refit", device)
     for machine_name, by_code in versions.items():
-        counts = {s: [v for v in by_code if status[v] == s] for s in set(status.values())}
-        todays = counts.get("today's code", [])
+        todays = [v for v in by_code if status[v] == "today's code"]
+        unknown = [v for v in by_code if status[v] == "unknown commit"]
         report.note(
             f"{machine_name}: {len(todays)} of the {len(by_code)} code versions in the kinds "
             f"records are today's code once docstrings are set aside "
             f"({'; '.join(todays) or 'none'}); "
-            f"{len(counts.get('unknown commit', []))} name a commit this clone does not hold. "
+            f"{len(unknown)} name a commit this clone does not hold. "
             "Each other version has the fastest record of each of its arms refitted with "
             "today's code (run this script on that kind to fill it in)."
         )
@@ -203,8 +184,7 @@ def main() -> None:
         ["kind", "method", "seed", "recorded by", "recorded", "refit", "compared", "equal"],
         [
             [r["machine"], r["method"], r["seed"], r["recorded_code"], 100 * r["recorded"],
-             100 * r["refit"], len(r.get("compared", ["accuracy"])),
-             r.get("equal", r["recorded"] == r["refit"])]
+             100 * r["refit"], len(r["compared"]), r["equal"]]
             for r in current
         ],
     )  # fmt: skip
